@@ -1,0 +1,47 @@
+"""fourier-convert: exact, streaming conversion of PEFT FourierFT adapters.
+
+Example:
+    >>> import fourier_convert as fc
+    >>> report = fc.merge(base="./base", adapter="./adapter", out="./merged", device="auto")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fourier_convert.errors import (  # noqa: E402
+    AdapterError,
+    BaseMismatchError,
+    DiskSpaceError,
+    FourierConvertError,
+    InputFileError,
+    OutputError,
+    PickleRefusedError,
+    UsageError,
+    VerificationError,
+)
+from fourier_convert.inspect import InspectReport, inspect_adapter  # noqa: E402
+from fourier_convert.io.adapter import FourierFTAdapter, read_adapter  # noqa: E402
+from fourier_convert.merge import AdapterSpec, merge  # noqa: E402
+from fourier_convert.report import LayerReport, MergeReport  # noqa: E402
+
+__all__ = [
+    "AdapterError",
+    "AdapterSpec",
+    "BaseMismatchError",
+    "DiskSpaceError",
+    "FourierConvertError",
+    "FourierFTAdapter",
+    "InputFileError",
+    "InspectReport",
+    "LayerReport",
+    "MergeReport",
+    "OutputError",
+    "PickleRefusedError",
+    "UsageError",
+    "VerificationError",
+    "__version__",
+    "inspect_adapter",
+    "merge",
+    "read_adapter",
+]

@@ -1,0 +1,66 @@
+"""Exceptions raised by fourier-convert.
+
+Every error carries three parts: *where* (a file, key or option), *what* was found, and the *fix*.
+``str(error)`` joins them into the one line the CLI prints, for example::
+
+    adapter_config.json: peft_type is 'LORA', expected 'FOURIERFT'; pass a FourierFT adapter (see `fourier-convert inspect`)
+
+The CLI maps each class to an exit code in one table (``fourier_convert.cli.main.EXIT_CODES``).
+"""
+
+from __future__ import annotations
+
+
+class FourierConvertError(Exception):
+    """Base class of every error fourier-convert raises on purpose.
+
+    Args:
+        where: The file, tensor key or option the problem is about.
+        found: What was found there.
+        fix: What the user can do about it.
+
+    Example:
+        >>> str(FourierConvertError("a.json", "not valid JSON", "re-save the file"))
+        'a.json: not valid JSON; re-save the file'
+    """
+
+    def __init__(self, where: str, found: str, fix: str = "") -> None:
+        self.where = where
+        self.found = found
+        self.fix = fix
+        message = f"{where}: {found}"
+        if fix:
+            message += f"; {fix}"
+        super().__init__(message)
+
+
+class InputFileError(FourierConvertError):
+    """A required input file is missing, unreadable, truncated or not in the expected format."""
+
+
+class AdapterError(FourierConvertError):
+    """The adapter's config or tensors are invalid (unknown method, bad spectrum, inconsistent targets)."""
+
+
+class PickleRefusedError(AdapterError):
+    """The adapter is stored as a pickle (``adapter_model.bin``) and loading pickles was not allowed."""
+
+
+class BaseMismatchError(FourierConvertError):
+    """The adapter does not fit the base model (missing module, shape mismatch)."""
+
+
+class VerificationError(FourierConvertError):
+    """A reconstructed delta failed its float64 spot check; nothing was written."""
+
+
+class OutputError(FourierConvertError):
+    """The output cannot be written (exists, no space, not writable)."""
+
+
+class DiskSpaceError(OutputError):
+    """Not enough free disk space for the output."""
+
+
+class UsageError(FourierConvertError):
+    """Invalid combination of options or arguments (exit code 2 in the CLI)."""

@@ -1,0 +1,383 @@
+"""Reading a PEFT FourierFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+The reader validates the adapter on its own (without a base model): method, config fields, spectra
+(1-D, finite, length consistent with ``n_frequency`` / ``n_frequency_pattern``) and classifies every
+tensor key into spectra, trained biases and ``modules_to_save`` tensors. Checks against a base model live
+in :mod:`fourier_convert.plan`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fourier_convert.errors import AdapterError, InputFileError, PickleRefusedError
+from fourier_convert.io.resolve import resolve_folder
+from fourier_convert.io.safetensors_file import FLOAT_DTYPES, TensorInfo, read_header, read_numpy_float64
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+BIAS_MODES = ("none", "all", "fourier_only")
+
+
+@dataclass(frozen=True)
+class FourierFTSettings:
+    """The fields of a FourierFT ``adapter_config.json`` that decide the merge.
+
+    Attributes mirror PEFT's ``FourierFTConfig``; ``modules_to_save`` is de-duplicated (PEFT may list a
+    head twice) and ``raw`` keeps the whole JSON for provenance.
+    """
+
+    n_frequency: int
+    scaling: float
+    random_loc_seed: int
+    fan_in_fan_out: bool
+    bias: str
+    target_modules: list[str] | str | None
+    exclude_modules: list[str] | str | None
+    layers_to_transform: list[int] | int | None
+    layers_pattern: list[str] | str | None
+    n_frequency_pattern: dict[str, int]
+    modules_to_save: list[str]
+    task_type: str | None
+    base_model_name_or_path: str | None
+    raw: dict[str, Any] = field(repr=False)
+
+    def n_for(self, module: str) -> int:
+        """The n_frequency PEFT gives ``module`` (first matching pattern key, as PEFT matches them).
+
+        Example:
+            >>> s = FourierFTSettings(1000, 150.0, 777, False, "none", ["q_proj"], None, None, None,
+            ...     {"v_proj": 30}, [], None, None, {})
+            >>> s.n_for("model.layers.0.self_attn.v_proj"), s.n_for("model.layers.0.self_attn.q_proj")
+            (30, 1000)
+        """
+        for key, n in self.n_frequency_pattern.items():
+            if re.match(rf".*\.{key}$", module):
+                return n
+        return self.n_frequency
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor of the adapter: either a byte range in a safetensors file or an in-memory tensor.
+
+    Attributes:
+        key: The key as stored in the file.
+        dtype: safetensors dtype string.
+        shape: Shape.
+        info: Location in a safetensors file (None for tensors read from a pickle).
+        value: The tensor itself when read from a pickle.
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    info: TensorInfo | None = None
+    value: torch.Tensor | None = None
+
+    def load(self) -> torch.Tensor:
+        """The tensor on the CPU in its stored dtype."""
+        if self.value is not None:
+            return self.value
+        from fourier_convert.io.safetensors_file import read_torch
+
+        assert self.info is not None
+        return read_torch(self.info)
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """One adapted module's coefficients.
+
+    Attributes:
+        module: Module path in the adapter's name space (``base_model.model.`` stripped).
+        values: The coefficients as float64 (exact copies of the stored values).
+        stored_dtype: dtype the spectrum was saved in.
+        key: The tensor key in the adapter file.
+    """
+
+    module: str
+    values: np.ndarray
+    stored_dtype: str
+    key: str
+
+    @property
+    def n(self) -> int:
+        return int(self.values.shape[0])
+
+
+@dataclass
+class FourierFTAdapter:
+    """A validated FourierFT adapter.
+
+    Attributes:
+        folder: The adapter folder.
+        label: How to name it in messages (the user's spec).
+        settings: Parsed config.
+        spectra: Module path -> spectrum, in file order.
+        biases: Clean parameter key (``<module>.bias``) -> trained bias (bias modes "all"/"fourier_only").
+        head_tensors: Clean key -> tensor of a ``modules_to_save`` module.
+        files: The files read (for provenance hashes).
+    """
+
+    folder: Path
+    label: str
+    settings: FourierFTSettings
+    spectra: dict[str, Spectrum]
+    biases: dict[str, StoredTensor]
+    head_tensors: dict[str, StoredTensor]
+    files: list[Path]
+
+
+def read_adapter(
+    spec: str | Path, *, subfolder: str | None = None, allow_pickle: bool = False
+) -> FourierFTAdapter:
+    """Read and validate a FourierFT adapter.
+
+    Args:
+        spec: Local folder, ``folder:adapter_name``, or hub id.
+        subfolder: Named adapter inside the folder (as PEFT saves non-default adapters).
+        allow_pickle: Load ``adapter_model.bin`` (through torch's weights-only loader) when no
+            safetensors file exists.
+
+    Returns:
+        The adapter with its spectra decoded and other tensors located (not read).
+
+    Raises:
+        InputFileError: Missing or unreadable files, bad JSON.
+        PickleRefusedError: Only a pickle is present and ``allow_pickle`` is False.
+        AdapterError: Not FourierFT, invalid config fields or tensors.
+
+    Example:
+        >>> a = read_adapter("fixtures/llama/adapter")  # doctest: +SKIP
+        >>> a.settings.scaling, len(a.spectra)  # doctest: +SKIP
+        (150.0, 4)
+    """
+    folder = resolve_folder(
+        str(spec), what="adapter", subfolder=subfolder, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME]
+    )
+    config_path = folder / CONFIG_NAME
+    settings = parse_settings(load_json(config_path), config_path)
+    weights = folder / WEIGHTS_NAME
+    tensors: dict[str, StoredTensor]
+    if weights.is_file():
+        st = read_header(weights)
+        tensors = {k: StoredTensor(k, t.dtype, t.shape, info=t) for k, t in st.tensors.items()}
+        files = [config_path, weights]
+    elif (folder / PICKLE_NAME).is_file():
+        tensors = _load_pickle(folder / PICKLE_NAME, allow_pickle)
+        files = [config_path, folder / PICKLE_NAME]
+    else:
+        subs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
+        hint = f"; named adapters here: {', '.join(subs)} (use PATH:NAME)" if subs else ""
+        raise InputFileError(str(weights), "adapter weights not found", f"check the adapter folder{hint}")
+    spectra, biases, heads = _classify(tensors, settings, weights)
+    return FourierFTAdapter(folder, str(spec), settings, spectra, biases, heads, files)
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object file with one-line errors naming the file and position."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(str(path), "file not found", "check the folder") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(str(path), f"cannot be read ({exc})", "check the file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(
+            str(path), f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", "fix or re-save it"
+        ) from None
+    if not isinstance(data, dict):
+        raise InputFileError(str(path), f"expected a JSON object, found {type(data).__name__}", "re-save it")
+    return data
+
+
+def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
+    """Validate a FourierFT adapter config dict.
+
+    Raises:
+        AdapterError: Wrong peft_type or an invalid field (named in the message).
+    """
+    where = str(path)
+    peft_type = cfg.get("peft_type")
+    if peft_type != "FOURIERFT":
+        fix = "pass a FourierFT adapter"
+        if peft_type == "LORA":
+            fix = "this is a LoRA adapter: merge it with PEFT, or convert it with `fourier-convert from-lora`"
+        raise AdapterError(where, f"peft_type is {peft_type!r}, expected 'FOURIERFT'", fix)
+
+    def need_int(name: str, default: Any, minimum: int | None = None) -> int:
+        value = cfg.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            raise AdapterError(where, f"{name} is {value!r}, expected an integer >= {minimum}", "fix the config")
+        return value
+
+    n_frequency = need_int("n_frequency", 1000, 1)
+    seed = need_int("random_loc_seed", 777, 0)
+    scaling = cfg.get("scaling", 150.0)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise AdapterError(where, f"scaling is {scaling!r}, expected a finite number", "fix the config")
+    bias = cfg.get("bias", "none") or "none"
+    if bias not in BIAS_MODES:
+        raise AdapterError(where, f"bias is {bias!r}, expected one of {', '.join(BIAS_MODES)}", "fix the config")
+    pattern = cfg.get("n_frequency_pattern") or {}
+    if not isinstance(pattern, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pattern.values()
+    ):
+        raise AdapterError(
+            where, f"n_frequency_pattern is {pattern!r}, expected a map of name -> positive int", "fix the config"
+        )
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list)):
+        raise AdapterError(where, f"target_modules is {targets!r}, expected a list or a regex", "fix the config")
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(x, int) for x in layers))
+    ):
+        raise AdapterError(where, f"layers_to_transform is {layers!r}, expected an int or list", "fix the config")
+    mts = cfg.get("modules_to_save") or []
+    if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
+        raise AdapterError(where, f"modules_to_save is {mts!r}, expected a list of names", "fix the config")
+    return FourierFTSettings(
+        n_frequency=n_frequency,
+        scaling=float(scaling),
+        random_loc_seed=seed,
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        bias=bias,
+        target_modules=targets,
+        exclude_modules=cfg.get("exclude_modules"),
+        layers_to_transform=layers,
+        layers_pattern=cfg.get("layers_pattern"),
+        n_frequency_pattern={str(k): int(v) for k, v in pattern.items()},
+        modules_to_save=list(dict.fromkeys(mts)),
+        task_type=cfg.get("task_type"),
+        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        raw=cfg,
+    )
+
+
+def _load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
+    if not allow:
+        raise PickleRefusedError(
+            str(path),
+            "adapter weights are a pickle, which can run code when loaded; refused",
+            "re-save the adapter with PEFT's save_pretrained(safe_serialization=True), "
+            "or pass --allow-pickle to load it with torch's weights-only loader",
+        )
+    import torch
+
+    from fourier_convert.io.dtypes import st_dtype
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(str(path), f"cannot be loaded with the weights-only loader ({first})", "re-save it") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise InputFileError(str(path), "does not hold a flat dict of tensors", "re-save the adapter with PEFT")
+    return {k: StoredTensor(k, st_dtype(v.dtype), tuple(v.shape), value=v.contiguous()) for k, v in data.items()}
+
+
+def _is_head(key: str, modules_to_save: list[str]) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in modules_to_save)
+
+
+def _classify(
+    tensors: dict[str, StoredTensor], settings: FourierFTSettings, weights: Path
+) -> tuple[dict[str, Spectrum], dict[str, StoredTensor], dict[str, StoredTensor]]:
+    where = str(weights)
+    spectra: dict[str, Spectrum] = {}
+    biases: dict[str, StoredTensor] = {}
+    heads: dict[str, StoredTensor] = {}
+    wrapped: dict[str, StoredTensor] = {}
+    for key, t in tensors.items():
+        clean = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        if ".original_module." in f".{clean}":
+            continue  # stale copy of a modules_to_save module, never used
+        m = re.match(r"^(.*?)\.?modules_to_save\.[^.]+\.(.*)$", clean)
+        if m:
+            wrapped[f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)] = t
+            continue
+        if clean.endswith(".fourierft_spectrum"):
+            module = clean[: -len(".fourierft_spectrum")]
+            spectra[module] = _read_spectrum(module, t, settings, where)
+            continue
+        if ".base_layer." in clean:
+            clean = clean.replace(".base_layer.", ".")
+            if not clean.endswith(".bias") or settings.bias == "none":
+                raise AdapterError(
+                    where, f"unexpected tensor {key!r} with bias={settings.bias!r}", "re-save the adapter with PEFT"
+                )
+            biases[clean] = t
+            continue
+        if _is_head(clean, settings.modules_to_save):
+            heads[clean] = t
+        elif clean.endswith(".bias") and settings.bias == "all":
+            biases[clean] = t
+        else:
+            raise AdapterError(
+                where,
+                f"unexpected tensor {key!r} (not a spectrum, not a trained bias for bias={settings.bias!r}, "
+                f"not in modules_to_save {settings.modules_to_save})",
+                "check that adapter_config.json belongs to these weights",
+            )
+    for clean, t in wrapped.items():
+        # PEFT saves some modules_to_save tensors only under the wrapper's path (bias="all" heads).
+        if clean not in heads and clean not in biases:
+            (heads if _is_head(clean, settings.modules_to_save) else biases)[clean] = t
+    if not spectra:
+        raise AdapterError(where, "holds no fourierft_spectrum tensors", "check that this is a FourierFT adapter")
+    for key, t in {**biases, **heads}.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise AdapterError(where, f"tensor {key!r} has dtype {t.dtype}, expected a float dtype", "re-save it")
+    if settings.bias == "fourier_only":
+        stray = [k for k in biases if k[: -len(".bias")] not in spectra]
+        if stray:
+            raise AdapterError(
+                where, f"bias='fourier_only' but {stray[0]!r} belongs to no adapted module", "fix the config"
+            )
+    return spectra, biases, heads
+
+
+def _read_spectrum(module: str, t: StoredTensor, settings: FourierFTSettings, where: str) -> Spectrum:
+    import numpy as np
+
+    if len(t.shape) != 1:
+        raise AdapterError(where, f"{t.key!r} has shape {list(t.shape)}, expected 1-D", "re-save the adapter")
+    if t.dtype not in FLOAT_DTYPES:
+        raise AdapterError(where, f"{t.key!r} has dtype {t.dtype}, expected a float dtype", "re-save the adapter")
+    if t.info is not None:
+        values = read_numpy_float64(t.info)
+    else:
+        assert t.value is not None
+        values = t.value.double().numpy()
+    n_expected = settings.n_for(module)
+    if values.shape[0] != n_expected:
+        raise AdapterError(
+            where,
+            f"{t.key!r} has {values.shape[0]} coefficients but the config gives this module n_frequency="
+            f"{n_expected}",
+            "check n_frequency / n_frequency_pattern in adapter_config.json",
+        )
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise AdapterError(
+            where, f"{t.key!r} holds {int(bad.sum())} non-finite values (first at index {i}: {values[i]})",
+            "the training diverged; use an earlier checkpoint",
+        )
+    return Spectrum(module, np.ascontiguousarray(values), t.dtype, t.key)

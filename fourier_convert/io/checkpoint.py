@@ -1,0 +1,135 @@
+"""Opening a Hugging Face model folder for streaming: headers only, no tensor data.
+
+Supports ``model.safetensors`` and sharded ``model-XXXXX-of-YYYYY.safetensors`` with
+``model.safetensors.index.json``. Pickled weights (``pytorch_model.bin``) are refused with the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fourier_convert.errors import InputFileError
+from fourier_convert.io.adapter import load_json
+from fourier_convert.io.resolve import resolve_folder
+from fourier_convert.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".data")
+_WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json", "tf_model.h5.index.json")
+
+
+@dataclass
+class BaseCheckpoint:
+    """A base model folder, located but not loaded.
+
+    Attributes:
+        folder: The folder.
+        config: ``config.json`` contents, or None when the folder has none.
+        shards: Parsed headers of the weight files, in index order.
+        tensors: Tensor name -> location, over all shards.
+        index_metadata: Extra ``metadata`` fields of the index (``total_size`` excluded).
+        aux_files: Other top-level files to carry to the output (tokenizer, generation config...).
+    """
+
+    folder: Path
+    config: dict[str, Any] | None
+    shards: list[SafetensorsFile]
+    tensors: dict[str, TensorInfo]
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+    aux_files: list[Path] = field(default_factory=list)
+
+    @property
+    def sharded(self) -> bool:
+        return (self.folder / INDEX_NAME).is_file()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseCheckpoint:
+    """Locate and validate the weights of a Hugging Face model folder or hub id.
+
+    Args:
+        spec: Local folder or hub id.
+        revision: Hub revision.
+
+    Returns:
+        The checkpoint with every shard header parsed.
+
+    Raises:
+        InputFileError: No safetensors weights, pickled weights only, a broken index or shard.
+
+    Example:
+        >>> ck = open_checkpoint("fixtures/llama/base")  # doctest: +SKIP
+        >>> len(ck.shards) > 1  # doctest: +SKIP
+        True
+    """
+    folder = resolve_folder(str(spec), what="base model", revision=revision)
+    config_path = folder / "config.json"
+    config = load_json(config_path) if config_path.is_file() else None
+    index_path = folder / INDEX_NAME
+    shards: list[SafetensorsFile] = []
+    tensors: dict[str, TensorInfo] = {}
+    index_metadata: dict[str, Any] = {}
+    if index_path.is_file():
+        index = load_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputFileError(str(index_path), "has no weight_map", "re-save the model with save_pretrained")
+        index_metadata = {k: v for k, v in (index.get("metadata") or {}).items() if k != "total_size"}
+        for filename in dict.fromkeys(weight_map.values()):
+            shard_path = folder / str(filename)
+            if not shard_path.is_file():
+                raise InputFileError(
+                    str(shard_path), f"listed in {INDEX_NAME} but missing", "re-download the model"
+                )
+            shards.append(read_header(shard_path))
+        for shard in shards:
+            for name, info in shard.tensors.items():
+                if name in tensors:
+                    raise InputFileError(
+                        str(shard.path), f"tensor {name!r} is also stored in {tensors[name].path.name}",
+                        "re-save the model",
+                    )
+                tensors[name] = info
+        for name, filename in weight_map.items():
+            info = tensors.get(name)
+            if info is None or info.path.name != filename:
+                raise InputFileError(
+                    str(index_path), f"maps {name!r} to {filename} but that shard does not hold it",
+                    "re-save the model with save_pretrained",
+                )
+        unlisted = sorted(set(tensors) - set(weight_map))
+        if unlisted:
+            raise InputFileError(
+                str(index_path), f"does not list {unlisted[0]!r}, stored in {tensors[unlisted[0]].path.name}",
+                "re-save the model with save_pretrained",
+            )
+    elif (folder / SINGLE_NAME).is_file():
+        shard = read_header(folder / SINGLE_NAME)
+        shards.append(shard)
+        tensors = dict(shard.tensors)
+    else:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+        if pickles:
+            raise InputFileError(
+                str(folder / pickles[0]),
+                "base weights are pickles, which can run code when loaded and cannot be streamed",
+                "convert them once: AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)",
+            )
+        raise InputFileError(
+            str(folder), f"no {SINGLE_NAME} or {INDEX_NAME} found", "pass a Hugging Face model folder"
+        )
+    aux = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(_WEIGHT_SUFFIXES)
+        and p.name not in _WEIGHT_INDEXES
+    )
+    return BaseCheckpoint(folder, config, shards, tensors, index_metadata, aux)

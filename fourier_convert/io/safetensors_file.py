@@ -1,0 +1,245 @@
+"""Reading safetensors files without decoding them.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor name to
+``{"dtype", "shape", "data_offsets"}`` (offsets relative to the end of the header), optional
+``__metadata__``, then the raw little-endian tensor bytes. This module parses and validates the header
+(truncation, overlapping or out-of-range offsets, unknown dtypes) so that untouched tensors can be copied
+as byte ranges and changed ones read with one ``pread`` each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fourier_convert.errors import InputFileError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+#: Bytes per element of each safetensors dtype.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file.
+
+    Attributes:
+        name: Tensor key.
+        dtype: safetensors dtype string (``"F32"``, ``"BF16"``, ...).
+        shape: Tensor shape.
+        start: Absolute byte offset of the data in the file.
+        nbytes: Length of the data in bytes.
+        path: The file holding it.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+    path: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class SafetensorsFile:
+    """A parsed safetensors header.
+
+    Attributes:
+        path: The file.
+        header_bytes: The raw header, length prefix included (reused verbatim when a shard is mirrored).
+        tensors: Tensor infos in file order (ascending offsets).
+        metadata: The ``__metadata__`` map (string to string), empty when absent.
+    """
+
+    path: Path
+    header_bytes: bytes
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_start(self) -> int:
+        return len(self.header_bytes)
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Args:
+        path: The ``.safetensors`` file.
+
+    Returns:
+        The parsed header with absolute offsets.
+
+    Raises:
+        InputFileError: The file is missing, truncated, or its header is malformed.
+
+    Example:
+        >>> st = read_header("model.safetensors")  # doctest: +SKIP
+        >>> st.tensors["lm_head.weight"].shape  # doctest: +SKIP
+        (256, 64)
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputFileError(
+                    str(p), f"file is {size} bytes, too short to be safetensors", "re-download or re-save the file"
+                )
+            (hlen,) = struct.unpack("<Q", prefix)
+            if hlen > _MAX_HEADER or 8 + hlen > size:
+                raise InputFileError(
+                    str(p),
+                    f"header length {hlen} does not fit in the {size}-byte file (truncated or not safetensors)",
+                    "re-download or re-save the file",
+                )
+            raw = f.read(hlen)
+    except FileNotFoundError:
+        raise InputFileError(str(p), "file not found", "check the path") from None
+    except IsADirectoryError:
+        raise InputFileError(str(p), "is a directory, expected a .safetensors file", "check the path") from None
+    except PermissionError:
+        raise InputFileError(str(p), "permission denied", "make the file readable") from None
+    try:
+        header: dict[str, Any] = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputFileError(
+            str(p), f"safetensors header is not valid JSON ({exc})", "re-download or re-save the file"
+        ) from None
+    data_start = 8 + hlen
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        try:
+            dtype = str(entry["dtype"])
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputFileError(
+                str(p), f"tensor {name!r} has a malformed header entry {entry!r}", "re-save the file"
+            ) from None
+        if dtype not in DTYPE_SIZES:
+            raise InputFileError(str(p), f"tensor {name!r} has unsupported dtype {dtype!r}", "re-save the file")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * DTYPE_SIZES[dtype] or begin < 0:
+            raise InputFileError(
+                str(p),
+                f"tensor {name!r} spans bytes {begin}..{end} but {dtype}{list(shape)} needs "
+                f"{numel * DTYPE_SIZES[dtype]}",
+                "re-save the file",
+            )
+        if end > data_len:
+            raise InputFileError(
+                str(p),
+                f"truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes",
+                "re-download or re-save the file",
+            )
+        infos.append(TensorInfo(name, dtype, shape, data_start + begin, end - begin, p))
+    infos.sort(key=lambda t: t.start)
+    for a, b in zip(infos, infos[1:]):
+        if b.start < a.start + a.nbytes:
+            raise InputFileError(
+                str(p), f"tensors {a.name!r} and {b.name!r} overlap in the file", "re-save the file"
+            )
+    return SafetensorsFile(
+        path=p,
+        header_bytes=prefix + raw,
+        tensors={t.name: t for t in infos},
+        metadata={str(k): str(v) for k, v in dict(metadata).items()},
+    )
+
+
+def read_bytes(info: TensorInfo) -> bytes:
+    """Read one tensor's raw bytes with a single positioned read."""
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        out = bytearray(info.nbytes)
+        view = memoryview(out)
+        got = 0
+        while got < info.nbytes:
+            k = os.preadv(fd, [view[got:]], info.start + got)
+            if k == 0:
+                raise InputFileError(
+                    str(info.path), f"truncated while reading tensor {info.name!r}", "re-download the file"
+                )
+            got += k
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def read_numpy_float64(info: TensorInfo) -> np.ndarray:
+    """Read a floating tensor as a float64 numpy array (bf16 decoded exactly by bit shifting).
+
+    Raises:
+        InputFileError: The tensor is not a floating dtype.
+    """
+    import numpy as np
+
+    raw = read_bytes(info)
+    if info.dtype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        arr = bits.view(np.float32)
+    elif info.dtype == "F16":
+        arr = np.frombuffer(raw, dtype="<f2")
+    elif info.dtype == "F32":
+        arr = np.frombuffer(raw, dtype="<f4")
+    elif info.dtype == "F64":
+        arr = np.frombuffer(raw, dtype="<f8")
+    else:
+        raise InputFileError(
+            str(info.path), f"tensor {info.name!r} has dtype {info.dtype}, expected a float dtype", "re-save it"
+        )
+    return arr.astype(np.float64).reshape(info.shape)
+
+
+def read_torch(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into a CPU torch tensor of its stored dtype."""
+    import torch
+
+    from fourier_convert.io.dtypes import torch_dtype
+
+    raw = bytearray(read_bytes(info))
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)

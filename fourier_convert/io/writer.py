@@ -1,0 +1,477 @@
+"""Atomic, streaming writer of Hugging Face safetensors checkpoints.
+
+:class:`CheckpointWriter` is a context manager. Everything is written into a hidden temporary folder
+beside the target (``.NAME.partial-XXXX``); :meth:`CheckpointWriter.commit` checks that every planned
+tensor was written and publishes the folder with one ``rename``. Leaving the ``with`` block without a
+commit (an error, Ctrl-C) deletes the temporary folder, so a target that exists is always complete.
+
+Tensor bytes arrive two ways: byte ranges copied from input files by a background thread (kernel-side
+``copy_file_range`` where available, so untouched tensors are never decoded), and tensors computed by the
+caller, written with positioned writes at their planned offsets. The two run concurrently.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import queue
+import shutil
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from fourier_convert.errors import DiskSpaceError, InputFileError, OutputError
+from fourier_convert.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from fourier_convert.io.progress import ByteProgress
+from fourier_convert.io.safetensors_file import DTYPE_SIZES, SafetensorsFile
+
+_COPY_CHUNK = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: name, safetensors dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ShardLayout:
+    """Where each tensor of one output file goes.
+
+    Attributes:
+        filename: File name inside the output folder.
+        header: The full header (length prefix included).
+        offsets: Tensor name -> absolute byte offset of its data.
+        specs: The tensors, in file order.
+    """
+
+    filename: str
+    header: bytes
+    offsets: dict[str, int]
+    specs: list[TensorSpec]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(s.nbytes for s in self.specs)
+
+
+def build_header(specs: Sequence[TensorSpec], metadata: dict[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """Serialise a safetensors header for tensors stored contiguously in the given order.
+
+    Returns:
+        The header bytes (8-byte length prefix, JSON padded with spaces to a multiple of 8) and each
+        tensor's absolute data offset.
+
+    Example:
+        >>> header, offsets = build_header([TensorSpec("w", "F32", (2, 2))], {"format": "pt"})
+        >>> len(header) % 8, offsets["w"] == len(header)
+        (0, True)
+    """
+    entries: dict[str, Any] = {}
+    if metadata:
+        entries["__metadata__"] = metadata
+    rel: dict[str, int] = {}
+    pos = 0
+    for spec in specs:
+        entries[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [pos, pos + spec.nbytes]}
+        rel[spec.name] = pos
+        pos += spec.nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-(len(body) + 8) % 8)
+    header = len(body).to_bytes(8, "little") + body
+    return header, {k: v + len(header) for k, v in rel.items()}
+
+
+def layout_shards(
+    groups: Sequence[Sequence[TensorSpec]],
+    *,
+    metadata: dict[str, str] | None = None,
+    mirror: Sequence[SafetensorsFile | None] | None = None,
+) -> list[ShardLayout]:
+    """Lay out output shards, reusing an input shard's header byte for byte when nothing in it changes.
+
+    Args:
+        groups: The tensors of each output shard, in file order.
+        metadata: ``__metadata__`` for new headers (``{"format": "pt"}`` by default).
+        mirror: For each group, the input shard it mirrors (or None). When the group has exactly the
+            input's names, dtypes, shapes and offsets, the input header is reused verbatim.
+
+    Returns:
+        One layout per group, named ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``.
+    """
+    count = len(groups)
+    layouts = []
+    for i, specs in enumerate(groups):
+        name = SINGLE_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        header, offsets = build_header(specs, metadata if metadata is not None else {"format": "pt"})
+        source = mirror[i] if mirror else None
+        if source is not None and _same_table(source, specs, offsets, len(header)):
+            header = source.header_bytes
+            offsets = {s.name: source.tensors[s.name].start for s in specs}
+        layouts.append(ShardLayout(name, header, offsets, list(specs)))
+    return layouts
+
+
+def _same_table(src: SafetensorsFile, specs: Sequence[TensorSpec], offsets: dict[str, int], hlen: int) -> bool:
+    if set(src.tensors) != {s.name for s in specs}:
+        return False
+    for spec in specs:
+        t = src.tensors[spec.name]
+        if t.dtype != spec.dtype or t.shape != spec.shape:
+            return False
+        if t.start - src.data_start != offsets[spec.name] - hlen:
+            return False
+    return True
+
+
+def plan_groups(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own).
+
+    Example:
+        >>> s = [TensorSpec(str(i), "F32", (10,)) for i in range(5)]
+        >>> [len(g) for g in plan_groups(s, 100)]
+        [2, 2, 1]
+    """
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    return groups
+
+
+@dataclass(frozen=True)
+class RangeCopy:
+    """Copy ``length`` bytes from ``src`` at ``src_offset`` to output file ``dst`` at ``dst_offset``."""
+
+    src: Path
+    src_offset: int
+    dst: str
+    dst_offset: int
+    length: int
+    tensors: tuple[str, ...] = field(default=())
+
+
+def coalesce(copies: Iterable[RangeCopy]) -> list[RangeCopy]:
+    """Merge copies that are contiguous in both source and destination into single ranges."""
+    out: list[RangeCopy] = []
+    for c in sorted(copies, key=lambda c: (c.dst, c.dst_offset)):
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and last.dst == c.dst
+            and last.src == c.src
+            and last.src_offset + last.length == c.src_offset
+            and last.dst_offset + last.length == c.dst_offset
+        ):
+            out[-1] = RangeCopy(
+                last.src, last.src_offset, last.dst, last.dst_offset, last.length + c.length, last.tensors + c.tensors
+            )
+        else:
+            out.append(c)
+    return out
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int, stop: threading.Event) -> int:
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < length:
+        if stop.is_set():
+            return done
+        want = min(_COPY_CHUNK, length - done)
+        k = 0
+        if use_cfr:
+            try:
+                k = os.copy_file_range(src_fd, dst_fd, want, src_off + done, dst_off + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            chunk = os.pread(src_fd, min(want, 16 * 1024 * 1024), src_off + done)
+            k = os.pwrite(dst_fd, chunk, dst_off + done) if chunk else 0
+        if k == 0:
+            raise InputFileError(f"fd {src_fd}", "input ended early while copying", "re-download the input")
+        done += k
+    return done
+
+
+class CheckpointWriter:
+    """Write a model folder atomically: complete and verified, or not at all.
+
+    Args:
+        out: Target folder. It must not exist, be empty, or ``overwrite`` must be True.
+        overwrite: Replace an existing non-empty target (only once the new output is complete).
+        progress: Byte progress sink (None for silence).
+
+    Example:
+        >>> with CheckpointWriter(Path("merged")) as w:  # doctest: +SKIP
+        ...     w.begin(layouts)
+        ...     w.copy(ranges)
+        ...     w.write_tensor("model.safetensors", "lm_head.weight", tensor_bytes)
+        ...     w.write_file("config.json", b"{}")
+        ...     w.commit(index_metadata={})
+    """
+
+    def __init__(self, out: Path, *, overwrite: bool = False, progress: ByteProgress | None = None) -> None:
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.progress = progress
+        self.temp: Path | None = None
+        self._layouts: dict[str, ShardLayout] = {}
+        self._fds: dict[str, int] = {}
+        self._pending: set[tuple[str, str]] = set()
+        self._jobs: queue.Queue[RangeCopy | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.committed = False
+        self.bytes_written = 0
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def __enter__(self) -> CheckpointWriter:
+        check_output_target(self.out, self.overwrite)
+        parent = self.out.parent if str(self.out.parent) else Path(".")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.temp = parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+            self.temp.mkdir()
+        except OSError as exc:
+            raise OutputError(str(self.out), f"cannot create the output folder ({exc.strerror})", "check permissions") from None
+        return self
+
+    def begin(self, layouts: Sequence[ShardLayout], extra_bytes: int = 0) -> None:
+        """Check free space, create every output file at full size and write the headers.
+
+        Raises:
+            DiskSpaceError: Not enough free space for all files (the message says how much is needed).
+        """
+        assert self.temp is not None
+        need = sum(lay.size for lay in layouts) + extra_bytes
+        free = shutil.disk_usage(self.temp).free
+        if need > free:
+            raise DiskSpaceError(
+                str(self.out), f"needs {_fmt(need)} of free disk space, {_fmt(free)} available", "free some space"
+            )
+        for lay in layouts:
+            path = self.temp / lay.filename
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[lay.filename] = fd
+            self._layouts[lay.filename] = lay
+            self._guard(lambda fd=fd, lay=lay: _reserve(fd, lay.size))
+            self._guard(lambda fd=fd, lay=lay: os.pwrite(fd, lay.header, 0))
+            for spec in lay.specs:
+                self._pending.add((lay.filename, spec.name))
+        self._thread = threading.Thread(target=self._run_copies, name="fourier-convert-copy", daemon=True)
+        self._thread.start()
+
+    # -- data -------------------------------------------------------------------------------------
+    def copy(self, ranges: Iterable[RangeCopy]) -> None:
+        """Queue byte-range copies for the background thread (tensors listed in each range count as written)."""
+        for r in ranges:
+            self._jobs.put(r)
+
+    def write_tensor(self, filename: str, name: str, data: bytes | bytearray | memoryview) -> None:
+        """Write one tensor's bytes at its planned offset."""
+        lay = self._layouts[filename]
+        expected = _spec_bytes(lay, name)
+        view = memoryview(data).cast("B")
+        if len(view) != expected:
+            raise OutputError(name, f"computed {len(view)} bytes, the plan says {expected}", "report this bug")
+        self._raise_copy_error()
+        fd = self._fds[filename]
+        offset = lay.offsets[name]
+        self._guard(lambda: _pwrite_all(fd, view, offset))
+        with self._lock:
+            self._pending.discard((filename, name))
+            self.bytes_written += len(view)
+        if self.progress:
+            self.progress.advance(len(view))
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write a small file (config, index, report) into the output folder."""
+        assert self.temp is not None
+        self._guard(lambda: (self.temp / name).write_bytes(data))  # type: ignore[operator]
+
+    def copy_file(self, src: Path, name: str | None = None) -> None:
+        """Copy a small input file (tokenizer, generation config) into the output folder."""
+        assert self.temp is not None
+        self._guard(lambda: shutil.copyfile(src, self.temp / (name or src.name)))  # type: ignore[operator]
+
+    # -- finish -----------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until all queued copies are done; re-raise a copy error."""
+        if self._thread is not None and self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self._raise_copy_error()
+
+    def commit(self, *, index_metadata: dict[str, Any] | None = None) -> Path:
+        """Finish the files, write the shard index (when sharded) and publish the folder.
+
+        Raises:
+            OutputError: A planned tensor was never written (a bug), or the rename failed.
+        """
+        assert self.temp is not None
+        self.wait()
+        if self._pending:
+            filename, name = sorted(self._pending)[0]
+            raise OutputError(f"{filename}:{name}", f"{len(self._pending)} planned tensors were not written", "report this bug")
+        for filename, fd in self._fds.items():
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if size != self._layouts[filename].size:
+                raise OutputError(filename, f"is {size} bytes, planned {self._layouts[filename].size}", "report this bug")
+        self._close_fds()
+        if len(self._layouts) > 1:
+            weight_map = {s.name: lay.filename for lay in self._layouts.values() for s in lay.specs}
+            total = sum(s.nbytes for lay in self._layouts.values() for s in lay.specs)
+            index = {
+                "metadata": {**(index_metadata or {}), "total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            self.write_file(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+        self._publish()
+        self.committed = True
+        return self.out
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self._close_fds()
+        if not self.committed and self.temp is not None and self.temp.exists():
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _run_copies(self) -> None:
+        src_fds: dict[Path, int] = {}
+        try:
+            while not self._stop.is_set():
+                job = self._jobs.get()
+                if job is None:
+                    return
+                fd = src_fds.get(job.src)
+                if fd is None:
+                    fd = src_fds[job.src] = os.open(job.src, os.O_RDONLY)
+                done = self._guard(
+                    lambda job=job, fd=fd: _copy_range(
+                        fd, self._fds[job.dst], job.src_offset, job.dst_offset, job.length, self._stop
+                    )
+                )
+                with self._lock:
+                    for name in job.tensors:
+                        self._pending.discard((job.dst, name))
+                    self.bytes_written += done
+                if self.progress:
+                    self.progress.advance(done)
+        except BaseException as exc:  # handed to the main thread by _raise_copy_error
+            self._error = exc
+        finally:
+            for fd in src_fds.values():
+                os.close(fd)
+
+    def _raise_copy_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _guard(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                need = sum(lay.size for lay in self._layouts.values())
+                raise DiskSpaceError(
+                    str(self.out), f"disk full while writing (the output needs {_fmt(need)})", "free some space and retry"
+                ) from None
+            raise OutputError(str(self.out), f"write failed ({exc.strerror or exc})", "check the output disk") from None
+
+    def _close_fds(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = {}
+
+    def _publish(self) -> None:
+        assert self.temp is not None
+        old: Path | None = None
+        if self.out.exists():
+            if self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            else:
+                old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+                self.out.rename(old)
+        self.temp.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_target(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder without ``overwrite``.
+
+    Raises:
+        OutputError: The target cannot be used.
+    """
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputError(str(out), "exists and is not a folder", "choose another --out")
+        if any(out.iterdir()) and not overwrite:
+            raise OutputError(str(out), "exists and is not empty", "choose another --out or pass --overwrite")
+
+
+def _spec_bytes(lay: ShardLayout, name: str) -> int:
+    for spec in lay.specs:
+        if spec.name == name:
+            return spec.nbytes
+    raise KeyError(name)
+
+
+def _reserve(fd: int, size: int) -> None:
+    if hasattr(os, "posix_fallocate") and size > 0:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _fmt(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1000
+    return f"{n} B"

@@ -1,0 +1,23 @@
+"""The pure maths layer: tensors in, tensors out. Knows no files."""
+
+from fourier_convert.maths.delta import (
+    DeltaCheck,
+    check_delta,
+    delta_at,
+    delta_sq_norm,
+    delta_weights,
+    delta_weights_numpy,
+)
+from fourier_convert.maths.indices import RANDPERM_THRESHOLD, IndexCache, spectral_indices
+
+__all__ = [
+    "RANDPERM_THRESHOLD",
+    "DeltaCheck",
+    "IndexCache",
+    "check_delta",
+    "delta_at",
+    "delta_sq_norm",
+    "delta_weights",
+    "delta_weights_numpy",
+    "spectral_indices",
+]

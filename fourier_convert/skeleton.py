@@ -1,0 +1,116 @@
+"""The base model's skeleton: module types and checkpoint-key renaming, from transformers on the meta device.
+
+Building the model class from ``config.json`` on the ``meta`` device costs no memory and tells two things
+the checkpoint alone cannot:
+
+* which adapted modules are ``Conv1D`` (weight stored ``(in, out)``, delta added transposed): square
+  Conv1D weights make this impossible to infer from shapes, and PEFT's saved ``fan_in_fan_out`` flag is
+  unreliable for mixed targets;
+* how checkpoint keys map to the in-memory module names the adapter was trained with (transformers 5
+  renames some on load, e.g. ViT's ``encoder.layer.N.attention.attention.query`` ->
+  ``layers.N.attention.q_proj``), through transformers' own conversion mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+LINEAR = "linear"
+CONV1D = "conv1d"
+
+
+@dataclass
+class Skeleton:
+    """What the meta-device model says about the base.
+
+    Attributes:
+        architecture: The class that was built.
+        base_model_prefix: Its ``base_model_prefix`` (``"model"``, ``"bert"``...).
+        module_types: In-memory module name -> ``"linear"``, ``"conv1d"`` or another class name.
+        model_keys: Checkpoint key -> in-memory parameter name (only keys transformers renames 1:1).
+        fused_keys: Checkpoint keys that transformers merges or splits on load (not 1:1).
+    """
+
+    architecture: str
+    base_model_prefix: str
+    module_types: dict[str, str]
+    model_keys: dict[str, str] = field(default_factory=dict)
+    fused_keys: set[str] = field(default_factory=set)
+
+    def module_type(self, name: str) -> str | None:
+        """Type of module ``name``, tolerating an added or missing ``base_model_prefix``."""
+        if name in self.module_types:
+            return self.module_types[name]
+        prefix = f"{self.base_model_prefix}." if self.base_model_prefix else ""
+        if prefix and name.startswith(prefix) and name[len(prefix) :] in self.module_types:
+            return self.module_types[name[len(prefix) :]]
+        if prefix and f"{prefix}{name}" in self.module_types:
+            return self.module_types[f"{prefix}{name}"]
+        return None
+
+
+def build_skeleton(config: dict[str, Any], checkpoint_keys: Iterable[str]) -> tuple[Skeleton | None, str]:
+    """Build the model named by ``config["architectures"][0]`` on the meta device.
+
+    Args:
+        config: The base's ``config.json``.
+        checkpoint_keys: Tensor keys of the base checkpoint (to compute transformers' renaming).
+
+    Returns:
+        ``(skeleton, "")`` or ``(None, reason)`` when transformers cannot build it (unknown
+        architecture, custom code); callers then fall back to the adapter's flag and say why.
+
+    Example:
+        >>> sk, why = build_skeleton(config, keys)  # doctest: +SKIP
+        >>> sk.module_type("transformer.h.0.attn.c_attn")  # doctest: +SKIP
+        'conv1d'
+    """
+    archs = config.get("architectures") or []
+    if not archs:
+        return None, "config.json names no architecture"
+    arch = str(archs[0])
+    try:
+        import torch
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+
+        cls = getattr(transformers, arch, None)
+        if cls is None:
+            return None, f"transformers {transformers.__version__} has no class {arch}"
+        cfg = cls.config_class.from_dict(dict(config))
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception as exc:  # any failure here only means "no skeleton"; the caller says so
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"transformers could not build {arch} ({first[:120]})"
+    types: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            types[name] = CONV1D
+        elif isinstance(module, torch.nn.Linear):
+            types[name] = LINEAR
+        else:
+            types[name] = type(module).__name__
+    skeleton = Skeleton(arch, str(getattr(model, "base_model_prefix", "") or ""), types)
+    _add_renaming(skeleton, model, checkpoint_keys)
+    return skeleton, ""
+
+
+def _add_renaming(skeleton: Skeleton, model: Any, checkpoint_keys: Iterable[str]) -> None:
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4.x: checkpoint keys are the module names
+        return
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    for key in checkpoint_keys:
+        renamed, converter = rename_source_key(key, renamings, converters, skeleton.base_model_prefix, meta)
+        if converter is not None:
+            skeleton.fused_keys.add(key)
+        else:
+            skeleton.model_keys[key] = renamed

@@ -1,0 +1,74 @@
+"""Which modules a FourierFT config selects, decided as PEFT decides it.
+
+Mirrors PEFT's ``check_target_module_exists``: ``exclude_modules`` first, ``modules_to_save`` never
+adapted, then ``target_modules`` (a regex matched against the whole name, or a list of names / suffixes),
+narrowed by ``layers_to_transform`` / ``layers_pattern``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fourier_convert.io.adapter import FourierFTSettings
+
+
+def _suffix_match(key: str, names: list[str] | set[str]) -> bool:
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_targeted(settings: FourierFTSettings, key: str) -> bool:
+    """Whether PEFT would put a FourierFT layer on module ``key``.
+
+    Args:
+        settings: The adapter's config.
+        key: Module path in the adapter's name space (e.g. ``model.layers.0.self_attn.q_proj``).
+
+    Returns:
+        True when the config selects the module.
+
+    Example:
+        >>> from fourier_convert.io.adapter import parse_settings
+        >>> from pathlib import Path
+        >>> s = parse_settings({"peft_type": "FOURIERFT", "target_modules": ["q_proj"],
+        ...                     "layers_to_transform": [1]}, Path("adapter_config.json"))
+        >>> is_targeted(s, "model.layers.1.self_attn.q_proj"), is_targeted(s, "model.layers.0.self_attn.q_proj")
+        (True, False)
+    """
+    exclude = settings.exclude_modules
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return False
+        elif _suffix_match(key, exclude):
+            return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in settings.modules_to_save):
+        return False
+    targets = settings.target_modules
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    if not any(key.endswith(f".{t}") for t in targets):
+        return False
+    layers = settings.layers_to_transform
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    index = _layer_index(key, settings.layers_pattern)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
