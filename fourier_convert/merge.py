@@ -33,6 +33,7 @@ from fourier_convert.io.writer import (
     RangeCopy,
     ShardLayout,
     TensorSpec,
+    check_output_target,
     coalesce,
     layout_shards,
     plan_groups,
@@ -161,6 +162,8 @@ def merge(
     out_dtype = parse_user_dtype(dtype) if dtype else None
     shard_bytes = parse_size(str(max_shard_size)) if max_shard_size is not None else None
     dev = resolve_device(device)
+    if not dry_run:
+        check_output_target(Path(out), overwrite)
     specs = _adapter_specs(adapter)
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
     ckpt = open_checkpoint(base, revision=revision)

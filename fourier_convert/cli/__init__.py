@@ -1,0 +1,1 @@
+"""The ``fourier-convert`` command line: thin commands over the library."""
