@@ -232,7 +232,7 @@ def _layouts(ckpt: BaseCheckpoint, plan: MergePlan, shard_bytes: int | None) -> 
         return layout_shards(plan_groups(list(specs.values()), shard_bytes))
     groups = [[specs[name] for name in shard.tensors] for shard in ckpt.shards]
     groups[-1] += [specs[o.name] for o in plan.outputs if o.base is None]
-    return layout_shards(groups, mirror=ckpt.shards)
+    return layout_shards(groups, mirror=ckpt.shards, names=[s.path.name for s in ckpt.shards])
 
 
 def _raw_copies(plan: MergePlan, where: dict[str, ShardLayout]) -> list[RangeCopy]:

@@ -81,7 +81,7 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputFileError(str(index_path), "has no weight_map", "re-save the model with save_pretrained")
         index_metadata = {k: v for k, v in (index.get("metadata") or {}).items() if k != "total_size"}
-        for filename in dict.fromkeys(weight_map.values()):
+        for filename in sorted(set(weight_map.values())):
             shard_path = folder / str(filename)
             if not shard_path.is_file():
                 raise InputFileError(

@@ -102,6 +102,7 @@ def layout_shards(
     *,
     metadata: dict[str, str] | None = None,
     mirror: Sequence[SafetensorsFile | None] | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[ShardLayout]:
     """Lay out output shards, reusing an input shard's header byte for byte when nothing in it changes.
 
@@ -110,14 +111,15 @@ def layout_shards(
         metadata: ``__metadata__`` for new headers (``{"format": "pt"}`` by default).
         mirror: For each group, the input shard it mirrors (or None). When the group has exactly the
             input's names, dtypes, shapes and offsets, the input header is reused verbatim.
+        names: File names (default ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``).
 
     Returns:
-        One layout per group, named ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``.
+        One layout per group.
     """
     count = len(groups)
     layouts = []
     for i, specs in enumerate(groups):
-        name = SINGLE_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        name = names[i] if names else SINGLE_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
         header, offsets = build_header(specs, metadata if metadata is not None else {"format": "pt"})
         source = mirror[i] if mirror else None
         if source is not None and _same_table(source, specs, offsets, len(header)):
