@@ -154,7 +154,7 @@ def check_delta(
     """Compare a reconstructed ``(M, N)`` delta with the float64 closed form at sampled entries.
 
     Checks ``points`` random entries (direct cosine sums) plus ``lines`` whole rows and ``lines`` whole
-    columns (through numpy's float64 FFT, a backend independent of torch's). The tolerance is
+    columns (through numpy's float64 FFT, a backend independent of torch's), and that every entry is finite. The tolerance is
     ``16 * eps * log2(M N + 1) * |s| * ||c||_2 / (M N)``: a few hundred times below the typical entry
     size for float32, far above correct rounding, far below the errors a broken FFT makes.
 
@@ -196,7 +196,7 @@ def check_delta(
         col = _row_float64(values, swapped, (n_cols, m), scaling, int(q))
         errs.append(np.abs(delta[:, int(q)].double().cpu().numpy() - col))
     all_err = np.concatenate(errs)
-    finite = bool(np.isfinite(all_err).all())
+    finite = bool(np.isfinite(all_err).all()) and bool(torch.isfinite(delta).all())
     max_err = float(all_err.max()) if finite else float("inf")
     return DeltaCheck(int(all_err.size), max_err, tol, finite and max_err <= tol)
 

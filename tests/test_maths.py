@@ -1,0 +1,130 @@
+"""The maths layer against PEFT itself and an independent float64 numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fourier_convert.maths import (
+    IndexCache,
+    check_delta,
+    delta_at,
+    delta_sq_norm,
+    delta_weights,
+    delta_weights_numpy,
+    spectral_indices,
+)
+from tests.reference import peft_indices, reference_delta
+
+
+def test_indices_equal_peft_layer() -> None:
+    from peft import FourierFTConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(24, 40)  # (out, in) = (40, 24)
+            self.b = torch.nn.Linear(40, 24)
+
+    model = get_peft_model(Net(), FourierFTConfig(n_frequency=77, target_modules=["a", "b"], random_loc_seed=4242))
+    for name, (m, n) in {"a": (40, 24), "b": (24, 40)}.items():
+        layer = getattr(model.base_model.model, name)
+        assert torch.equal(layer.indices["default"], spectral_indices(m, n, 77, 4242))
+
+
+def test_index_cache_draws_once_per_shape_and_serves_prefixes() -> None:
+    cache = IndexCache()
+    for n in (5, 50, 17):
+        cache.reserve(30, 20, 777, n)
+    full = cache.get(30, 20, 777, 50)
+    assert torch.equal(cache.get(30, 20, 777, 17), full[:, :17])
+    assert torch.equal(cache.get(30, 20, 777, 5), spectral_indices(30, 20, 5, 777))
+    assert cache.draws == 1
+    cache.get(30, 20, 777, 60)  # larger than reserved: redrawn, still exact
+    assert torch.equal(cache.get(30, 20, 777, 60), spectral_indices(30, 20, 60, 777))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (2, 2), (3, 5), (8, 6), (9, 9), (16, 33), (64, 48), (48, 64)])
+def test_delta_equals_reference_for_every_n(shape: tuple[int, int]) -> None:
+    m, n_cols = shape
+    total = m * n_cols
+    rng = np.random.default_rng(m * 100 + n_cols)
+    for n in sorted({min(2, total), 1, total // 3 or 1, total // 2 or 1, total - 1 or 1, total}):
+        values = rng.standard_normal(n)
+        want = reference_delta(values, m, n_cols, 150.0, 777)
+        idx = spectral_indices(m, n_cols, n, 777)
+        got32 = delta_weights(torch.tensor(values, dtype=torch.float32), idx, m, n_cols, 150.0)
+        got64 = delta_weights(torch.tensor(values), idx, m, n_cols, 150.0, dtype=torch.float64)
+        scale = 150.0 * np.linalg.norm(values) / total
+        assert np.abs(got64.numpy() - want).max() <= 1e-12 * max(scale, 1e-300) * 100
+        assert np.abs(got32.numpy() - want).max() <= 1e-5 * scale
+        assert check_delta(got32, values, idx.numpy(), 150.0, rng=rng).passed
+
+
+def test_batched_equals_single() -> None:
+    idx = spectral_indices(32, 20, 100, 777)
+    spectra = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
+    batch = delta_weights(spectra, idx, 32, 20, 3.0)
+    for b in range(5):
+        assert torch.equal(batch[b], delta_weights(spectra[b], idx, 32, 20, 3.0))
+
+
+# Widths of real models (BERT/RoBERTa 768/3072, 1024/4096, TinyLlama 2048/5632, 3072, Llama-7B 4096/11008).
+REAL_SHAPES = [
+    (768, 768), (3072, 768), (768, 3072), (1024, 1024), (4096, 1024), (2048, 2048), (256, 2048),
+    (5632, 2048), (2048, 5632), (3072, 3072), (4096, 4096), (11008, 4096), (4096, 11008),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_real_model_widths_against_closed_form(shape: tuple[int, int]) -> None:
+    m, n_cols = shape
+    n = 1000
+    rng = np.random.default_rng(m + n_cols)
+    values = rng.standard_normal(n)
+    idx = spectral_indices(m, n_cols, n, 777)
+    assert np.array_equal(idx.numpy(), peft_indices(m, n_cols, n, 777))
+    got = delta_weights(torch.tensor(values, dtype=torch.float32), idx, m, n_cols, 150.0)
+    # independent reference: the float64 cosine sum at 2000 random entries plus two whole rows
+    rows = np.concatenate([rng.integers(0, m, 2000), np.full(n_cols, m // 3), np.full(n_cols, m - 1)])
+    cols = np.concatenate([rng.integers(0, n_cols, 2000), np.arange(n_cols), np.arange(n_cols)])
+    want = delta_at(values, idx.numpy(), (m, n_cols), 150.0, rows, cols)
+    scale = 150.0 * np.linalg.norm(values) / (m * n_cols)
+    err = np.abs(got[torch.as_tensor(rows), torch.as_tensor(cols)].double().numpy() - want)
+    assert err.max() <= 1e-5 * scale
+    assert check_delta(got, values, idx.numpy(), 150.0, rng=rng).passed
+
+
+def test_check_delta_catches_a_wrong_fft() -> None:
+    idx = spectral_indices(256, 128, 300, 777)
+    values = np.random.default_rng(0).standard_normal(300)
+    good = delta_weights(torch.tensor(values, dtype=torch.float32), idx, 256, 128, 150.0)
+    assert check_delta(good, values, idx.numpy(), 150.0, rng=np.random.default_rng(1)).passed
+    for corrupt in (
+        lambda d: d.roll(1, 0),  # off by one row
+        lambda d: d.T.contiguous().reshape(256, 128),  # scrambled layout
+        lambda d: torch.where(torch.arange(128) == 77, torch.zeros(()), d),  # one bad column
+    ):
+        bad = corrupt(good.clone())
+        result = check_delta(bad, values, idx.numpy(), 150.0, rng=np.random.default_rng(1))
+        assert not result.passed and result.max_abs_error > 100 * result.tolerance
+    nan = good.clone()
+    nan[3, 4] = float("nan")  # a single non-finite entry anywhere fails the check
+    assert not check_delta(nan, values, idx.numpy(), 150.0, rng=np.random.default_rng(1)).passed
+
+
+def test_numpy_backend_equals_reference() -> None:
+    values = np.random.default_rng(0).standard_normal(40)
+    idx = peft_indices(12, 10, 40, 777)
+    assert np.allclose(delta_weights_numpy(values, idx, 12, 10, 2.5), reference_delta(values, 12, 10, 2.5, 777), atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (8, 8), (7, 12), (1, 9)])
+def test_delta_norm_from_spectrum_is_exact(shape: tuple[int, int]) -> None:
+    m, n_cols = shape
+    for n in (1, m * n_cols // 2 or 1, m * n_cols):
+        values = np.random.default_rng(n).standard_normal(n)
+        want = float((reference_delta(values, m, n_cols, 7.0, 777) ** 2).sum())
+        assert delta_sq_norm(values, peft_indices(m, n_cols, n, 777), shape, 7.0) == pytest.approx(want, rel=1e-10)
