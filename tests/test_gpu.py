@@ -1,0 +1,39 @@
+"""GPU path (run with `pytest -m gpu` on a CUDA machine; skipped elsewhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fourier_convert as fc
+from fourier_convert.maths import check_delta, delta_weights, spectral_indices
+from tests.conftest import FIXTURE_NAMES, FIXTURES
+from tests.reference import load_model_tensors
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_cuda_merge_equals_cpu_merge(name: str, tmp_path: Path) -> None:
+    cpu = fc.merge(FIXTURES / name / "base", FIXTURES / name / "adapter", tmp_path / "cpu", device="cpu")
+    gpu = fc.merge(FIXTURES / name / "base", FIXTURES / name / "adapter", tmp_path / "gpu", device="cuda")
+    assert gpu.device.startswith("cuda") and not gpu.fallbacks
+    a, b = load_model_tensors(tmp_path / "cpu"), load_model_tensors(tmp_path / "gpu")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6)
+    assert [r.key for r in cpu.layers] == [r.key for r in gpu.layers]
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)])
+def test_cuda_delta_passes_float64_check_at_real_widths(shape: tuple[int, int]) -> None:
+    m, n = shape
+    values = np.random.default_rng(0).standard_normal(1000)
+    idx = spectral_indices(m, n, 1000, 777)
+    got = delta_weights(torch.tensor(values, dtype=torch.float32), idx, m, n, 150.0, device="cuda")
+    cpu = delta_weights(torch.tensor(values, dtype=torch.float32), idx, m, n, 150.0)
+    assert check_delta(got, values, idx.numpy(), 150.0, rng=np.random.default_rng(1)).passed
+    scale = 150.0 * np.linalg.norm(values) / (m * n)
+    assert float((got.cpu() - cpu).abs().max()) <= 1e-5 * scale

@@ -1,0 +1,132 @@
+"""The sharded writer: headers safetensors and transformers read, atomic publish, byte-exact mirroring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fourier_convert.errors import OutputError
+from fourier_convert.io.safetensors_file import read_header
+from fourier_convert.io.writer import (
+    CheckpointWriter,
+    RangeCopy,
+    TensorSpec,
+    build_header,
+    coalesce,
+    layout_shards,
+    plan_groups,
+)
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(4, 3, generator=g),
+        "b.bias": torch.randn(5, generator=g).to(torch.bfloat16),
+        "c.ids": torch.arange(7, dtype=torch.int64),
+        "d.half": torch.randn(2, 2, 2, generator=g).half(),
+    }
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_written_shards_round_trip_through_safetensors(tmp_path: Path) -> None:
+    tensors = _tensors()
+    specs = [TensorSpec(k, {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}[v.dtype],
+                        tuple(v.shape)) for k, v in tensors.items()]
+    layouts = layout_shards(plan_groups(specs, 60))
+    assert len(layouts) > 1
+    out = tmp_path / "out"
+    with CheckpointWriter(out) as w:
+        w.begin(layouts)
+        for lay in layouts:
+            for spec in lay.specs:
+                w.write_tensor(lay.filename, spec.name, _bytes(tensors[spec.name]))
+        w.commit(index_metadata={"note": "kept"})
+    loaded: dict[str, torch.Tensor] = {}
+    for lay in layouts:
+        loaded.update(load_file(str(out / lay.filename)))
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"note": "kept", "total_size": sum(s.nbytes for s in specs)}
+    assert set(index["weight_map"]) == set(tensors)
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_mirrored_shard_reuses_the_header_byte_for_byte(tmp_path: Path) -> None:
+    src = tmp_path / "src.safetensors"
+    save_file(_tensors(), str(src), metadata={"format": "pt"})
+    st = read_header(src)
+    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in st.tensors.values()]
+    (lay,) = layout_shards([specs], mirror=[st], names=["copy.safetensors"])
+    assert lay.header == st.header_bytes
+    out = tmp_path / "out"
+    with CheckpointWriter(out) as w:
+        w.begin([lay])
+        w.copy(coalesce(RangeCopy(src, t.start, lay.filename, lay.offsets[t.name], t.nbytes, (t.name,))
+                        for t in st.tensors.values()))
+        w.commit()
+    assert (out / "copy.safetensors").read_bytes() == src.read_bytes()
+
+
+def test_coalesce_merges_contiguous_ranges() -> None:
+    p = Path("x")
+    ranges = [RangeCopy(p, 100, "f", 10, 5, ("a",)), RangeCopy(p, 105, "f", 15, 5, ("b",)), RangeCopy(p, 200, "f", 20, 1, ("c",))]
+    merged = coalesce(ranges)
+    assert [(r.src_offset, r.dst_offset, r.length, r.tensors) for r in merged] == [(100, 10, 10, ("a", "b")), (200, 20, 1, ("c",))]
+
+
+def test_header_is_aligned_and_parseable(tmp_path: Path) -> None:
+    header, offsets = build_header([TensorSpec("w", "F32", (3,))], {"format": "pt"})
+    assert len(header) % 8 == 0
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(header + b"\0" * 12)
+    assert load_file(str(path))["w"].tolist() == [0.0, 0.0, 0.0]
+    assert offsets["w"] == len(header)
+
+
+def test_incomplete_output_is_never_published(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    layouts = layout_shards([[TensorSpec("w", "F32", (2,))]])
+    with pytest.raises(OutputError, match="planned tensors were not written"), CheckpointWriter(out) as w:
+        w.begin(layouts)
+        w.commit()
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_exception_inside_block_removes_the_temporary_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), CheckpointWriter(out) as w:
+        w.begin(layout_shards([[TensorSpec("w", "F32", (2,))]]))
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_the_whole_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(OutputError, match="exists and is not empty"):
+        CheckpointWriter(out).__enter__()
+    layouts = layout_shards([[TensorSpec("w", "F32", (1,))]])
+    with CheckpointWriter(out, overwrite=True) as w:
+        w.begin(layouts)
+        w.write_tensor("model.safetensors", "w", _bytes(torch.ones(1)))
+        w.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_wrong_tensor_size_is_refused(tmp_path: Path) -> None:
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.begin(layout_shards([[TensorSpec("w", "F32", (2,))]]))
+        with pytest.raises(OutputError, match="computed 4 bytes, the plan says 8"):
+            w.write_tensor("model.safetensors", "w", b"\0" * 4)
