@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fourier_convert.errors import (  # noqa: E402
+from fourier_convert.errors import (
     AdapterError,
     BaseMismatchError,
     DiskSpaceError,
@@ -20,10 +20,10 @@ from fourier_convert.errors import (  # noqa: E402
     UsageError,
     VerificationError,
 )
-from fourier_convert.inspect import InspectReport, inspect_adapter  # noqa: E402
-from fourier_convert.io.adapter import FourierFTAdapter, read_adapter  # noqa: E402
-from fourier_convert.merge import AdapterSpec, merge  # noqa: E402
-from fourier_convert.report import LayerReport, MergeReport  # noqa: E402
+from fourier_convert.inspect import InspectReport, inspect_adapter
+from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
+from fourier_convert.merge import AdapterSpec, merge
+from fourier_convert.report import LayerReport, MergeReport
 
 __all__ = [
     "AdapterError",

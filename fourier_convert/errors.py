@@ -3,7 +3,7 @@
 Every error carries three parts: *where* (a file, key or option), *what* was found, and the *fix*.
 ``str(error)`` joins them into the one line the CLI prints, for example::
 
-    adapter_config.json: peft_type is 'LORA', expected 'FOURIERFT'; pass a FourierFT adapter (see `fourier-convert inspect`)
+    adapter_config.json: peft_type is 'LORA', expected 'FOURIERFT'; pass a FourierFT adapter
 
 The CLI maps each class to an exit code in one table (``fourier_convert.cli.main.EXIT_CODES``).
 """

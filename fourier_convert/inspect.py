@@ -166,7 +166,7 @@ def inspect_adapter(
         info.shape, info.conv1d, info.delta_norm = (m, n), layer.conv1d, float(np.sqrt(total))
         order = np.argsort(-np.abs(values))
         for frac in ENERGY_FRACTIONS:
-            k = max(1, int(round(frac * len(values))))
+            k = max(1, round(frac * len(values)))
             top = order[:k]
             part = delta_sq_norm(values[top], idx[:, top], (m, n), c.scaling)
             info.energy_top[f"{frac:.0%}"] = part / total if total > 0 else 0.0

@@ -96,11 +96,21 @@ def parse_size(text: str) -> int:
         >>> parse_size("5GB"), parse_size("1KiB")
         (5000000000, 1024)
     """
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     try:
         value = float(num)
     except ValueError:
@@ -247,7 +257,7 @@ def _raw_copies(plan: MergePlan, where: dict[str, ShardLayout]) -> list[RangeCop
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy().data)
 
 
 def _write_converted(o: OutputTensor, writer: CheckpointWriter, where: dict[str, ShardLayout]) -> None:
@@ -261,7 +271,11 @@ def _write_converted(o: OutputTensor, writer: CheckpointWriter, where: dict[str,
 
 def _layer_stub(layer: LayerPlan) -> LayerReport:
     return LayerReport(
-        layer.module, layer.key, layer.delta_shape, layer.conv1d, layer.orientation_source,
+        layer.module,
+        layer.key,
+        layer.delta_shape,
+        layer.conv1d,
+        layer.orientation_source,
         [c.spectrum.n for c in layer.contributions],
     )
 
@@ -394,9 +408,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _provenance(
-    report: MergeReport, adapters: list[FourierFTAdapter], ckpt: BaseCheckpoint, plan: MergePlan
-) -> bytes:
+def _provenance(report: MergeReport, adapters: list[FourierFTAdapter], ckpt: BaseCheckpoint, plan: MergePlan) -> bytes:
     doc = {
         "tool": "fourier-convert",
         "version": __version__,

@@ -261,14 +261,17 @@ def build_plan(
             key = names.find(f"{module}.weight")
             if key is None:
                 near = names.near(f"{module}.weight")
-                hint = f"near matches: {', '.join(near)}" if near else "is this the base model the adapter was trained on?"
+                hint = (
+                    f"near matches: {', '.join(near)}" if near else "is this the base model the adapter was trained on?"
+                )
                 raise BaseMismatchError(
                     f"{where}: {spec.key}", f"module {module!r} has no weight in the base checkpoint", hint
                 )
             info = ckpt.tensors[key]
             if len(info.shape) != 2:
                 raise BaseMismatchError(
-                    f"{where}: {spec.key}", f"base weight {key!r} has shape {list(info.shape)}, expected 2-D",
+                    f"{where}: {spec.key}",
+                    f"base weight {key!r} has shape {list(info.shape)}, expected 2-D",
                     "FourierFT adapts Linear / Conv1D layers only; check the base model",
                 )
             total = info.shape[0] * info.shape[1]
@@ -299,13 +302,15 @@ def build_plan(
                     new_tensors[clean] = t
                     continue
                 raise BaseMismatchError(
-                    f"{where}: {t.key}", f"trained bias {clean!r} has no tensor in the base checkpoint",
+                    f"{where}: {t.key}",
+                    f"trained bias {clean!r} has no tensor in the base checkpoint",
                     "is this the base model the adapter was trained on?",
                 )
             base_shape = ckpt.tensors[key].shape
             if base_shape != t.shape:
                 raise BaseMismatchError(
-                    f"{where}: {t.key}", f"shape {list(t.shape)} but the base tensor {key!r} is {list(base_shape)}",
+                    f"{where}: {t.key}",
+                    f"shape {list(t.shape)} but the base tensor {key!r} is {list(base_shape)}",
                     "is this the base model the adapter was trained on?",
                 )
             replacements[key] = t  # a later adapter wins
@@ -398,8 +403,10 @@ def _config_for_new_head(
         config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
         config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
         config.pop("num_labels", None)
-        notes.append(f"config.json: architectures={config.get('architectures')}, num_labels={num_labels} "
-                     f"(the adapter adds {heads})")
+        notes.append(
+            f"config.json: architectures={config.get('architectures')}, num_labels={num_labels} "
+            f"(the adapter adds {heads})"
+        )
     else:
         notes.append(f"config.json: architectures={config.get('architectures')} (the adapter adds {heads})")
     return config, True
@@ -441,4 +448,3 @@ def set_orientation(plan: MergePlan, skeleton: Skeleton | None, adapters: Sequen
         )
     elif plan.layers:
         plan.notes.append("orientation (Linear / Conv1D) decided from the model skeleton")
-

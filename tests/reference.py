@@ -50,7 +50,7 @@ def reference_merge(
     conv1d_modules = conv1d_modules or set()
     out: dict[str, np.ndarray] = {}
     for key, value in sd.items():
-        clean = key[len(PREFIX):]
+        clean = key[len(PREFIX) :]
         if ".original_module." in clean:
             continue
         if ".modules_to_save." in clean:
@@ -61,9 +61,13 @@ def reference_merge(
             wkey = key_map.get(module + ".weight", module + ".weight")
             w = base_sd[wkey].double().numpy()
             if module in conv1d_modules:
-                d = reference_delta(value.double().numpy(), w.shape[1], w.shape[0], cfg["scaling"], cfg["random_loc_seed"]).T
+                d = reference_delta(
+                    value.double().numpy(), w.shape[1], w.shape[0], cfg["scaling"], cfg["random_loc_seed"]
+                ).T
             else:
-                d = reference_delta(value.double().numpy(), w.shape[0], w.shape[1], cfg["scaling"], cfg["random_loc_seed"])
+                d = reference_delta(
+                    value.double().numpy(), w.shape[0], w.shape[1], cfg["scaling"], cfg["random_loc_seed"]
+                )
             out[wkey] = w + d
         else:
             clean = clean.replace(".base_layer.", ".")

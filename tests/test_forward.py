@@ -40,10 +40,14 @@ def test_merged_logits_equal_unmerged_peft(name: str, tmp_path: Path) -> None:
     out = tmp_path / "merged"
     fc.merge(FIXTURES / name / "base", FIXTURES / name / "adapter", out, device="cpu")
     x = _inputs(name)
-    peft_model = PeftModel.from_pretrained(load_task_model(name, FIXTURES / name / "base"), str(FIXTURES / name / "adapter")).eval()
+    peft_model = PeftModel.from_pretrained(
+        load_task_model(name, FIXTURES / name / "base"), str(FIXTURES / name / "adapter")
+    ).eval()
     with torch.no_grad():
         want = peft_model(**x).logits
         got = load_task_model(name, out)(**x).logits
         plain = load_task_model(name, FIXTURES / name / "base")(**x).logits
-    assert not torch.allclose(plain, want, atol=1e-4), "the adapter must change the outputs for this test to mean anything"
+    assert not torch.allclose(plain, want, atol=1e-4), (
+        "the adapter must change the outputs for this test to mean anything"
+    )
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -45,7 +45,9 @@ def test_index_cache_draws_once_per_shape_and_serves_prefixes() -> None:
     assert torch.equal(cache.get(30, 20, 777, 60), spectral_indices(30, 20, 60, 777))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (2, 2), (3, 5), (8, 6), (9, 9), (16, 33), (64, 48), (48, 64)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 7), (7, 1), (2, 2), (3, 5), (8, 6), (9, 9), (16, 33), (64, 48), (48, 64)]
+)
 def test_delta_equals_reference_for_every_n(shape: tuple[int, int]) -> None:
     m, n_cols = shape
     total = m * n_cols
@@ -72,8 +74,19 @@ def test_batched_equals_single() -> None:
 
 # Widths of real models (BERT/RoBERTa 768/3072, 1024/4096, TinyLlama 2048/5632, 3072, Llama-7B 4096/11008).
 REAL_SHAPES = [
-    (768, 768), (3072, 768), (768, 3072), (1024, 1024), (4096, 1024), (2048, 2048), (256, 2048),
-    (5632, 2048), (2048, 5632), (3072, 3072), (4096, 4096), (11008, 4096), (4096, 11008),
+    (768, 768),
+    (3072, 768),
+    (768, 3072),
+    (1024, 1024),
+    (4096, 1024),
+    (2048, 2048),
+    (256, 2048),
+    (5632, 2048),
+    (2048, 5632),
+    (3072, 3072),
+    (4096, 4096),
+    (11008, 4096),
+    (4096, 11008),
 ]
 
 
@@ -118,7 +131,9 @@ def test_check_delta_catches_a_wrong_fft() -> None:
 def test_numpy_backend_equals_reference() -> None:
     values = np.random.default_rng(0).standard_normal(40)
     idx = peft_indices(12, 10, 40, 777)
-    assert np.allclose(delta_weights_numpy(values, idx, 12, 10, 2.5), reference_delta(values, 12, 10, 2.5, 777), atol=1e-13)
+    assert np.allclose(
+        delta_weights_numpy(values, idx, 12, 10, 2.5), reference_delta(values, 12, 10, 2.5, 777), atol=1e-13
+    )
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (8, 8), (7, 12), (1, 9)])

@@ -15,7 +15,9 @@ from fourier_convert.merge import AdapterSpec
 from tests.conftest import FIXTURE_NAMES, FIXTURES
 from tests.reference import load_model_tensors, reference_merge
 
-GPT2_CONV1D = {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+GPT2_CONV1D = {
+    f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+}
 
 
 def _key_map(name: str) -> dict[str, str]:
@@ -51,8 +53,10 @@ def test_merge_matches_float64_reference(name: str, tmp_path: Path) -> None:
     got = load_model_tensors(out)
     base = load_model_tensors(FIXTURES / name / "base")
     ref = reference_merge(
-        FIXTURES / name / "base", FIXTURES / name / "adapter",
-        conv1d_modules=GPT2_CONV1D if name == "gpt2" else None, key_map=_key_map(name),
+        FIXTURES / name / "base",
+        FIXTURES / name / "adapter",
+        conv1d_modules=GPT2_CONV1D if name == "gpt2" else None,
+        key_map=_key_map(name),
     )
     assert set(got) == set(base) | set(ref)
     for key, value in got.items():
@@ -124,8 +128,10 @@ def test_small_files_and_provenance(tmp_path: Path) -> None:
 
 def test_two_adapters_with_weights(tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    specs = [AdapterSpec(str(FIXTURES / "llama" / "adapter"), weight=0.5),
-             AdapterSpec(str(FIXTURES / "llama" / "adapter"), subfolder="second", weight=2.0)]
+    specs = [
+        AdapterSpec(str(FIXTURES / "llama" / "adapter"), weight=0.5),
+        AdapterSpec(str(FIXTURES / "llama" / "adapter"), subfolder="second", weight=2.0),
+    ]
     report = fc.merge(FIXTURES / "llama" / "base", specs, out, device="cpu")
     assert report.tensors["merge"] == 8
     base = load_model_tensors(FIXTURES / "llama" / "base")
@@ -139,7 +145,9 @@ def test_two_adapters_with_weights(tmp_path: Path) -> None:
 
 
 def test_path_colon_name_selects_named_adapter(tmp_path: Path) -> None:
-    report = fc.merge(FIXTURES / "llama" / "base", f"{FIXTURES / 'llama' / 'adapter'}:second", tmp_path / "m", device="cpu")
+    report = fc.merge(
+        FIXTURES / "llama" / "base", f"{FIXTURES / 'llama' / 'adapter'}:second", tmp_path / "m", device="cpu"
+    )
     assert {r.module.rsplit(".", 1)[1] for r in report.layers} == {"o_proj", "down_proj"}
 
 
@@ -162,8 +170,14 @@ def test_bf16_base_keeps_dtype_and_rounds_once(tmp_path: Path) -> None:
 
 def test_dtype_cast_and_reshard(tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    report = fc.merge(FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", out, device="cpu",
-                      dtype="float16", max_shard_size="50KB")
+    report = fc.merge(
+        FIXTURES / "llama" / "base",
+        FIXTURES / "llama" / "adapter",
+        out,
+        device="cpu",
+        dtype="float16",
+        max_shard_size="50KB",
+    )
     assert len(report.shards) >= 4
     index = json.loads((out / "model.safetensors.index.json").read_text())
     got = load_model_tensors(out)
@@ -179,8 +193,9 @@ def test_dtype_cast_and_reshard(tmp_path: Path) -> None:
 
 def test_single_file_output_when_resharded_large(tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    report = fc.merge(FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", out, device="cpu",
-                      max_shard_size="1GB")
+    report = fc.merge(
+        FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", out, device="cpu", max_shard_size="1GB"
+    )
     assert report.shards == ["model.safetensors"]
     assert not (out / "model.safetensors.index.json").exists()
 
@@ -209,9 +224,13 @@ def test_bias_all_replaces_every_bias_and_composite_head(tmp_path: Path) -> None
     got = load_model_tensors(out)
     sd = load_model_tensors(FIXTURES / "roberta" / "adapter")
     # the clean (trained) copies win; the stale original_module copies are ignored
-    assert torch.equal(got["classifier.dense.bias"], sd["base_model.model.classifier.modules_to_save.default.dense.bias"])
+    assert torch.equal(
+        got["classifier.dense.bias"], sd["base_model.model.classifier.modules_to_save.default.dense.bias"]
+    )
     assert torch.equal(got["classifier.out_proj.weight"], sd["base_model.model.classifier.out_proj.weight"])
-    assert torch.equal(got["roberta.embeddings.LayerNorm.bias"], sd["base_model.model.roberta.embeddings.LayerNorm.bias"])
+    assert torch.equal(
+        got["roberta.embeddings.LayerNorm.bias"], sd["base_model.model.roberta.embeddings.LayerNorm.bias"]
+    )
     assert report.tensors["replace"] == 21
 
 

@@ -11,9 +11,18 @@ from fourier_convert.io.adapter import parse_settings
 from fourier_convert.targets import is_targeted
 
 KEYS = [
-    "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.10.self_attn.v_proj",
-    "model.layers.2.mlp.down_proj", "model.embed_tokens", "lm_head", "q_proj", "score",
-    "transformer.h.3.attn.c_attn", "model.layers.1.experts.0.q_proj", "classifier.dense", "model.norm",
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.10.self_attn.v_proj",
+    "model.layers.2.mlp.down_proj",
+    "model.embed_tokens",
+    "lm_head",
+    "q_proj",
+    "score",
+    "transformer.h.3.attn.c_attn",
+    "model.layers.1.experts.0.q_proj",
+    "classifier.dense",
+    "model.norm",
 ]
 CONFIGS: list[dict[str, Any]] = [
     {"target_modules": ["q_proj", "v_proj"]},

@@ -38,8 +38,14 @@ def _bytes(t: torch.Tensor) -> bytes:
 
 def test_written_shards_round_trip_through_safetensors(tmp_path: Path) -> None:
     tensors = _tensors()
-    specs = [TensorSpec(k, {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}[v.dtype],
-                        tuple(v.shape)) for k, v in tensors.items()]
+    specs = [
+        TensorSpec(
+            k,
+            {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}[v.dtype],
+            tuple(v.shape),
+        )
+        for k, v in tensors.items()
+    ]
     layouts = layout_shards(plan_groups(specs, 60))
     assert len(layouts) > 1
     out = tmp_path / "out"
@@ -71,17 +77,28 @@ def test_mirrored_shard_reuses_the_header_byte_for_byte(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with CheckpointWriter(out) as w:
         w.begin([lay])
-        w.copy(coalesce(RangeCopy(src, t.start, lay.filename, lay.offsets[t.name], t.nbytes, (t.name,))
-                        for t in st.tensors.values()))
+        w.copy(
+            coalesce(
+                RangeCopy(src, t.start, lay.filename, lay.offsets[t.name], t.nbytes, (t.name,))
+                for t in st.tensors.values()
+            )
+        )
         w.commit()
     assert (out / "copy.safetensors").read_bytes() == src.read_bytes()
 
 
 def test_coalesce_merges_contiguous_ranges() -> None:
     p = Path("x")
-    ranges = [RangeCopy(p, 100, "f", 10, 5, ("a",)), RangeCopy(p, 105, "f", 15, 5, ("b",)), RangeCopy(p, 200, "f", 20, 1, ("c",))]
+    ranges = [
+        RangeCopy(p, 100, "f", 10, 5, ("a",)),
+        RangeCopy(p, 105, "f", 15, 5, ("b",)),
+        RangeCopy(p, 200, "f", 20, 1, ("c",)),
+    ]
     merged = coalesce(ranges)
-    assert [(r.src_offset, r.dst_offset, r.length, r.tensors) for r in merged] == [(100, 10, 10, ("a", "b")), (200, 20, 1, ("c",))]
+    assert [(r.src_offset, r.dst_offset, r.length, r.tensors) for r in merged] == [
+        (100, 10, 10, ("a", "b")),
+        (200, 20, 1, ("c",)),
+    ]
 
 
 def test_header_is_aligned_and_parseable(tmp_path: Path) -> None:

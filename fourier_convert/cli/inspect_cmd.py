@@ -15,8 +15,12 @@ from fourier_convert.inspect import inspect_adapter
 @click.option("--base", default=None, help="Base model folder or hub id: adds shapes, delta norms and energy.")
 @click.option("--adapter-subfolder", "subfolder", default=None, help="Named adapter inside ADAPTER.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin through torch's weights-only loader.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
-def inspect_cmd(adapter: str, base: str | None, subfolder: str | None, allow_pickle: bool, json_path: Path | None) -> None:
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here."
+)
+def inspect_cmd(
+    adapter: str, base: str | None, subfolder: str | None, allow_pickle: bool, json_path: Path | None
+) -> None:
     """Describe a FourierFT adapter (and, with --base, what it does to the base)."""
     report = inspect_adapter(adapter, base=base, subfolder=subfolder, allow_pickle=allow_pickle)
     for line in report.lines():

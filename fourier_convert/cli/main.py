@@ -7,7 +7,6 @@ Library errors become one line on stderr (``error: <where>: <what>; <fix>``) and
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import click
@@ -99,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -16,7 +16,11 @@ from fourier_convert.report import MergeReport
 def _specs(adapters: tuple[str, ...], subfolders: tuple[str, ...], weights: tuple[float, ...]) -> list[AdapterSpec]:
     n = len(adapters)
     if len(subfolders) not in (0, 1, n):
-        raise UsageError("--adapter-subfolder", f"given {len(subfolders)} times for {n} adapters", "give it once or once per --adapter")
+        raise UsageError(
+            "--adapter-subfolder",
+            f"given {len(subfolders)} times for {n} adapters",
+            "give it once or once per --adapter",
+        )
     if len(weights) not in (0, n):
         raise UsageError("--weight", f"given {len(weights)} times for {n} adapters", "give one --weight per --adapter")
     specs = []
@@ -47,32 +51,76 @@ def print_report(report: MergeReport, quiet: bool) -> None:
 
 @click.command("merge")
 @click.option("--base", required=True, help="Base model folder or hub id (safetensors weights).")
-@click.option("--adapter", "adapters", required=True, multiple=True,
-              help="FourierFT adapter folder, PATH:NAME for a named adapter, or hub id. Repeat to apply several in order.")
-@click.option("--adapter-subfolder", "subfolders", multiple=True, help="Named adapter inside --adapter (once, or once per --adapter).")
-@click.option("--weight", "weights", multiple=True, type=float, help="Multiplier of each adapter's delta (one per --adapter).")
+@click.option(
+    "--adapter",
+    "adapters",
+    required=True,
+    multiple=True,
+    help="FourierFT adapter folder, PATH:NAME for a named adapter, or hub id. Repeat to apply several in order.",
+)
+@click.option(
+    "--adapter-subfolder",
+    "subfolders",
+    multiple=True,
+    help="Named adapter inside --adapter (once, or once per --adapter).",
+)
+@click.option(
+    "--weight", "weights", multiple=True, type=float, help="Multiplier of each adapter's delta (one per --adapter)."
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (published atomically).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Precision of delta reconstruction and addition.")
-@click.option("--dtype", default=None, help="Cast all floating tensors to float32, float16 or bfloat16 (default: keep each).")
-@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 2GB); default mirrors the base's shards.")
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Precision of delta reconstruction and addition.",
+)
+@click.option(
+    "--dtype", default=None, help="Cast all floating tensors to float32, float16 or bfloat16 (default: keep each)."
+)
+@click.option(
+    "--max-shard-size", default=None, help="Re-shard the output (e.g. 2GB); default mirrors the base's shards."
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new output is complete.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin through torch's weights-only loader.")
 @click.option("--revision", default=None, help="Hub revision of the base.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (warnings still go to stderr).")
 def merge_cmd(
-    base: str, adapters: tuple[str, ...], subfolders: tuple[str, ...], weights: tuple[float, ...], out: Path,
-    device: str, precision: str, dtype: str | None, max_shard_size: str | None, overwrite: bool, dry_run: bool,
-    allow_pickle: bool, revision: str | None, json_path: Path | None, quiet: bool,
+    base: str,
+    adapters: tuple[str, ...],
+    subfolders: tuple[str, ...],
+    weights: tuple[float, ...],
+    out: Path,
+    device: str,
+    precision: str,
+    dtype: str | None,
+    max_shard_size: str | None,
+    overwrite: bool,
+    dry_run: bool,
+    allow_pickle: bool,
+    revision: str | None,
+    json_path: Path | None,
+    quiet: bool,
 ) -> None:
     """Merge FourierFT adapter(s) into a base model and write a Hugging Face model folder."""
     report = merge(
-        base, _specs(adapters, subfolders, weights), out, device=device, precision=precision, dtype=dtype,
-        max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle,
-        progress=sys.stderr.isatty() and not quiet, revision=revision,
+        base,
+        _specs(adapters, subfolders, weights),
+        out,
+        device=device,
+        precision=precision,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        allow_pickle=allow_pickle,
+        progress=sys.stderr.isatty() and not quiet,
+        revision=revision,
     )
     print_report(report, quiet)
     if json_path is not None:

@@ -140,9 +140,7 @@ class FourierFTAdapter:
     files: list[Path]
 
 
-def read_adapter(
-    spec: str | Path, *, subfolder: str | None = None, allow_pickle: bool = False
-) -> FourierFTAdapter:
+def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle: bool = False) -> FourierFTAdapter:
     """Read and validate a FourierFT adapter.
 
     Args:
@@ -286,7 +284,9 @@ def _load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputFileError(str(path), f"cannot be loaded with the weights-only loader ({first})", "re-save it") from None
+        raise InputFileError(
+            str(path), f"cannot be loaded with the weights-only loader ({first})", "re-save it"
+        ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise InputFileError(str(path), "does not hold a flat dict of tensors", "re-save the adapter with PEFT")
     return {k: StoredTensor(k, st_dtype(v.dtype), tuple(v.shape), value=v.contiguous()) for k, v in data.items()}
@@ -369,15 +369,15 @@ def _read_spectrum(module: str, t: StoredTensor, settings: FourierFTSettings, wh
     if values.shape[0] != n_expected:
         raise AdapterError(
             where,
-            f"{t.key!r} has {values.shape[0]} coefficients but the config gives this module n_frequency="
-            f"{n_expected}",
+            f"{t.key!r} has {values.shape[0]} coefficients but the config gives this module n_frequency={n_expected}",
             "check n_frequency / n_frequency_pattern in adapter_config.json",
         )
     bad = ~np.isfinite(values)
     if bad.any():
         i = int(np.argmax(bad))
         raise AdapterError(
-            where, f"{t.key!r} holds {int(bad.sum())} non-finite values (first at index {i}: {values[i]})",
+            where,
+            f"{t.key!r} holds {int(bad.sum())} non-finite values (first at index {i}: {values[i]})",
             "the training diverged; use an earlier checkpoint",
         )
     return Spectrum(module, np.ascontiguousarray(values), t.dtype, t.key)

@@ -84,29 +84,30 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
         for filename in sorted(set(weight_map.values())):
             shard_path = folder / str(filename)
             if not shard_path.is_file():
-                raise InputFileError(
-                    str(shard_path), f"listed in {INDEX_NAME} but missing", "re-download the model"
-                )
+                raise InputFileError(str(shard_path), f"listed in {INDEX_NAME} but missing", "re-download the model")
             shards.append(read_header(shard_path))
         for shard in shards:
             for name, info in shard.tensors.items():
                 if name in tensors:
                     raise InputFileError(
-                        str(shard.path), f"tensor {name!r} is also stored in {tensors[name].path.name}",
+                        str(shard.path),
+                        f"tensor {name!r} is also stored in {tensors[name].path.name}",
                         "re-save the model",
                     )
                 tensors[name] = info
         for name, filename in weight_map.items():
-            info = tensors.get(name)
-            if info is None or info.path.name != filename:
+            located = tensors.get(name)
+            if located is None or located.path.name != filename:
                 raise InputFileError(
-                    str(index_path), f"maps {name!r} to {filename} but that shard does not hold it",
+                    str(index_path),
+                    f"maps {name!r} to {filename} but that shard does not hold it",
                     "re-save the model with save_pretrained",
                 )
         unlisted = sorted(set(tensors) - set(weight_map))
         if unlisted:
             raise InputFileError(
-                str(index_path), f"does not list {unlisted[0]!r}, stored in {tensors[unlisted[0]].path.name}",
+                str(index_path),
+                f"does not list {unlisted[0]!r}, stored in {tensors[unlisted[0]].path.name}",
                 "re-save the model with save_pretrained",
             )
     elif (folder / SINGLE_NAME).is_file():
@@ -121,9 +122,7 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
                 "base weights are pickles, which can run code when loaded and cannot be streamed",
                 "convert them once: AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)",
             )
-        raise InputFileError(
-            str(folder), f"no {SINGLE_NAME} or {INDEX_NAME} found", "pass a Hugging Face model folder"
-        )
+        raise InputFileError(str(folder), f"no {SINGLE_NAME} or {INDEX_NAME} found", "pass a Hugging Face model folder")
     aux = sorted(
         p
         for p in folder.iterdir()

@@ -9,6 +9,7 @@ as byte ranges and changed ones read with one ``pread`` each.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -176,11 +177,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
             )
         infos.append(TensorInfo(name, dtype, shape, data_start + begin, end - begin, p))
     infos.sort(key=lambda t: t.start)
-    for a, b in zip(infos, infos[1:]):
+    for a, b in itertools.pairwise(infos):
         if b.start < a.start + a.nbytes:
-            raise InputFileError(
-                str(p), f"tensors {a.name!r} and {b.name!r} overlap in the file", "re-save the file"
-            )
+            raise InputFileError(str(p), f"tensors {a.name!r} and {b.name!r} overlap in the file", "re-save the file")
     return SafetensorsFile(
         path=p,
         header_bytes=prefix + raw,

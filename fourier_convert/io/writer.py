@@ -12,6 +12,7 @@ caller, written with positioned writes at their planned offsets. The two run con
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -259,7 +260,9 @@ class CheckpointWriter:
             self.temp = parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
             self.temp.mkdir()
         except OSError as exc:
-            raise OutputError(str(self.out), f"cannot create the output folder ({exc.strerror})", "check permissions") from None
+            raise OutputError(
+                str(self.out), f"cannot create the output folder ({exc.strerror})", "check permissions"
+            ) from None
         return self
 
     def begin(self, layouts: Sequence[ShardLayout], extra_bytes: int = 0) -> None:
@@ -338,12 +341,16 @@ class CheckpointWriter:
         self.wait()
         if self._pending:
             filename, name = sorted(self._pending)[0]
-            raise OutputError(f"{filename}:{name}", f"{len(self._pending)} planned tensors were not written", "report this bug")
+            raise OutputError(
+                f"{filename}:{name}", f"{len(self._pending)} planned tensors were not written", "report this bug"
+            )
         for filename, fd in self._fds.items():
             os.fsync(fd)
             size = os.fstat(fd).st_size
             if size != self._layouts[filename].size:
-                raise OutputError(filename, f"is {size} bytes, planned {self._layouts[filename].size}", "report this bug")
+                raise OutputError(
+                    filename, f"is {size} bytes, planned {self._layouts[filename].size}", "report this bug"
+                )
         self._close_fds()
         if len(self._layouts) > 1:
             weight_map = {s.name: lay.filename for lay in self._layouts.values() for s in lay.specs}
@@ -407,16 +414,16 @@ class CheckpointWriter:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 need = sum(lay.size for lay in self._layouts.values())
                 raise DiskSpaceError(
-                    str(self.out), f"disk full while writing (the output needs {_fmt(need)})", "free some space and retry"
+                    str(self.out),
+                    f"disk full while writing (the output needs {_fmt(need)})",
+                    "free some space and retry",
                 ) from None
             raise OutputError(str(self.out), f"write failed ({exc.strerror or exc})", "check the output disk") from None
 
     def _close_fds(self) -> None:
         for fd in self._fds.values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._fds = {}
 
     def _publish(self) -> None:

@@ -70,7 +70,7 @@ def delta_weights(
     spec = torch.zeros(coeffs.shape[0], m * half, dtype=dtype, device=device)
     spec.index_add_(1, flat, vals)
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    out = torch.fft.irfft2(spec.view(-1, m, half).to(complex_dtype), s=(m, n_cols))
+    out: torch.Tensor = torch.fft.irfft2(spec.view(-1, m, half).to(complex_dtype), s=(m, n_cols))
     out.mul_(scaling)
     return out[0] if squeeze else out
 
@@ -114,7 +114,8 @@ def delta_at(
     p = rows.astype(np.int64)[:, None]
     q = cols.astype(np.int64)[:, None]
     phase = ((p * u[None, :]) % m) / m + ((q * v[None, :]) % n_cols) / n_cols
-    return np.cos(2.0 * np.pi * phase) @ values * (scaling / (m * n_cols))
+    result: np.ndarray = np.cos(2.0 * np.pi * phase) @ values * (scaling / (m * n_cols))
+    return result
 
 
 def _row_float64(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float, p: int) -> np.ndarray:
@@ -154,7 +155,8 @@ def check_delta(
     """Compare a reconstructed ``(M, N)`` delta with the float64 closed form at sampled entries.
 
     Checks ``points`` random entries (direct cosine sums) plus ``lines`` whole rows and ``lines`` whole
-    columns (through numpy's float64 FFT, a backend independent of torch's), and that every entry is finite. The tolerance is
+    columns (through numpy's float64 FFT, a backend independent of torch's), and that every entry is
+    finite. The tolerance is
     ``16 * eps * log2(M N + 1) * |s| * ||c||_2 / (M N)``: a few hundred times below the typical entry
     size for float32, far above correct rounding, far below the errors a broken FFT makes.
 
