@@ -204,6 +204,7 @@ def merge(
             skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
         set_orientation(plan, skeleton, adapters, why)
         report.layers = [_layer_stub(layer) for layer in plan.layers]
+        report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -267,6 +268,21 @@ def _write_converted(o: OutputTensor, writer: CheckpointWriter, where: dict[str,
         assert o.base is not None
         value = read_torch(o.base)
     writer.write_tensor(where[o.name].filename, o.name, _tensor_bytes(value.to(torch_dtype(o.dtype))))
+
+
+def _change_row(o: OutputTensor, adapters: list[FourierFTAdapter]) -> dict[str, Any]:
+    if o.layer is not None:
+        parts = [
+            f"{'delta^T (Conv1D)' if o.layer.conv1d else 'delta'} of {adapters[c.adapter_index].label} "
+            f"(n={c.spectrum.n}, scaling={c.scaling:g})"
+            for c in o.layer.contributions
+        ]
+        how = "base + " + " + ".join(parts)
+    elif o.replacement is not None:
+        how = f"{o.replacement.key} ({o.replacement.dtype})"
+    else:
+        how = f"cast from {o.base.dtype if o.base else '?'}"
+    return {"name": o.name, "action": o.kind, "dtype": o.dtype, "shape": list(o.shape), "bytes": o.nbytes, "how": how}
 
 
 def _layer_stub(layer: LayerPlan) -> LayerReport:

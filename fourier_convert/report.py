@@ -56,6 +56,10 @@ class MergeReport:
         notes: Informational lines.
         seconds: Wall time.
         fallbacks: Layers whose first backend failed its check and were recomputed.
+        adapters: The adapters, as given.
+        base: The base, as given.
+        changes: Every output tensor that is not a plain byte copy: ``name``, ``action`` (merge, replace,
+            add, cast), ``dtype``, ``shape``, ``bytes`` and ``how``.
     """
 
     out: str | None
@@ -73,6 +77,7 @@ class MergeReport:
     fallbacks: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
     base: str = ""
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

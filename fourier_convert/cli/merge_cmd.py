@@ -38,11 +38,11 @@ def print_report(report: MergeReport, quiet: bool) -> None:
     if quiet:
         return
     if report.dry_run:
-        click.echo("dry run: nothing written")
-        for layer in report.layers:
-            shape = f"{layer.shape[0]}x{layer.shape[1]}"
-            how = "delta^T (Conv1D)" if layer.conv1d else "delta"
-            click.echo(f"  merge   {layer.key:<60} {shape:>11}  + {how}, n={layer.n}")
+        click.echo("dry run: nothing written; tensors that would change:")
+        for row in report.changes:
+            shape = "x".join(str(d) for d in row["shape"])
+            size = f"{row['bytes']:,} B"
+            click.echo(f"  {row['action']:<8} {row['name']:<56} {row['dtype']:>5} {shape:>11} {size:>14}  {row['how']}")
     for line in report.notes:
         click.echo(f"note: {line}")
     for line in report.summary():
