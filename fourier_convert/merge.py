@@ -40,9 +40,17 @@ from fourier_convert.io.writer import (
 )
 from fourier_convert.maths.delta import DeltaCheck, check_delta, delta_weights, delta_weights_numpy
 from fourier_convert.maths.indices import IndexCache
-from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor, build_plan, resolve_names, set_orientation
+from fourier_convert.plan import (
+    LayerPlan,
+    MergePlan,
+    OutputTensor,
+    build_plan,
+    guess_orientation,
+    resolve_names,
+    set_orientation,
+)
 from fourier_convert.report import LayerReport, MergeReport
-from fourier_convert.skeleton import build_skeleton
+from fourier_convert.skeleton import SkeletonJob, build_skeleton
 
 PROVENANCE_NAME = "fourier_convert.json"
 #: Upper bound on the float32 working set of one batch of equal-shape deltas.
@@ -180,9 +188,12 @@ def merge(
 
     names, missing = resolve_names(ckpt, adapters)
     skeleton, why = None, "the base has no config.json"
-    if ckpt.config is not None and missing:
+    job: SkeletonJob | None = None
+    if ckpt.config is not None and missing:  # transformers' key renaming is needed to plan
         skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
         names, missing = resolve_names(ckpt, adapters, skeleton)
+    elif ckpt.config is not None:  # needed only for orientation: build it while other work runs
+        job = SkeletonJob(ckpt.config, ckpt.tensors)
     plan = build_plan(ckpt, adapters, names, weights=[s.weight for s in specs], out_dtype=out_dtype)
     layouts = _layouts(ckpt, plan, shard_bytes)
     report = MergeReport(
@@ -200,8 +211,8 @@ def merge(
         base=str(base),
     )
     if dry_run:
-        if skeleton is None and ckpt.config is not None:
-            skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
+        if job is not None:
+            skeleton, why = job.result()
         set_orientation(plan, skeleton, adapters, why)
         report.layers = [_layer_stub(layer) for layer in plan.layers]
         report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
@@ -214,10 +225,22 @@ def merge(
         writer.begin(layouts, extra_bytes=aux_bytes)
         where = {spec.name: lay for lay in layouts for spec in lay.specs}
         writer.copy(_raw_copies(plan, where))
-        if skeleton is None and ckpt.config is not None:
-            skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)  # overlaps with the copies
-        set_orientation(plan, skeleton, adapters, why)
-        report.layers, report.fallbacks = _merge_layers(plan, writer, where, dev, compute)
+        if job is None:
+            set_orientation(plan, skeleton, adapters, why)
+        else:
+            guess_orientation(plan, adapters)
+        done, report.fallbacks = _merge_layers(plan.layers, plan, writer, where, dev, compute)
+        if job is not None:
+            # The skeleton decides; layers it flips are recomputed and rewritten before anything is published.
+            skeleton, why = job.result()
+            flipped = set_orientation(plan, skeleton, adapters, why)
+            if flipped:
+                redone, more = _merge_layers(flipped, plan, writer, where, dev, compute)
+                done.update(redone)
+                report.fallbacks += more
+            for layer in plan.layers:
+                done[layer.key].orientation = layer.orientation_source
+        report.layers = [done[layer.key] for layer in plan.layers]
         for o in plan.outputs:
             if o.raw_source is None and o.kind != "merge":
                 _write_converted(o, writer, where)
@@ -297,19 +320,21 @@ def _layer_stub(layer: LayerPlan) -> LayerReport:
 
 
 def _merge_layers(
+    layers: list[LayerPlan],
     plan: MergePlan,
     writer: CheckpointWriter,
     where: dict[str, ShardLayout],
     dev: torch.device,
     compute: torch.dtype,
-) -> tuple[list[LayerReport], list[str]]:
+) -> tuple[dict[str, LayerReport], list[str]]:
+    """Rebuild, check, add and write ``layers``; returns each layer's report by key, and fallbacks used."""
     cache = IndexCache()
-    for layer in plan.layers:
+    for layer in layers:
         m, n = layer.delta_shape
         for c in layer.contributions:
             cache.reserve(m, n, c.seed, c.spectrum.n)
     by_shape: dict[tuple[int, int], list[LayerPlan]] = defaultdict(list)
-    for layer in plan.layers:
+    for layer in layers:
         by_shape[layer.delta_shape].append(layer)
     outputs = {o.name: o for o in plan.outputs}
     reports: dict[str, LayerReport] = {}
@@ -337,7 +362,7 @@ def _merge_layers(
                 rep.delta_norm = float(torch.linalg.vector_norm(delta_sum.double()).item())
                 reports[layer.key] = rep
             del deltas
-    return [reports[layer.key] for layer in plan.layers], fallbacks
+    return reports, fallbacks
 
 
 def _chunk_deltas(

@@ -412,15 +412,30 @@ def _config_for_new_head(
     return config, True
 
 
-def set_orientation(plan: MergePlan, skeleton: Skeleton | None, adapters: Sequence[FourierFTAdapter], why: str) -> None:
+def guess_orientation(plan: MergePlan, adapters: Sequence[FourierFTAdapter]) -> None:
+    """Provisional orientation from the adapters' ``fan_in_fan_out`` flags, to start work before the
+    skeleton is ready; :func:`set_orientation` decides for good."""
+    for layer in plan.layers:
+        layer.conv1d = any(adapters[c.adapter_index].settings.fan_in_fan_out for c in layer.contributions)
+        layer.orientation_source = "flag"
+
+
+def set_orientation(
+    plan: MergePlan, skeleton: Skeleton | None, adapters: Sequence[FourierFTAdapter], why: str
+) -> list[LayerPlan]:
     """Decide per layer whether it is a Conv1D, from the skeleton when there is one, else from the flag.
 
     Warns (in ``plan.warnings``) when an adapter's ``fan_in_fan_out`` flag disagrees with the module type,
     and when the flag had to be used.
+
+    Returns:
+        The layers whose orientation differs from what they held before the call.
     """
     disagree: list[str] = []
     used_flag: list[str] = []
+    flipped: list[LayerPlan] = []
     for layer in plan.layers:
+        before = layer.conv1d
         kind = None
         if skeleton is not None:
             kind = skeleton.module_type(layer.module) or skeleton.module_type(layer.key[: -len(".weight")])
@@ -434,6 +449,8 @@ def set_orientation(plan: MergePlan, skeleton: Skeleton | None, adapters: Sequen
             layer.conv1d = any(flags)
             layer.orientation_source = "flag"
             used_flag.append(layer.module)
+        if layer.conv1d != before:
+            flipped.append(layer)
     if disagree:
         plan.warnings.append(
             f"fan_in_fan_out in adapter_config.json disagrees with the module type for {len(disagree)} module(s) "
@@ -448,3 +465,4 @@ def set_orientation(plan: MergePlan, skeleton: Skeleton | None, adapters: Sequen
         )
     elif plan.layers:
         plan.notes.append("orientation (Linear / Conv1D) decided from the model skeleton")
+    return flipped

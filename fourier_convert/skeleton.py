@@ -13,6 +13,7 @@ the checkpoint alone cannot:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,3 +115,27 @@ def _add_renaming(skeleton: Skeleton, model: Any, checkpoint_keys: Iterable[str]
             skeleton.fused_keys.add(key)
         else:
             skeleton.model_keys[key] = renamed
+
+
+class SkeletonJob:
+    """Builds a :class:`Skeleton` in a background thread, so that importing transformers (seconds) overlaps
+    with other work; :meth:`result` waits for it.
+
+    Example:
+        >>> job = SkeletonJob(config, keys)  # doctest: +SKIP
+        >>> skeleton, why = job.result()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: dict[str, Any], checkpoint_keys: Iterable[str]) -> None:
+        self._config = config
+        self._keys = list(checkpoint_keys)
+        self._result: tuple[Skeleton | None, str] = (None, "the skeleton was not built")
+        self._thread = threading.Thread(target=self._run, name="fourier-convert-skeleton", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._result = build_skeleton(self._config, self._keys)
+
+    def result(self) -> tuple[Skeleton | None, str]:
+        self._thread.join()
+        return self._result

@@ -241,3 +241,28 @@ def test_new_head_updates_config(tmp_path: Path) -> None:
     assert cfg["architectures"] == ["BertForSequenceClassification"]
     assert len(cfg["id2label"]) == 2
     assert any("num_labels=2" in n for n in report.notes)
+
+
+def test_wrong_fan_in_fan_out_flag_is_overruled_by_the_module_type(tmp_path: Path, fixture_copy) -> None:  # type: ignore[no-untyped-def]
+    gpt2 = fixture_copy("gpt2")
+    cfg_path = gpt2 / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["fan_in_fan_out"] = False  # what PEFT can leave behind for mixed models
+    cfg_path.write_text(json.dumps(cfg))
+    report = fc.merge(gpt2 / "base", gpt2 / "adapter", tmp_path / "m", device="cpu")
+    assert any("disagrees with the module type" in w for w in report.warnings)
+    assert all(r.conv1d and r.orientation == "skeleton" for r in report.layers)
+    got = load_model_tensors(tmp_path / "m")
+    ref = reference_merge(gpt2 / "base", gpt2 / "adapter", conv1d_modules=GPT2_CONV1D)
+    base = load_model_tensors(gpt2 / "base")
+    for key, want in ref.items():
+        b = base[key].double().numpy() if key in base else None
+        _assert_close_f32(got[key].double().numpy(), want, key, b)
+
+
+def test_without_config_orientation_comes_from_the_flag(tmp_path: Path, fixture_copy) -> None:  # type: ignore[no-untyped-def]
+    gpt2 = fixture_copy("gpt2")
+    (gpt2 / "base" / "config.json").unlink()
+    report = fc.merge(gpt2 / "base", gpt2 / "adapter", tmp_path / "m", device="cpu")
+    assert all(r.conv1d and r.orientation == "flag" for r in report.layers)
+    assert any("taken from fan_in_fan_out (the base has no config.json)" in w for w in report.warnings)
