@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -53,8 +54,9 @@ from fourier_convert.report import LayerReport, MergeReport
 from fourier_convert.skeleton import SkeletonJob, build_skeleton
 
 PROVENANCE_NAME = "fourier_convert.json"
-#: Upper bound on the float32 working set of one batch of equal-shape deltas.
-BATCH_BYTES = 256 * 1024 * 1024
+#: Upper bound on the working set of one batch of equal-shape deltas, per device type. Batching pays on a
+#: GPU (fewer, larger kernels); on a CPU it only raises peak memory, so one layer at a time.
+BATCH_BYTES = {"cpu": 0, "cuda": 2 * 1024**3}
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         value = -1.0
-    if unit not in units or value <= 0:
+    if unit not in units or not math.isfinite(value) or value * units[unit] < 1:
         raise UsageError("--max-shard-size", f"cannot read size {text!r}", "write it like 2GB, 500MB or 1GiB")
     return int(value * units[unit])
 
@@ -180,11 +182,14 @@ def merge(
     out_dtype = parse_user_dtype(dtype) if dtype else None
     shard_bytes = parse_size(str(max_shard_size)) if max_shard_size is not None else None
     dev = resolve_device(device)
-    if not dry_run:
-        check_output_target(Path(out), overwrite)
+    check_output_target(Path(out), overwrite)
     specs = _adapter_specs(adapter)
+    for s in specs:
+        if not math.isfinite(s.weight):
+            raise UsageError("--weight", f"{s.weight} is not a finite number", "pass a multiplier such as 1.0 or 0.5")
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
     ckpt = open_checkpoint(base, revision=revision)
+    _refuse_input_as_output(Path(out), [ckpt.folder] + [a.folder for a in adapters])
 
     names, missing = resolve_names(ckpt, adapters)
     skeleton, why = None, "the base has no config.json"
@@ -219,6 +224,13 @@ def merge(
         report.seconds = time.perf_counter() - t0
         return report
 
+    out_path = Path(out)
+    stale = sorted(out_path.parent.glob(f".{out_path.name}.partial-*"))
+    if stale:
+        report.warnings.append(
+            f"{len(stale)} unfinished output folder(s) from an interrupted run lie beside --out "
+            f"(first: {stale[0]}); delete them if no other merge is writing there"
+        )
     bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
     aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
     with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar) as writer:
@@ -251,6 +263,17 @@ def merge(
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _refuse_input_as_output(out: Path, inputs: list[Path]) -> None:
+    """--out must not be, contain, or lie inside an input: publishing replaces --out."""
+    target = out.resolve()
+    for folder in inputs:
+        src = folder.resolve()
+        if target == src or src.is_relative_to(target) or target.is_relative_to(src):
+            raise UsageError(
+                "--out", f"{out} overlaps the input folder {folder}", "write the merged model to another folder"
+            )
 
 
 def _adapter_specs(adapter: Any) -> list[AdapterSpec]:
@@ -341,7 +364,7 @@ def _merge_layers(
     fallbacks: list[str] = []
     rng = np.random.default_rng(0)
     for (m, n), group in by_shape.items():
-        per_batch = max(1, BATCH_BYTES // (m * n * 4 * (3 if compute == torch.float32 else 6)))
+        per_batch = max(1, BATCH_BYTES.get(dev.type, 0) // (m * n * 4 * (3 if compute == torch.float32 else 6)))
         for start in range(0, len(group), per_batch):
             chunk = group[start : start + per_batch]
             deltas, checks = _chunk_deltas(chunk, cache, dev, compute, rng, fallbacks)

@@ -363,7 +363,8 @@ def _check_targets(adapter: FourierFTAdapter, universe: list[str]) -> None:
     if missing:
         raise AdapterError(
             f"{adapter.label}",
-            f"config selects {len(expected)} modules but {len(missing)} have no spectrum (first: {missing[0]!r})",
+            f"config selects {len(expected)} modules but {len(missing)} of them "
+            f"{'has' if len(missing) == 1 else 'have'} no spectrum (first: {missing[0]!r})",
             "the adapter file is incomplete or does not belong to this config/base; re-save it with PEFT",
         )
     extra = sorted(have - expected)

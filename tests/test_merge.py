@@ -266,3 +266,11 @@ def test_without_config_orientation_comes_from_the_flag(tmp_path: Path, fixture_
     report = fc.merge(gpt2 / "base", gpt2 / "adapter", tmp_path / "m", device="cpu")
     assert all(r.conv1d and r.orientation == "flag" for r in report.layers)
     assert any("taken from fan_in_fan_out (the base has no config.json)" in w for w in report.warnings)
+
+
+def test_leftover_partial_folder_is_reported(tmp_path: Path) -> None:
+    leftover = tmp_path / ".merged.partial-deadbeef"
+    leftover.mkdir()
+    report = fc.merge(FIXTURES / "gpt2" / "base", FIXTURES / "gpt2" / "adapter", tmp_path / "merged", device="cpu")
+    assert any(str(leftover) in w for w in report.warnings)
+    assert leftover.exists()  # never deleted: another run may own it

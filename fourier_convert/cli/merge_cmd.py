@@ -30,6 +30,16 @@ def _specs(adapters: tuple[str, ...], subfolders: tuple[str, ...], weights: tupl
     return specs
 
 
+def check_report_path(path: Path | None) -> None:
+    """Refuse a --json path whose folder does not exist, before any work is done."""
+    if path is not None and not path.parent.is_dir():
+        raise UsageError(
+            "--json",
+            f"cannot write {path}: folder {path.parent} does not exist",
+            "create it or choose another --json path",
+        )
+
+
 def print_report(report: MergeReport, quiet: bool) -> None:
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -108,6 +118,7 @@ def merge_cmd(
     quiet: bool,
 ) -> None:
     """Merge FourierFT adapter(s) into a base model and write a Hugging Face model folder."""
+    check_report_path(json_path)
     report = merge(
         base,
         _specs(adapters, subfolders, weights),

@@ -214,7 +214,9 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
     if peft_type != "FOURIERFT":
         fix = "pass a FourierFT adapter"
         if peft_type == "LORA":
-            fix = "this is a LoRA adapter: merge it with PEFT, or convert it with `fourier-convert from-lora`"
+            fix = (
+                "this is a LoRA adapter, which PEFT merges itself (merge_and_unload); fourier-convert merges FourierFT"
+            )
         raise AdapterError(where, f"peft_type is {peft_type!r}, expected 'FOURIERFT'", fix)
 
     def need_int(name: str, default: Any, minimum: int | None = None) -> int:
@@ -290,6 +292,10 @@ def _load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise InputFileError(str(path), "does not hold a flat dict of tensors", "re-save the adapter with PEFT")
     return {k: StoredTensor(k, st_dtype(v.dtype), tuple(v.shape), value=v.contiguous()) for k, v in data.items()}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _is_head(key: str, modules_to_save: list[str]) -> bool:
@@ -377,7 +383,7 @@ def _read_spectrum(module: str, t: StoredTensor, settings: FourierFTSettings, wh
         i = int(np.argmax(bad))
         raise AdapterError(
             where,
-            f"{t.key!r} holds {int(bad.sum())} non-finite values (first at index {i}: {values[i]})",
+            f"{t.key!r} holds {_count(int(bad.sum()), 'non-finite value')} (first at index {i}: {values[i]})",
             "the training diverged; use an earlier checkpoint",
         )
     return Spectrum(module, np.ascontiguousarray(values), t.dtype, t.key)

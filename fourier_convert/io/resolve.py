@@ -16,18 +16,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def split_subfolder(spec: str, subfolder: str | None = None) -> tuple[str, str | None]:
-    """Split ``path:name`` into ``(path, name)`` unless ``spec`` itself exists.
+    """Split ``path:name`` into ``(path, name)`` unless ``spec`` itself exists; an explicit ``subfolder``
+    wins over the ``:name`` suffix.
 
     Example:
         >>> split_subfolder("user/repo:second")
         ('user/repo', 'second')
     """
-    if subfolder or Path(spec).exists() or ":" not in spec:
+    if Path(spec).exists() or ":" not in spec:
         return spec, subfolder
     head, _, tail = spec.rpartition(":")
     if not head or not tail:
         return spec, subfolder
-    return head, tail
+    return head, subfolder or tail
 
 
 def resolve_folder(
@@ -93,7 +94,7 @@ def _from_hub(
         raise InputFileError(
             repo_id,
             f"{what} is neither a local folder nor in the Hugging Face cache, and the hub cannot be reached",
-            "check the path, or download it first while online (huggingface-cli download)",
+            f"check the path, or download it first while online (hf download {repo_id})",
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -188,7 +188,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
     )
 
 
-def read_bytes(info: TensorInfo) -> bytes:
+def read_bytes(info: TensorInfo) -> bytearray:
     """Read one tensor's raw bytes with a single positioned read."""
     fd = os.open(info.path, os.O_RDONLY)
     try:
@@ -202,7 +202,7 @@ def read_bytes(info: TensorInfo) -> bytes:
                     str(info.path), f"truncated while reading tensor {info.name!r}", "re-download the file"
                 )
             got += k
-        return bytes(out)
+        return out
     finally:
         os.close(fd)
 
@@ -238,7 +238,7 @@ def read_torch(info: TensorInfo) -> torch.Tensor:
 
     from fourier_convert.io.dtypes import torch_dtype
 
-    raw = bytearray(read_bytes(info))
+    raw = read_bytes(info)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
     return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)

@@ -250,13 +250,17 @@ class CheckpointWriter:
         self._lock = threading.Lock()
         self.committed = False
         self.bytes_written = 0
+        self._need = 0
+        self._created: list[Path] = []
 
     # -- set-up -----------------------------------------------------------------------------------
     def __enter__(self) -> CheckpointWriter:
         check_output_target(self.out, self.overwrite)
         parent = self.out.parent if str(self.out.parent) else Path(".")
+        missing = [p for p in [parent, *parent.parents] if not p.exists()]
         try:
             parent.mkdir(parents=True, exist_ok=True)
+            self._created = missing  # innermost first: removed again if nothing is published
             self.temp = parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
             self.temp.mkdir()
         except OSError as exc:
@@ -273,6 +277,7 @@ class CheckpointWriter:
         """
         assert self.temp is not None
         need = sum(lay.size for lay in layouts) + extra_bytes
+        self._need = need
         free = shutil.disk_usage(self.temp).free
         if need > free:
             raise DiskSpaceError(
@@ -374,6 +379,10 @@ class CheckpointWriter:
         self._close_fds()
         if not self.committed and self.temp is not None and self.temp.exists():
             shutil.rmtree(self.temp, ignore_errors=True)
+        if not self.committed:
+            for folder in self._created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if still empty
 
     # -- internals --------------------------------------------------------------------------------
     def _run_copies(self) -> None:
@@ -412,10 +421,9 @@ class CheckpointWriter:
             return fn()
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                need = sum(lay.size for lay in self._layouts.values())
                 raise DiskSpaceError(
                     str(self.out),
-                    f"disk full while writing (the output needs {_fmt(need)})",
+                    f"disk full while writing (the output needs {_fmt(self._need)})",
                     "free some space and retry",
                 ) from None
             raise OutputError(str(self.out), f"write failed ({exc.strerror or exc})", "check the output disk") from None

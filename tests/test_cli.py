@@ -1,0 +1,550 @@
+"""The command line end to end: CliRunner for most, a real ``python -m fourier_convert`` for the entry point,
+exit codes, tracebacks only with --debug, and what an interrupted merge leaves behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors.torch import load_file
+
+import fourier_convert as fc
+from fourier_convert.cli.main import cli
+from fourier_convert.merge import AdapterSpec
+from tests.conftest import FIXTURES, ROOT
+
+LLAMA_Q = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")]
+SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+INTERRUPTED = "interrupted: nothing was published and the inputs were not touched\n"
+
+
+def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path -> digest)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def partials(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".*.partial-*"))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({k: v.clone() for k, v in load_file(f).items()})
+    return out
+
+
+def run_module(*args: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("FOURIER_CONVERT_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fourier_convert", *[str(a) for a in args]],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def llama(fixture_copy) -> tuple[Path, Path]:
+    d = fixture_copy("llama")
+    return d / "base", d / "adapter"
+
+
+# -- merge ----------------------------------------------------------------------------------------
+def test_merge_prints_summary_and_output_loads_in_transformers(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = llama
+    out = tmp_path / "merged"
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""
+    lines = res.stdout.splitlines()
+    assert lines[:2] == [
+        "note: names matched through checkpoint names",
+        "note: orientation (Linear / Conv1D) decided from the model skeleton",
+    ]
+    assert lines[2] == f"wrote 0.4 MB in 3 file(s) to {out}"
+    assert lines[3] == "tensors: 17 copy, 4 merge"
+    assert lines[4].startswith("4 deltas rebuilt on cpu (float32), each checked at ")
+    assert lines[5].startswith("took ") and lines[5].endswith(" s")
+    assert len(lines) == 6
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            *SHARDS,
+            "model.safetensors.index.json",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "fourier_convert.json",
+        ]
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    state = model.state_dict()
+    merged = weights(out)
+    original = weights(base)
+    for key in LLAMA_Q:
+        assert torch.equal(state[key], merged[key])
+        assert not torch.equal(merged[key], original[key])
+    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_merge_json_report(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    out, report = tmp_path / "merged", tmp_path / "report.json"
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu", "--json", report)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    assert doc["out"] == str(out) and doc["dry_run"] is False
+    assert doc["tensors"] == {"copy": 17, "merge": 4}
+    assert doc["shards"] == SHARDS
+    assert doc["adapters"] == [str(adapter)] and doc["base"] == str(base)
+    assert [layer["key"] for layer in doc["layers"]] == LLAMA_Q
+    assert [layer["n"] for layer in doc["layers"]] == [[50], [30], [50], [30]]
+    assert [layer["shape"] for layer in doc["layers"]] == [[64, 64], [32, 64], [64, 64], [32, 64]]
+    for layer in doc["layers"]:
+        assert layer["conv1d"] is False
+        assert layer["backend"] == "torch-cpu" and layer["checked_entries"] > 0
+        assert 0 <= layer["max_abs_error"] <= layer["tolerance"]
+        assert layer["delta_norm"] > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_report_orientation_comes_from_the_skeleton(tmp_path: Path, name: str) -> None:
+    report = tmp_path / "r.json"
+    res = invoke(
+        "merge",
+        "--base",
+        FIXTURES / name / "base",
+        "--adapter",
+        FIXTURES / name / "adapter",
+        "--out",
+        tmp_path / "m",
+        "--device",
+        "cpu",
+        "--json",
+        report,
+        "-q",
+    )
+    assert res.exit_code == 0, res.output
+    layers = json.loads(report.read_text())["layers"]
+    assert [layer["orientation"] for layer in layers] == ["skeleton"] * len(layers)
+    assert all(layer["conv1d"] is (name == "gpt2") for layer in layers)
+
+
+def test_quiet_prints_nothing(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    out = tmp_path / "merged"
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "" and res.stderr == ""
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_dry_run_writes_nothing_and_lists_merged_tensors(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    before = tree_hash(tmp_path)
+    out = tmp_path / "merged"
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""
+    lines = res.stdout.splitlines()
+    assert lines[0] == "dry run: nothing written; tensors that would change:"
+    rows = [line.split() for line in lines[1:5]]
+    shapes, sizes, ns = ["64x64", "32x64"] * 2, ["16,384", "8,192"] * 2, [50, 30] * 2
+    assert rows == [
+        ["merge", k, "F32", shape, size, "B", "base", "+", "delta", "of", str(adapter), f"(n={n},", "scaling=150)"]
+        for k, shape, size, n in zip(LLAMA_Q, shapes, sizes, ns, strict=True)
+    ]
+    assert lines[5:] == [
+        "note: names matched through checkpoint names",
+        "note: orientation (Linear / Conv1D) decided from the model skeleton",
+        "would write 0.4 MB in 3 file(s)",
+        "tensors: 17 copy, 4 merge",
+    ]
+    assert not out.exists()
+    assert tree_hash(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+def test_dry_run_marks_conv1d(tmp_path: Path) -> None:
+    res = invoke(
+        "merge",
+        "--base",
+        FIXTURES / "gpt2" / "base",
+        "--adapter",
+        FIXTURES / "gpt2" / "adapter",
+        "--out",
+        tmp_path / "m",
+        "--device",
+        "cpu",
+        "--dry-run",
+    )
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.stdout.splitlines() if line.startswith("  merge ")]
+    adapter = FIXTURES / "gpt2" / "adapter"
+    assert len(rows) == 8
+    assert all(row.endswith(f"  base + delta^T (Conv1D) of {adapter} (n=40, scaling=100)") for row in rows)
+    # stored (in, out): the c_attn weight of a 32-wide model is 32x96
+    assert rows[0].split()[1:4] == ["transformer.h.0.attn.c_attn.weight", "F32", "32x96"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_several_adapters_with_weights(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    out = tmp_path / "cli"
+    res = invoke(
+        "merge",
+        "--base",
+        base,
+        "--adapter",
+        adapter,
+        "--adapter",
+        f"{adapter}:second",
+        "--weight",
+        "0.5",
+        "--weight",
+        "2",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "-q",
+    )
+    assert res.exit_code == 0, res.output
+    lib = tmp_path / "lib"
+    fc.merge(base, [AdapterSpec(str(adapter), None, 0.5), AdapterSpec(str(adapter), "second", 2.0)], lib, device="cpu")
+    for shard in SHARDS:
+        assert (out / shard).read_bytes() == (lib / shard).read_bytes()
+    unweighted = tmp_path / "unweighted"
+    fc.merge(base, [str(adapter), f"{adapter}:second"], unweighted, device="cpu")
+    got, plain = weights(out), weights(unweighted)
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"):
+        assert not torch.equal(got[key], plain[key])
+    doc = json.loads((out / "fourier_convert.json").read_text())
+    assert doc["report"]["tensors"] == {"copy": 13, "merge": 8}
+
+
+def test_adapter_subfolder_selects_named_adapter(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    report = tmp_path / "r.json"
+    res = invoke(
+        "merge",
+        "--base",
+        base,
+        "--adapter",
+        adapter,
+        "--adapter-subfolder",
+        "second",
+        "--out",
+        tmp_path / "m",
+        "--device",
+        "cpu",
+        "--json",
+        report,
+        "-q",
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    assert [layer["key"] for layer in doc["layers"]] == [
+        f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("mlp.down_proj", "self_attn.o_proj")
+    ]
+    assert all(layer["n"] == [20] for layer in doc["layers"])
+
+
+# -- inspect --------------------------------------------------------------------------------------
+def test_inspect_adapter(tmp_path: Path) -> None:
+    adapter = FIXTURES / "llama" / "adapter"
+    report = tmp_path / "i.json"
+    res = invoke("inspect", adapter, "--json", report)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        f"adapter:          {adapter}",
+        "method:           FourierFT (peft 0.21.2)",
+        "target_modules:   ['q_proj', 'v_proj']",
+        "scaling:          150.0",
+        "random_loc_seed:  777",
+        "bias:             none",
+        "modules_to_save:  -",
+        "task_type:        CAUSAL_LM",
+        "trainable params: 160",
+        "adapted layers:   4",
+        f"  {'module':<56} {'n':>7}",
+        *[f"  {k[: -len('.weight')]:<56} {n:>7}" for k, n in zip(LLAMA_Q, [50, 30, 50, 30], strict=True)],
+    ]
+    doc = json.loads(report.read_text())
+    assert doc["trainable_parameters"] == 160 and doc["random_loc_seed"] == 777 and doc["base"] is None
+    first = doc["layers"][0]
+    assert (first["module"], first["n"], first["shape"]) == ("model.layers.0.self_attn.q_proj", 50, None)
+
+
+def test_inspect_named_adapter() -> None:
+    res = invoke("inspect", FIXTURES / "llama" / "adapter", "--adapter-subfolder", "second")
+    assert res.exit_code == 0, res.output
+    assert "random_loc_seed:  1234" in res.stdout.splitlines()
+    assert "trainable params: 80" in res.stdout.splitlines()
+
+
+def test_inspect_with_base_gpt2_conv1d() -> None:
+    res = invoke("inspect", FIXTURES / "gpt2" / "adapter", "--base", FIXTURES / "gpt2" / "base")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[1:10] == [
+        "method:           FourierFT (peft 0.21.2)",
+        "target_modules:   ['c_attn', 'c_fc', 'c_proj']",
+        "scaling:          100.0",
+        "random_loc_seed:  777",
+        "bias:             fourier_only",
+        "modules_to_save:  -",
+        "task_type:        CAUSAL_LM",
+        "trainable params: 896",  # 8 spectra x 40 + the 8 trained biases (96+32+128+32) x 2
+        "adapted layers:   8",
+    ]
+    assert lines[10].split() == ["module", "n", "out", "x", "in", "conv1d", "||dW||_F", "top1%", "top10%"]
+    rows = [line.split() for line in lines[11:19]]
+    shapes = {"attn.c_attn": "96x32", "attn.c_proj": "32x32", "mlp.c_fc": "128x32", "mlp.c_proj": "32x128"}
+    assert [r[0] for r in rows] == [f"transformer.h.{i}.{m}" for i in range(2) for m in shapes]
+    for r in rows:
+        assert r[1] == "40" and r[2] == shapes[r[0].split(".", 3)[3]] and r[3] == "yes"
+        assert float(r[4]) > 0 and r[5].endswith("%") and r[6].endswith("%")
+    assert lines[19:] == [
+        "note: names matched through checkpoint names",
+        "note: orientation (Linear / Conv1D) decided from the model skeleton",
+    ]
+
+
+def test_inspect_with_base_roberta_bias_and_heads() -> None:
+    adapter = FIXTURES / "roberta" / "adapter"
+    res = invoke("inspect", adapter, "--base", FIXTURES / "roberta" / "base")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    # every stored tensor counts once (not the PEFT wrapper copies): 4x30 spectra, 608 biases, 1155 head values
+    with open(adapter / "adapter_model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    numel = sum(
+        int(torch.tensor(v["shape"]).prod())
+        for k, v in header.items()
+        if k != "__metadata__" and ".original_module." not in k and ".modules_to_save." not in k
+    )
+    assert numel == 1883
+    assert "bias:             all" in lines
+    assert "modules_to_save:  ['classifier', 'score']" in lines
+    assert "task_type:        SEQ_CLS" in lines
+    assert "trainable params: 1,883" in lines
+    rows = [line.split() for line in lines if line.startswith("  roberta.")]
+    assert len(rows) == 4 and all(r[1:4] == ["30", "32x32", "no"] for r in rows)
+
+
+# -- misc -----------------------------------------------------------------------------------------
+def test_version() -> None:
+    res = invoke("--version")
+    assert res.exit_code == 0
+    assert res.stdout == f"fourier-convert, version {fc.__version__}\n"
+
+
+def test_usage_error_missing_out() -> None:
+    res = invoke("merge", "--base", FIXTURES / "llama" / "base", "--adapter", FIXTURES / "llama" / "adapter")
+    assert res.exit_code == 2
+    assert res.stdout == ""
+    assert res.stderr.splitlines()[-1] == "Error: Missing option '--out'."
+
+
+def test_usage_error_weight_count(tmp_path: Path) -> None:
+    adapter = FIXTURES / "llama" / "adapter"
+    res = invoke(
+        "merge",
+        "--base",
+        FIXTURES / "llama" / "base",
+        "--adapter",
+        adapter,
+        "--adapter",
+        adapter,
+        "--weight",
+        "1",
+        "--out",
+        tmp_path / "m",
+    )
+    assert res.exit_code == 2
+    assert res.stderr == "error: --weight: given 1 times for 2 adapters; give one --weight per --adapter\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_error_subfolder_count(tmp_path: Path) -> None:
+    adapter = FIXTURES / "llama" / "adapter"
+    res = invoke(
+        "merge",
+        "--base",
+        FIXTURES / "llama" / "base",
+        *["--adapter", adapter] * 3,
+        "--adapter-subfolder",
+        "a",
+        "--adapter-subfolder",
+        "b",
+        "--out",
+        tmp_path / "m",
+    )
+    assert res.exit_code == 2
+    assert res.stderr == (
+        "error: --adapter-subfolder: given 2 times for 3 adapters; give it once or once per --adapter\n"
+    )
+
+
+def test_usage_error_unknown_precision(tmp_path: Path) -> None:
+    res = invoke(
+        "merge",
+        "--base",
+        FIXTURES / "llama" / "base",
+        "--adapter",
+        FIXTURES / "llama" / "adapter",
+        "--out",
+        tmp_path / "m",
+        "--precision",
+        "float16",
+    )
+    assert res.exit_code == 2
+    assert res.stderr.splitlines()[-1] == (
+        "Error: Invalid value for '--precision': 'float16' is not one of 'float32', 'float64'."
+    )
+
+
+def test_debug_raises_where_default_prints_one_line(tmp_path: Path) -> None:
+    args = ["merge", "--base", FIXTURES / "llama" / "base", "--adapter", tmp_path / "nope", "--out", tmp_path / "m"]
+    message = f"{tmp_path / 'nope'}: adapter folder not found; check the path"
+    res = invoke(*args)
+    assert res.exit_code == 1
+    assert res.stderr == f"error: {message}\n"
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    for how in (["--debug", *args], args):
+        env = {"FOURIER_CONVERT_DEBUG": "1"} if how is args else None
+        res = invoke(*how, env=env)
+        assert res.exit_code == 1
+        assert isinstance(res.exception, fc.InputFileError) and str(res.exception) == message
+        assert res.exc_info is not None and res.exc_info[2] is not None  # the traceback the user would see
+        assert res.stderr == ""
+
+
+# -- the real entry point -------------------------------------------------------------------------
+def test_console_entry_merge_succeeds(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    out = tmp_path / "merged"
+    p = run_module("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu")
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    assert "Traceback" not in stderr and stderr == ""
+    assert f"wrote 0.4 MB in 3 file(s) to {out}" in stdout.splitlines()
+    assert weights(out).keys() == weights(base).keys()
+
+
+def test_console_entry_exit_codes_and_tracebacks(tmp_path: Path) -> None:
+    base = FIXTURES / "llama" / "base"
+    bad = ["merge", "--base", base, "--adapter", tmp_path / "nope", "--out", tmp_path / "m"]
+    procs = {
+        "error": run_module(*bad),
+        "debug": run_module("--debug", *bad),
+        "usage": run_module("merge", "--base", base, "--adapter", tmp_path / "nope"),
+    }
+    res = {k: (p.communicate(timeout=120), p.returncode) for k, p in procs.items()}
+    message = f"{tmp_path / 'nope'}: adapter folder not found; check the path"
+
+    (out, err), code = res["error"]
+    assert code == 1 and out == "" and err == f"error: {message}\n"
+
+    (out, err), code = res["debug"]
+    assert code == 1 and out == ""
+    assert "Traceback (most recent call last):" in err
+    assert err.splitlines()[-1] == f"fourier_convert.errors.InputFileError: {message}"
+
+    (out, err), code = res["usage"]
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == "Error: Missing option '--out'."
+    assert err.splitlines()[0] == "Usage: fourier-convert merge [OPTIONS]"
+
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- interruption ---------------------------------------------------------------------------------
+def _start_and_wait_for_partial(base: Path, adapter: Path, out: Path) -> tuple[subprocess.Popen[str], Path]:
+    p = run_module("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = list(out.parent.glob(f".{out.name}.partial-*"))
+        if found:
+            return p, found[0]
+        if p.poll() is not None:
+            break
+        time.sleep(0.005)
+    p.kill()
+    stdout, stderr = p.communicate()
+    pytest.fail(f"no partial folder appeared (exit {p.returncode}): {stdout} {stderr}")
+
+
+def test_sigkill_mid_merge_publishes_nothing_and_keeps_inputs(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    before = tree_hash(tmp_path / "llama")
+    out = tmp_path / "merged"
+    p, _partial = _start_and_wait_for_partial(base, adapter, out)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert tree_hash(tmp_path / "llama") == before
+    # only the hidden temp folder may remain after a SIGKILL (nothing can clean it up)
+    assert {p.name for p in tmp_path.iterdir()} - {"llama"} <= {x.name for x in partials(tmp_path)}
+
+
+def test_sigint_mid_merge_cleans_up_and_exits_130(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    before = tree_hash(tmp_path / "llama")
+    out = tmp_path / "merged"
+    p, partial = _start_and_wait_for_partial(base, adapter, out)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    assert stderr == INTERRUPTED
+    assert "Traceback" not in stdout
+    assert not out.exists()
+    assert not partial.exists() and partials(tmp_path) == []
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["llama"]
+    assert tree_hash(tmp_path / "llama") == before
+
+
+# -- bugs -----------------------------------------------------------------------------------------
+def test_json_into_missing_folder_fails_before_publishing(tmp_path: Path) -> None:
+    out, report = tmp_path / "m", tmp_path / "nodir" / "r.json"
+    res = invoke(
+        "merge",
+        "--base",
+        FIXTURES / "llama" / "base",
+        "--adapter",
+        FIXTURES / "llama" / "adapter",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--json",
+        report,
+    )
+    assert res.exit_code in (1, 2)
+    assert len(res.stderr.splitlines()) == 1 and "unexpected" not in res.stderr and str(report) in res.stderr
+    assert not out.exists()

@@ -1,0 +1,635 @@
+"""Every error path: the exact one-line message, the exception class, the CLI exit code, and that nothing is
+left behind (no output folder, no ``.*.partial-*`` folder) and the inputs are untouched."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors.torch import load_file, save_file
+
+import fourier_convert as fc
+import fourier_convert.io.writer as writer_module
+from fourier_convert.cli.main import cli
+from fourier_convert.maths.delta import DeltaCheck
+
+merge_module = importlib.import_module("fourier_convert.merge")  # `fourier_convert.merge` is also the function
+
+SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
+Q0 = SPECTRUM.format(i=0, m="q_proj")
+V0 = SPECTRUM.format(i=0, m="v_proj")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def snapshot(folder: Path) -> dict[str, str | None]:
+    """Every path under ``folder`` (folders included, hidden ones too) -> sha256 of its bytes (None for folders)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_file(path).items()}  # clone: never keep the file mapped
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def edit_config(adapter: Path, **changes: Any) -> None:
+    path = adapter / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+def fails(
+    tmp_path: Path,
+    exc_type: type[fc.FourierConvertError],
+    message: str,
+    base: Path,
+    adapter: Path | str,
+    *cli_extra: str,
+    code: int = 1,
+    out: Path | None = None,
+    **kwargs: Any,
+) -> None:
+    """The library raises exactly ``exc_type(message)``, the CLI prints ``error: message`` and exits ``code``,
+    and neither leaves anything behind or changes an input."""
+    out = out or tmp_path / "merged"
+    kwargs.setdefault("device", "cpu")
+    before = snapshot(tmp_path)
+    with pytest.raises(fc.FourierConvertError) as info:
+        fc.merge(base, adapter, out, **kwargs)
+    assert type(info.value) is exc_type
+    assert str(info.value) == message
+    assert snapshot(tmp_path) == before
+    device = ["--device", kwargs["device"]]
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, *device, *cli_extra)
+    assert (res.exit_code, res.stdout, res.stderr) == (code, "", f"error: {message}\n"), res.output
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def llama(fixture_copy) -> tuple[Path, Path]:
+    d = fixture_copy("llama")
+    return d / "base", d / "adapter"
+
+
+# -- adapter folder and config --------------------------------------------------------------------
+def test_adapter_folder_missing(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    nope = adapter.parent / "nope"
+    fails(tmp_path, fc.InputFileError, f"{nope}: adapter folder not found; check the path", base, nope)
+
+
+def test_adapter_is_a_file(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    f = adapter / "adapter_config.json"
+    fails(tmp_path, fc.InputFileError, f"{f}: the adapter must be a folder, found a file; pass its folder", base, f)
+
+
+def test_named_adapter_missing(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    msg = f"{adapter / 'third'}: adapter subfolder 'third' not found; list {adapter} for the adapter names"
+    fails(tmp_path, fc.InputFileError, msg, base, f"{adapter}:third")
+
+
+def test_adapter_config_missing(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    (adapter / "adapter_config.json").unlink()
+    msg = f"{adapter / 'adapter_config.json'}: file not found; check the folder"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_adapter_config_invalid_json(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    (adapter / "adapter_config.json").write_text('{"peft_type": "FOURIERFT",')
+    msg = (
+        f"{adapter / 'adapter_config.json'}: not valid JSON (Expecting property name enclosed in double quotes "
+        "at line 1 column 27); fix or re-save it"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_adapter_config_not_an_object(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    msg = f"{adapter / 'adapter_config.json'}: expected a JSON object, found list; re-save it"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_lora_adapter_is_refused_with_a_fix(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    edit_config(adapter, peft_type="LORA")
+    with pytest.raises(fc.AdapterError) as info:
+        fc.merge(base, adapter, tmp_path / "merged", device="cpu")
+    err = info.value
+    assert err.where == str(adapter / "adapter_config.json")
+    assert err.found == "peft_type is 'LORA', expected 'FOURIERFT'"
+    assert (
+        err.fix
+        == "this is a LoRA adapter, which PEFT merges itself (merge_and_unload); fourier-convert merges FourierFT"
+    )
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "merged")
+    assert (res.exit_code, res.stderr) == (1, f"error: {err}\n")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_lora_fix_names_only_existing_commands(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    edit_config(adapter, peft_type="LORA")
+    with pytest.raises(fc.AdapterError) as info:
+        fc.merge(base, adapter, tmp_path / "merged", device="cpu")
+    for command in re.findall(r"`fourier-convert ([\w-]+)", str(info.value)):
+        assert command in cli.commands, f"the fix suggests `fourier-convert {command}`, which does not exist"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("peft_type", "shown"), [("BOFT", "'BOFT'"), (None, "None")])
+def test_unknown_peft_type(llama: tuple[Path, Path], tmp_path: Path, peft_type: str | None, shown: str) -> None:
+    base, adapter = llama
+    edit_config(adapter, peft_type=peft_type)
+    msg = f"{adapter / 'adapter_config.json'}: peft_type is {shown}, expected 'FOURIERFT'; pass a FourierFT adapter"
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+# -- adapter weights ------------------------------------------------------------------------------
+def _to_pickle(adapter: Path) -> None:
+    st = adapter / "adapter_model.safetensors"
+    torch.save(read_tensors(st), adapter / "adapter_model.bin")
+    st.unlink()
+
+
+def test_pickled_adapter_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    _to_pickle(adapter)
+    msg = (
+        f"{adapter / 'adapter_model.bin'}: adapter weights are a pickle, which can run code when loaded; refused; "
+        "re-save the adapter with PEFT's save_pretrained(safe_serialization=True), "
+        "or pass --allow-pickle to load it with torch's weights-only loader"
+    )
+    fails(tmp_path, fc.PickleRefusedError, msg, base, adapter)
+
+
+def test_allow_pickle_merges_identically(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    reference = tmp_path / "from_safetensors"
+    fc.merge(base, adapter, reference, device="cpu")
+    _to_pickle(adapter)
+    lib, cli_out = tmp_path / "from_pickle", tmp_path / "from_pickle_cli"
+    fc.merge(base, adapter, lib, device="cpu", allow_pickle=True)
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", cli_out, "--device", "cpu", "--allow-pickle")
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in reference.iterdir())
+    for other in (lib, cli_out):
+        assert sorted(p.name for p in other.iterdir()) == names
+        for name in names:
+            if name != "fourier_convert.json":  # provenance: adapter file hashes and a time stamp
+                assert (other / name).read_bytes() == (reference / name).read_bytes(), name
+    files = json.loads((lib / "fourier_convert.json").read_text())["adapters"][0]["files"]
+    assert sorted(files) == ["adapter_config.json", "adapter_model.bin"]
+
+
+def test_adapter_weights_missing(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    (adapter / "adapter_model.safetensors").unlink()
+    msg = (
+        f"{adapter / 'adapter_model.safetensors'}: adapter weights not found; check the adapter folder; "
+        "named adapters here: second (use PATH:NAME)"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_truncated_adapter(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    raw = st.read_bytes()
+    st.write_bytes(raw[:-10])
+    last = SPECTRUM.format(i=1, m="v_proj")
+    msg = (
+        f"{st}: truncated: tensor {last!r} ends at byte {len(raw)} but the file has {len(raw) - 10} bytes; "
+        "re-download or re-save the file"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_adapter_cut_inside_its_header(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    raw = st.read_bytes()
+    st.write_bytes(raw[:100])
+    hlen = int.from_bytes(raw[:8], "little")
+    msg = (
+        f"{st}: header length {hlen} does not fit in the 100-byte file (truncated or not safetensors); "
+        "re-download or re-save the file"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_adapter_header_garbage(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    raw = st.read_bytes()
+    st.write_bytes(raw[:8] + b"\xff" * 50 + raw[58:])
+    msg = (
+        f"{st}: safetensors header is not valid JSON ('utf-8' codec can't decode byte 0xff in position 0: "
+        "invalid start byte); re-download or re-save the file"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_adapter_empty_file(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    st.write_bytes(b"")
+    msg = f"{st}: file is 0 bytes, too short to be safetensors; re-download or re-save the file"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+@pytest.mark.parametrize(
+    ("bad", "summary"),
+    [
+        ({3: float("nan")}, "1 non-finite value (first at index 3: nan)"),
+        ({0: float("inf"), 7: float("-inf")}, "2 non-finite values (first at index 0: inf)"),
+    ],
+)
+def test_non_finite_spectrum(llama: tuple[Path, Path], tmp_path: Path, bad: dict[int, float], summary: str) -> None:
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    for i, v in bad.items():
+        tensors[Q0][i] = v
+    write_tensors(st, tensors)
+    msg = f"{st}: {Q0!r} holds {summary}; the training diverged; use an earlier checkpoint"
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+def test_spectrum_length_disagrees_with_n_frequency(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    edit_config(adapter, n_frequency=40)
+    msg = (
+        f"{adapter / 'adapter_model.safetensors'}: {Q0!r} has 50 coefficients but the config gives this module "
+        "n_frequency=40; check n_frequency / n_frequency_pattern in adapter_config.json"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+def test_spectrum_length_disagrees_with_n_frequency_pattern(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    edit_config(adapter, n_frequency_pattern={"v_proj": 31})
+    msg = (
+        f"{adapter / 'adapter_model.safetensors'}: {V0!r} has 30 coefficients but the config gives this module "
+        "n_frequency=31; check n_frequency / n_frequency_pattern in adapter_config.json"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+def test_missing_spectrum_is_an_error_not_a_skip(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    del tensors[Q0]
+    write_tensors(st, tensors)
+    msg = (
+        f"{adapter}: config selects 4 modules but 1 of them has no spectrum (first: 'model.layers.0.self_attn.q_proj'); "
+        "the adapter file is incomplete or does not belong to this config/base; re-save it with PEFT"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+def test_extra_spectrum_for_an_untargeted_module(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    tensors[SPECTRUM.format(i=0, m="k_proj")] = tensors[Q0].clone()
+    write_tensors(st, tensors)
+    msg = (
+        f"{adapter}: spectrum for 'model.layers.0.self_attn.k_proj', which target_modules / exclude_modules / "
+        "layers_to_transform do not select; check that adapter_config.json belongs to these weights"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+def test_unexpected_tensor_in_adapter(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    tensors["base_model.model.foo.weight"] = torch.zeros(3)
+    write_tensors(st, tensors)
+    msg = (
+        f"{st}: unexpected tensor 'base_model.model.foo.weight' (not a spectrum, not a trained bias for "
+        "bias='none', not in modules_to_save []); check that adapter_config.json belongs to these weights"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+# -- adapter against base -------------------------------------------------------------------------
+def test_wrong_base_names_near_matches(fixture_copy, tmp_path: Path) -> None:
+    adapter = fixture_copy("llama") / "adapter"
+    base = fixture_copy("gpt2") / "base"
+    msg = (
+        f"{adapter}: {Q0}: module 'model.layers.0.self_attn.q_proj' has no weight in the base checkpoint; "
+        "near matches: transformer.h.0.attn.c_proj.weight, transformer.h.1.attn.c_proj.weight"
+    )
+    fails(tmp_path, fc.BaseMismatchError, msg, base, adapter)
+
+
+def test_head_shape_mismatch(fixture_copy, tmp_path: Path) -> None:
+    d = fixture_copy("roberta")
+    st = d / "adapter" / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    tensors["base_model.model.classifier.out_proj.weight"] = torch.zeros(5, 32)
+    write_tensors(st, tensors)
+    msg = (
+        f"{d / 'adapter'}: base_model.model.classifier.out_proj.weight: shape [5, 32] but the base tensor "
+        "'classifier.out_proj.weight' is [3, 32]; is this the base model the adapter was trained on?"
+    )
+    fails(tmp_path, fc.BaseMismatchError, msg, d / "base", d / "adapter")
+
+
+def test_trained_bias_shape_mismatch(fixture_copy, tmp_path: Path) -> None:
+    d = fixture_copy("roberta")
+    st = d / "adapter" / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    key = "base_model.model.roberta.encoder.layer.0.output.dense.bias"
+    tensors[key] = torch.zeros(33)
+    write_tensors(st, tensors)
+    msg = (
+        f"{d / 'adapter'}: {key}: shape [33] but the base tensor 'roberta.encoder.layer.0.output.dense.bias' "
+        "is [32]; is this the base model the adapter was trained on?"
+    )
+    fails(tmp_path, fc.BaseMismatchError, msg, d / "base", d / "adapter")
+
+
+# -- base checkpoint ------------------------------------------------------------------------------
+def test_truncated_base_shard(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    shard = base / "model-00002-of-00003.safetensors"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:-1000])
+    msg = (
+        f"{shard}: truncated: tensor 'model.layers.1.self_attn.v_proj.weight' ends at byte {len(raw)} but the file "
+        f"has {len(raw) - 1000} bytes; re-download or re-save the file"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_base_shard_is_garbage(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    shard = base / "model-00001-of-00003.safetensors"
+    shard.write_bytes(b"garbage!" * 20)
+    hlen = int.from_bytes(b"garbage!", "little")
+    msg = (
+        f"{shard}: header length {hlen} does not fit in the 160-byte file (truncated or not safetensors); "
+        "re-download or re-save the file"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_base_with_only_pickled_weights_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(base.glob("*.safetensors")):
+        state.update(read_tensors(shard))
+        shard.unlink()
+    (base / "model.safetensors.index.json").unlink()
+    torch.save(state, base / "pytorch_model.bin")
+    msg = (
+        f"{base / 'pytorch_model.bin'}: base weights are pickles, which can run code when loaded and cannot be "
+        "streamed; convert them once: AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_base_folder_empty(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    _, adapter = llama
+    empty = tmp_path / "empty_base"
+    empty.mkdir()
+    msg = f"{empty}: no model.safetensors or model.safetensors.index.json found; pass a Hugging Face model folder"
+    fails(tmp_path, fc.InputFileError, msg, empty, adapter)
+
+
+def test_index_references_a_missing_shard(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    shard = base / "model-00003-of-00003.safetensors"
+    shard.unlink()
+    msg = f"{shard}: listed in model.safetensors.index.json but missing; re-download the model"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+# -- output ---------------------------------------------------------------------------------------
+def test_output_exists_and_is_not_empty(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    msg = f"{out}: exists and is not empty; choose another --out or pass --overwrite"
+    fails(tmp_path, fc.OutputError, msg, base, adapter, out=out)
+
+
+def test_overwrite_replaces_the_output_completely(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    fresh = tmp_path / "fresh"
+    fc.merge(base, adapter, fresh, device="cpu")
+    out = tmp_path / "merged"
+    (out / "old_shards").mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    (out / "old_shards" / "model.safetensors").write_bytes(b"stale")
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu", "--overwrite", "-q")
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in fresh.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        if name != "fourier_convert.json":
+            assert (out / name).read_bytes() == (fresh / name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "llama", "merged"]  # no .old-* or .partial-*
+
+
+def test_output_path_is_a_file(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    out = tmp_path / "merged"
+    out.write_text("not a folder")
+    msg = f"{out}: exists and is not a folder; choose another --out"
+    fails(tmp_path, fc.OutputError, msg, base, adapter, "--overwrite", out=out, overwrite=True)
+
+
+def test_output_may_not_replace_an_input(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    before = snapshot(tmp_path)
+    with pytest.raises(fc.FourierConvertError) as info:
+        fc.merge(base, adapter, base, device="cpu", overwrite=True)
+    assert str(base) in str(info.value)
+    assert snapshot(tmp_path) == before
+
+
+# -- options --------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_gpu(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    msg = "--device: cuda requested but no CUDA GPU is available; use --device cpu"
+    fails(tmp_path, fc.UsageError, msg, base, adapter, code=2, device="cuda")
+
+
+def test_unknown_device(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    msg = "--device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"
+    fails(tmp_path, fc.UsageError, msg, base, adapter, code=2, device="tpu")
+
+
+def test_dtype_int8(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    msg = "--dtype: unknown dtype 'int8'; use one of bf16, bfloat16, float16, float32, float64, fp16, fp32"
+    fails(tmp_path, fc.UsageError, msg, base, adapter, "--dtype", "int8", code=2, dtype="int8")
+
+
+@pytest.mark.parametrize("size", ["abc", "0", "-1GB", "1.5XB", "2 PB"])
+def test_bad_max_shard_size(llama: tuple[Path, Path], tmp_path: Path, size: str) -> None:
+    base, adapter = llama
+    msg = f"--max-shard-size: cannot read size {size!r}; write it like 2GB, 500MB or 1GiB"
+    fails(tmp_path, fc.UsageError, msg, base, adapter, "--max-shard-size", size, code=2, max_shard_size=size)
+
+
+@pytest.mark.parametrize("size", ["nan", "inf"])
+def test_non_finite_max_shard_size(llama: tuple[Path, Path], tmp_path: Path, size: str) -> None:
+    base, adapter = llama
+    msg = f"--max-shard-size: cannot read size {size!r}; write it like 2GB, 500MB or 1GiB"
+    fails(tmp_path, fc.UsageError, msg, base, adapter, "--max-shard-size", size, code=2, max_shard_size=size)
+
+
+# -- disk space and write failures ----------------------------------------------------------------
+def _needed(base: Path) -> str:
+    """What the output needs: the mirrored shards (same headers) plus the carried small files."""
+    n = sum(p.stat().st_size for p in base.iterdir() if p.name != "model.safetensors.index.json")
+    return f"{n / 1000:.1f} KB"
+
+
+def test_not_enough_free_space(llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, adapter = llama
+    real = shutil.disk_usage
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: real(p)._replace(free=999))
+    out = tmp_path / "merged"
+    msg = f"{out}: needs {_needed(base)} of free disk space, 999 B available; free some space"
+    assert _needed(base) == "442.6 KB"
+    fails(tmp_path, fc.DiskSpaceError, msg, base, adapter, out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+def _enospc_on(monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    real = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if when == "always" or offset > 0:  # "tensors": the headers (offset 0) go through
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+
+
+@pytest.mark.parametrize("when", ["always", "tensors"])
+def test_disk_full_while_writing(
+    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    base, adapter = llama
+    _enospc_on(monkeypatch, when)
+    before = snapshot(tmp_path)
+    out = tmp_path / "merged"
+    with pytest.raises(fc.DiskSpaceError) as info:
+        fc.merge(base, adapter, out, device="cpu")
+    err = info.value
+    assert err.where == str(out) and err.fix == "free some space and retry"
+    assert re.fullmatch(r"disk full while writing \(the output needs \d+\.\d KB\)", err.found)
+    assert snapshot(tmp_path) == before
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu")
+    assert (res.exit_code, res.stdout) == (1, "")
+    assert res.stderr.startswith(f"error: {out}: disk full while writing") and res.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+@pytest.mark.parametrize("when", ["always", "tensors"])
+def test_disk_full_reports_the_full_size(
+    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    base, adapter = llama
+    _enospc_on(monkeypatch, when)
+    out = tmp_path / "merged"
+    msg = f"{out}: disk full while writing (the output needs {_needed(base)}); free some space and retry"
+    fails(tmp_path, fc.DiskSpaceError, msg, base, adapter, out=out)
+
+    with pytest.raises(fc.DiskSpaceError):
+        fc.merge(base, adapter, tmp_path / "a" / "b" / "merged", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+def test_verification_failure_publishes_nothing(
+    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, adapter = llama
+    monkeypatch.setattr(merge_module, "check_delta", lambda *a, **k: DeltaCheck(10, 1.0, 1e-6, False))
+    msg = (
+        "model.layers.0.self_attn.q_proj.weight: reconstructed delta differs from the float64 closed form by "
+        "1.000e+00 (tolerance 1.000e-06) on every backend; nothing was written; report this with the layer shape "
+        "and your torch version"
+    )
+    fails(tmp_path, fc.VerificationError, msg, base, adapter)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+def test_fallback_backend_is_reported(
+    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fourier_convert.maths import delta
+
+    calls = {"n": 0}
+
+    def first_fails(*args: Any, **kwargs: Any) -> DeltaCheck:
+        calls["n"] += 1
+        result = delta.check_delta(*args, **kwargs)
+        return DeltaCheck(result.entries, 1.0, result.tolerance, False) if calls["n"] == 1 else result
+
+    monkeypatch.setattr(merge_module, "check_delta", first_fails)
+    base, adapter = llama
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == (
+        "warning: model.layers.0.self_attn.q_proj: torch-cpu failed its check; used torch-cpu-float64-1thread\n"
+    )
+
+
+def test_more_coefficients_than_positions(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    edit_config(adapter, n_frequency_pattern={"v_proj": 3000})
+    st = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    for i in range(2):
+        tensors[SPECTRUM.format(i=i, m="v_proj")] = torch.ones(3000)
+    write_tensors(st, tensors)
+    msg = (
+        f"{adapter}: {V0}: 3000 coefficients but the 32x64 base weight 'model.layers.0.self_attn.v_proj.weight' "
+        "has only 2048 positions; is this the base model the adapter was trained on?"
+    )
+    fails(tmp_path, fc.BaseMismatchError, msg, base, adapter)
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf"])
+def test_non_finite_weight_is_a_usage_error(llama: tuple[Path, Path], tmp_path: Path, weight: str) -> None:
+    base, adapter = llama
+    before = snapshot(tmp_path)
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--weight", weight, "--out", tmp_path / "m")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: --weight: ") and res.stderr.count("\n") == 1
+    assert snapshot(tmp_path) == before
