@@ -306,7 +306,8 @@ def test_missing_spectrum_is_an_error_not_a_skip(llama: tuple[Path, Path], tmp_p
     del tensors[Q0]
     write_tensors(st, tensors)
     msg = (
-        f"{adapter}: config selects 4 modules but 1 of them has no spectrum (first: 'model.layers.0.self_attn.q_proj'); "
+        f"{adapter}: config selects 4 modules but 1 of them has no spectrum "
+        "(first: 'model.layers.0.self_attn.q_proj'); "
         "the adapter file is incomplete or does not belong to this config/base; re-save it with PEFT"
     )
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
