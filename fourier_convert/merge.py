@@ -9,12 +9,14 @@ round once, and publish the folder only when every tensor is in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,7 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = False,
     revision: str | None = None,
+    threads: int | None = None,
 ) -> MergeReport:
     """Merge one or more FourierFT adapters into a base model and write a Hugging Face model folder.
 
@@ -161,6 +164,8 @@ def merge(
         allow_pickle: Accept ``adapter_model.bin`` through torch's weights-only loader.
         progress: Draw a byte progress bar on stderr.
         revision: Hub revision of the base.
+        threads: torch CPU threads while merging (default: all cores but one, which the background byte
+            copy uses; the previous setting is restored afterwards).
 
     Returns:
         A :class:`~fourier_convert.report.MergeReport`.
@@ -197,9 +202,11 @@ def merge(
     if ckpt.config is not None and missing:  # transformers' key renaming is needed to plan
         skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
         names, missing = resolve_names(ckpt, adapters, skeleton)
-    elif ckpt.config is not None:  # needed only for orientation: build it while other work runs
-        job = SkeletonJob(ckpt.config, ckpt.tensors)
     plan = build_plan(ckpt, adapters, names, weights=[s.weight for s in specs], out_dtype=out_dtype)
+    if skeleton is None and ckpt.config is not None:
+        # Needed only for orientation: built while the copies and deltas run. Started after build_plan,
+        # which may import transformers itself: two threads importing transformers at once can fail.
+        job = SkeletonJob(ckpt.config, ckpt.tensors)
     layouts = _layouts(ckpt, plan, shard_bytes)
     report = MergeReport(
         out=None if dry_run else str(out),
@@ -219,8 +226,8 @@ def merge(
         if job is not None:
             skeleton, why = job.result()
         set_orientation(plan, skeleton, adapters, why)
-        report.layers = [_layer_stub(layer) for layer in plan.layers]
         report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
+        report.layers = [_layer_stub(layer) for layer in plan.layers]
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -233,7 +240,7 @@ def merge(
         )
     bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
     aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
-    with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar) as writer:
+    with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar) as writer, _torch_threads(threads):
         writer.begin(layouts, extra_bytes=aux_bytes)
         where = {spec.name: lay for lay in layouts for spec in lay.specs}
         writer.copy(_raw_copies(plan, where))
@@ -253,6 +260,7 @@ def merge(
             for layer in plan.layers:
                 done[layer.key].orientation = layer.orientation_source
         report.layers = [done[layer.key] for layer in plan.layers]
+        report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
         for o in plan.outputs:
             if o.raw_source is None and o.kind != "merge":
                 _write_converted(o, writer, where)
@@ -263,6 +271,16 @@ def merge(
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads if threads else max(1, (os.cpu_count() or 2) - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _refuse_input_as_output(out: Path, inputs: list[Path]) -> None:
@@ -370,19 +388,19 @@ def _merge_layers(
             deltas, checks = _chunk_deltas(chunk, cache, dev, compute, rng, fallbacks)
             for layer in chunk:
                 o = outputs[layer.key]
-                base = read_torch(layer.weight).to(dev)
+                base = read_torch(layer.weight)
                 acc_dtype = torch.float64 if torch.float64 in (compute, base.dtype) else torch.float32
-                total = base.to(acc_dtype)
-                delta_sum = torch.zeros((m, n), dtype=acc_dtype, device=dev)
+                total = base.to(device=dev, dtype=acc_dtype)  # widen once, then add every delta in place
                 for d in deltas[layer.key]:
-                    delta_sum += d.to(acc_dtype)
-                total += delta_sum.T if layer.conv1d else delta_sum
+                    total.add_(d.T if layer.conv1d else d)
                 writer.write_tensor(where[o.name].filename, o.name, _tensor_bytes(total.to(torch_dtype(o.dtype))))
                 worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
                 rep = _layer_stub(layer)
                 rep.backend, rep.checked_entries = worst[0], worst[1].entries
                 rep.max_abs_error, rep.tolerance = worst[1].max_abs_error, worst[1].tolerance
-                rep.delta_norm = float(torch.linalg.vector_norm(delta_sum.double()).item())
+                parts = deltas[layer.key]
+                summed = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+                rep.delta_norm = float(torch.linalg.vector_norm(summed).item())
                 reports[layer.key] = rep
             del deltas
     return reports, fallbacks

@@ -47,7 +47,7 @@ class NameMap:
         return self.to_ckpt.get(key)
 
     def near(self, key: str) -> list[str]:
-        return difflib.get_close_matches(key, list(self.to_ckpt), n=3, cutoff=0.6)
+        return difflib.get_close_matches(key, list(self.to_ckpt), n=3, cutoff=0.75)
 
 
 def _adapter_keys(adapters: Sequence[FourierFTAdapter]) -> list[str]:
@@ -291,7 +291,9 @@ def build_plan(
                     "used in training (see docs/maths.md)"
                 )
             if spec.stored_dtype in ("BF16", "F16"):
-                warnings.append(f"{spec.key}: spectrum saved in {spec.stored_dtype}; reconstructed in float32")
+                warnings.append(
+                    f"{spec.key}: spectrum saved in {spec.stored_dtype}; reconstructed in float32 or better"
+                )
             layer = layers.setdefault(key, LayerPlan(module, key, info, []))
             layer.contributions.append(Contribution(i, spec, s.scaling * mult[i], s.random_loc_seed))
         _check_targets(adapter, universe)

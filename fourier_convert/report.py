@@ -17,8 +17,9 @@ class LayerReport:
         conv1d: Whether the delta was added transposed (Conv1D).
         orientation: ``"skeleton"`` or ``"flag"``.
         n: Coefficients per adapter, in adapter order.
-        backend: The reconstruction that passed its check (``"torch-cpu"``, ``"torch-cuda:0"``,
-            ``"torch-cpu-float64"``, ``"numpy-float64"``).
+        backend: The reconstruction that passed its check: ``"torch-<device>"`` (e.g. ``"torch-cpu"``,
+            ``"torch-cuda"``), ``"torch-<device>-float64"`` with ``--precision float64``, or a fallback
+            (``"torch-cpu-float64-1thread"``, ``"numpy-float64"``).
         checked_entries: Entries compared against the float64 closed form.
         max_abs_error: Largest difference found.
         tolerance: The bound it had to stay within.
@@ -49,7 +50,8 @@ class MergeReport:
         precision: ``"float32"`` or ``"float64"``.
         tensors: Output tensors per action (``copy``, ``merge``, ``replace``, ``add``, ``cast``).
         bytes_total: Bytes of tensor data in the output.
-        bytes_changed: Bytes of tensors whose value changed or that were decoded.
+        bytes_changed: Bytes of tensors that were computed (merged, cast, or replaced with a dtype change);
+            replacements copied as bytes and untouched tensors are not counted.
         shards: Output weight files.
         layers: Per adapted weight results.
         warnings: Things to look at.
@@ -93,9 +95,11 @@ class MergeReport:
         ]
         if self.layers and not self.dry_run:
             worst = max(self.layers, key=lambda r: r.max_abs_error / r.tolerance if r.tolerance else 0.0)
+            fewest = min(r.checked_entries for r in self.layers)
+            noun = "delta" if len(self.layers) == 1 else "deltas"
             lines.append(
-                f"{len(self.layers)} deltas rebuilt on {self.device} ({self.precision}), each checked at "
-                f"{worst.checked_entries}+ entries against float64; worst error {worst.max_abs_error:.2e} "
+                f"{len(self.layers)} {noun} rebuilt on {self.device} ({self.precision}), each checked at "
+                f">= {fewest} entries against float64; worst error {worst.max_abs_error:.2e} "
                 f"(tolerance {worst.tolerance:.2e})"
             )
         if not self.dry_run:

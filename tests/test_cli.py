@@ -386,7 +386,7 @@ def test_usage_error_weight_count(tmp_path: Path) -> None:
         tmp_path / "m",
     )
     assert res.exit_code == 2
-    assert res.stderr == "error: --weight: given 1 times for 2 adapters; give one --weight per --adapter\n"
+    assert res.stderr == "error: --weight: given 1 time(s) for 2 adapter(s); give one --weight per --adapter\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -406,7 +406,7 @@ def test_usage_error_subfolder_count(tmp_path: Path) -> None:
     )
     assert res.exit_code == 2
     assert res.stderr == (
-        "error: --adapter-subfolder: given 2 times for 3 adapters; give it once or once per --adapter\n"
+        "error: --adapter-subfolder: given 2 time(s) for 3 adapter(s); give it once or once per --adapter\n"
     )
 
 
@@ -548,3 +548,42 @@ def test_json_into_missing_folder_fails_before_publishing(tmp_path: Path) -> Non
     assert res.exit_code in (1, 2)
     assert len(res.stderr.splitlines()) == 1 and "unexpected" not in res.stderr and str(report) in res.stderr
     assert not out.exists()
+
+
+def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`fourier-convert inspect ... | head -1` must not print an error."""
+    proc = subprocess.run(
+        f"{sys.executable} -m fourier_convert inspect {FIXTURES / 'gpt2' / 'adapter'} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.stdout.startswith("adapter:") and proc.stderr == ""
+
+
+def test_sigterm_publishes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fourier_convert",
+        "merge",
+        "--base",
+        str(FIXTURES / "llama" / "base"),
+        "--adapter",
+        str(FIXTURES / "llama" / "adapter"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".merged.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("interrupted: nothing was published")
+    assert not out.exists() and not list(tmp_path.glob(".merged.partial-*"))

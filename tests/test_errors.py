@@ -345,9 +345,24 @@ def test_wrong_base_names_near_matches(fixture_copy, tmp_path: Path) -> None:
     base = fixture_copy("gpt2") / "base"
     msg = (
         f"{adapter}: {Q0}: module 'model.layers.0.self_attn.q_proj' has no weight in the base checkpoint; "
-        "near matches: transformer.h.0.attn.c_proj.weight, transformer.h.1.attn.c_proj.weight"
+        "is this the base model the adapter was trained on?"
     )
     fails(tmp_path, fc.BaseMismatchError, msg, base, adapter)
+
+
+def test_renamed_module_lists_near_matches(fixture_copy, tmp_path: Path) -> None:
+    d = fixture_copy("llama")
+    st = d / "adapter" / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    tensors[Q0.replace("q_proj", "qproj")] = tensors.pop(Q0)
+    write_tensors(st, tensors)
+    edit_config(d / "adapter", target_modules=["q_proj", "v_proj", "qproj"])
+    msg = (
+        f"{d / 'adapter'}: {Q0.replace('q_proj', 'qproj')}: module 'model.layers.0.self_attn.qproj' has no weight "
+        "in the base checkpoint; near matches: model.layers.0.self_attn.q_proj.weight, "
+        "model.layers.1.self_attn.q_proj.weight, model.layers.0.self_attn.v_proj.weight"
+    )
+    fails(tmp_path, fc.BaseMismatchError, msg, d / "base", d / "adapter")
 
 
 def test_head_shape_mismatch(fixture_copy, tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ Library errors become one line on stderr (``error: <where>: <what>; <fix>``) and
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from typing import Any
 
 import click
@@ -60,6 +62,11 @@ class _Group(click.Group):
                 raise
             click.echo("interrupted: nothing was published and the inputs were not touched", err=True)
             ctx.exit(INTERRUPTED)
+        except BrokenPipeError:
+            # the reader went away (`| head`): stop quietly, like other Unix tools
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(141)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:
@@ -92,8 +99,31 @@ def _register() -> None:
 _register()
 
 
+def _keep_freed_memory() -> None:
+    """Ask glibc to serve large blocks from the heap and keep freed memory.
+
+    The merge allocates and frees tensors of the same few sizes for every layer; by default glibc hands
+    each large block back to the kernel, so every new tensor pays page faults for all its pages (measured
+    here: 2-7x slower elementwise ops on 16 MB tensors). Done only in the CLI process, never on import.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes the Ctrl-C path: clean up, publish nothing
+
+
 def main() -> None:
     """Console-script entry point."""
+    _keep_freed_memory()
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="fourier-convert")
 
 

@@ -18,11 +18,13 @@ def _specs(adapters: tuple[str, ...], subfolders: tuple[str, ...], weights: tupl
     if len(subfolders) not in (0, 1, n):
         raise UsageError(
             "--adapter-subfolder",
-            f"given {len(subfolders)} times for {n} adapters",
+            f"given {len(subfolders)} time(s) for {n} adapter(s)",
             "give it once or once per --adapter",
         )
     if len(weights) not in (0, n):
-        raise UsageError("--weight", f"given {len(weights)} times for {n} adapters", "give one --weight per --adapter")
+        raise UsageError(
+            "--weight", f"given {len(weights)} time(s) for {n} adapter(s)", "give one --weight per --adapter"
+        )
     specs = []
     for i, path in enumerate(adapters):
         sub = subfolders[0] if len(subfolders) == 1 else (subfolders[i] if subfolders else None)
@@ -87,7 +89,9 @@ def print_report(report: MergeReport, quiet: bool) -> None:
     help="Precision of delta reconstruction and addition.",
 )
 @click.option(
-    "--dtype", default=None, help="Cast all floating tensors to float32, float16 or bfloat16 (default: keep each)."
+    "--dtype",
+    default=None,
+    help="Cast all floating tensors to float32, float16, bfloat16 or float64 (default: keep each).",
 )
 @click.option(
     "--max-shard-size", default=None, help="Re-shard the output (e.g. 2GB); default mirrors the base's shards."

@@ -181,7 +181,8 @@ def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle
         hint = f"; named adapters here: {', '.join(subs)} (use PATH:NAME)" if subs else ""
         raise InputFileError(str(weights), "adapter weights not found", f"check the adapter folder{hint}")
     spectra, biases, heads = _classify(tensors, settings, weights)
-    return FourierFTAdapter(folder, str(spec), settings, spectra, biases, heads, files)
+    label = f"{spec}:{subfolder}" if subfolder and not str(spec).endswith(f":{subfolder}") else str(spec)
+    return FourierFTAdapter(folder, label, settings, spectra, biases, heads, files)
 
 
 def load_json(path: Path) -> dict[str, Any]:

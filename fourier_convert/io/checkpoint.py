@@ -17,6 +17,8 @@ from fourier_convert.io.safetensors_file import SafetensorsFile, TensorInfo, rea
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+#: What is fetched of a base from the hub: safetensors weights, configs, tokenizer and processor files.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".data")
 _WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json", "tf_model.h5.index.json")
 
@@ -68,7 +70,7 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
         >>> len(ck.shards) > 1  # doctest: +SKIP
         True
     """
-    folder = resolve_folder(str(spec), what="base model", revision=revision)
+    folder = resolve_folder(str(spec), what="base model", revision=revision, allow_patterns=HUB_PATTERNS)
     config_path = folder / "config.json"
     config = load_json(config_path) if config_path.is_file() else None
     index_path = folder / INDEX_NAME
