@@ -16,7 +16,9 @@ What it does, in one run:
    check. Stages: ``copy`` (``cp -r``), ``copy+sync`` (``cp -r`` then ``sync``, for reference: the merge
    fsyncs its output, ``cp`` does not), ``merge-cpu`` (and ``merge-cuda`` with ``--device cuda``) and
    ``peft-<device>`` (load, ``PeftModel.from_pretrained``, ``merge_and_unload``, ``save_pretrained``). Each
-   output is deleted and ``sync`` run between stages.
+   output is deleted and ``sync`` run between stages. Also recorded: the CPU time all other processes used
+   during each stage (from ``/proc/stat``; the machine may be shared) and a hash of the measured
+   fourier-convert package, taken again at the end to catch code edited mid-run.
 4. Prints medians over ``--repeat`` runs, the ratios and PASS/FAIL for the targets (merge <= 1.3x copy,
    >= 2.5x faster than PEFT, peak RSS <= 1 GiB); ``--verify`` compares fourier-convert's merged q_proj /
    v_proj of the first and last layer with PEFT's and with a float64 reference (PEFT's formula), in bf16
@@ -101,6 +103,12 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+
+#: Model families the benchmark can build (``--shape``); ``--layers`` sets the depth.
+SHAPES: dict[str, dict[str, int]] = {
+    "1b": {},  # TinyLlama-1.1B: hidden 2048, intermediate 5632, 32 heads, 4 KV heads
+    "7b": {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32},  # Llama-2-7B
+}
 
 #: Shape of the toy checkpoint used to prove the file format with transformers + PEFT.
 TOY_SHAPE = ModelShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256)
@@ -308,8 +316,8 @@ def check_format_with_peft(scratch: Path, seed: int) -> None:
 # Workers (subprocesses of this script)
 # --------------------------------------------------------------------------------------------------------
 def worker_build(argv: Sequence[str]) -> int:
-    """``_build MODEL_DIR LAYERS SEED``: toy format check, then ``base/``, ``adapter/`` and ``stamp.json``."""
-    model_dir, layers, seed = Path(argv[0]), int(argv[1]), int(argv[2])
+    """``_build MODEL_DIR LAYERS SEED SHAPE``: toy format check, then ``base/``, ``adapter/`` and ``stamp.json``."""
+    model_dir, layers, seed, family = Path(argv[0]), int(argv[1]), int(argv[2]), argv[3]
     model_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=model_dir, prefix="toy-") as tmp:
@@ -317,13 +325,13 @@ def worker_build(argv: Sequence[str]) -> int:
     print(f"toy format check with transformers + PEFT passed ({time.perf_counter() - t0:.1f} s)", flush=True)
     for name in ("base", "adapter", "stamp.json"):
         _remove(model_dir / name)
-    shape = ModelShape(layers=layers)
+    shape = ModelShape(layers=layers, **SHAPES[family])
     base, adapter = model_dir / "base", model_dir / "adapter"
     t1 = time.perf_counter()
     summary = write_base(base, shape, seed)
     write_adapter(adapter, base.resolve(), shape, seed, N_FREQUENCY)
     summary["build_seconds"] = round(time.perf_counter() - t1, 2)
-    stamp = {**_stamp_key(layers, seed), **summary}
+    stamp = {**_stamp_key(layers, seed, family), **summary}
     (model_dir / "stamp.json").write_text(json.dumps(stamp, indent=2) + "\n")
     print(json.dumps(stamp), flush=True)
     return 0
@@ -569,8 +577,44 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _stamp_key(layers: int, seed: int) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "layers": layers, "seed": seed, "n_frequency": N_FREQUENCY}
+def source_state() -> dict[str, Any]:
+    """Which fourier-convert code is measured: git HEAD, whether the tree is dirty, a hash of the package.
+
+    Compared before and after the run, so that a package edited while the benchmark runs is reported.
+    """
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("fourier_convert")  # locates the package without importing torch
+    package = Path(spec.origin).parent if spec is not None and spec.origin else None
+    digest = hashlib.sha256()
+    if package is not None:
+        for path in sorted(package.rglob("*.py")):
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+
+    def git(*cmd: str) -> str | None:
+        if package is None:
+            return None
+        proc = subprocess.run(["git", *cmd], cwd=package, capture_output=True, text=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", ".")
+    return {
+        "package": str(package),
+        "package_sha256": digest.hexdigest()[:16] if package is not None else None,
+        "git_head": git("rev-parse", "--short", "HEAD"),
+        "package_dirty": None if status is None else bool(status),
+    }
+
+
+def _stamp_key(layers: int, seed: int, family: str) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "layers": layers,
+        "seed": seed,
+        "n_frequency": N_FREQUENCY,
+        "shape": family,
+    }
 
 
 def _remove(path: Path) -> None:
@@ -606,25 +650,28 @@ def _warnings_in(path: str) -> list[str]:
     return seen
 
 
-def ensure_checkpoint(work: Path, layers: int, env: dict[str, str], logs: Path) -> tuple[Path, Path, dict[str, Any]]:
+def ensure_checkpoint(
+    work: Path, layers: int, env: dict[str, str], logs: Path, family: str = "1b"
+) -> tuple[Path, Path, dict[str, Any]]:
     """Return ``(base, adapter, stamp)``, building them in a subprocess unless a matching cache exists."""
-    model_dir = work / f"llama-{layers}L"
+    model_dir = work / f"llama-{family}-{layers}L"
     stamp_path = model_dir / "stamp.json"
     if stamp_path.exists():
         stamp = json.loads(stamp_path.read_text())
-        if all(stamp.get(k) == v for k, v in _stamp_key(layers, SEED).items()):
+        if all(stamp.get(k) == v for k, v in _stamp_key(layers, SEED, family).items()):
             print(f"reusing cached checkpoint {model_dir}")
             return model_dir / "base", model_dir / "adapter", stamp
     print(
         f"building checkpoint and adapter in {model_dir} (streamed, one shard in memory at a time) ...",
         flush=True,
     )
-    m = measure(_self_cmd("_build", str(model_dir), str(layers), str(SEED)), logs / "build.log", env)
+    m = measure(_self_cmd("_build", str(model_dir), str(layers), str(SEED), family), logs / "build.log", env)
     if m.returncode != 0:
         print("\n".join(_log_lines(m.log)), file=sys.stderr)
         raise SystemExit(f"building the checkpoint failed (exit {m.returncode}); log: {m.log}")
     stamp = json.loads(stamp_path.read_text())
     stamp["build_wall_s"], stamp["build_maxrss_mib"] = round(m.wall_s, 2), round(m.maxrss_mib, 1)
+    stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
     print(f"built in {m.wall_s:.1f} s, builder peak RSS {m.maxrss_mib:.0f} MiB; toy PEFT format check passed")
     return model_dir / "base", model_dir / "adapter", stamp
 
@@ -632,6 +679,9 @@ def ensure_checkpoint(work: Path, layers: int, env: dict[str, str], logs: Path) 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--layers", type=int, default=22, help="decoder layers (22 ~ 2.2 GB, 44 ~ 4.3 GB; default 22)")
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), default="1b", help="1b: TinyLlama-1.1B widths; 7b: Llama-2-7B widths"
+    )
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="cache and scratch folder (default bench-work/)")
     p.add_argument(
         "--device",
@@ -808,6 +858,7 @@ def run_verify(
 def write_json(
     args: argparse.Namespace,
     stamp: dict[str, Any],
+    source: dict[str, Any],
     warm: Measurement,
     floor: float,
     stages: list[Stage],
@@ -826,6 +877,7 @@ def write_json(
         "versions": {d: _version(d) for d in ("torch", "transformers", "peft", "safetensors", "fourier-convert")},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "checkpoint": stamp,
+        "fourier_convert_source": source,
         "warmup_copy_s": warm.wall_s,
         "parent_maxrss_mib": floor,
         "stages": {
@@ -857,7 +909,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     _remove(runs)
     runs.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    base, adapter, stamp = ensure_checkpoint(work, args.layers, env, logs)
+    base, adapter, stamp = ensure_checkpoint(work, args.layers, env, logs, args.shape)
     stages = build_stages(base, adapter, args)
     gb = stamp["bytes"] / 1e9
     print(
@@ -867,6 +919,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
     print(
         f"host {socket.gethostname()}, {os.cpu_count()} CPUs, torch {_version('torch')}, "
         f"fourier-convert {_version('fourier-convert')}, peft {_version('peft')}, repeats {args.repeat}"
+    )
+    source = {"start": source_state()}
+    start = source["start"]
+    print(
+        f"fourier-convert code: {start['package']} at {start['git_head']}"
+        f"{' + uncommitted changes' if start['package_dirty'] else ''} (package hash {start['package_sha256']})"
     )
 
     # Untimed warm-up: reads the whole base once so that every timed stage finds it in the page cache.
@@ -924,7 +982,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         f"{s.name} run {i + 1} ({m.other_cpu_s:.0f} s other CPU in {m.wall_s:.0f} s)"
         for s in stages
         for i, m in enumerate(s.runs)
-        if m.other_cpu_s is not None and m.other_cpu_s > 0.25 * m.wall_s
+        # copy+sync is exempt: sync(2) hands the writeback to kernel flusher threads, which count as other.
+        if s.name != "copy+sync" and m.other_cpu_s is not None and m.other_cpu_s > 0.25 * m.wall_s
     ]
     if shared:
         print("WARNING: the machine was shared while timing; wall times are inflated: " + "; ".join(shared))
@@ -937,8 +996,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.verify:
         verify = run_verify(runs, base, adapter, args, env)
         ok = ok and bool(verify and verify["passed"])
+    source["end"] = source_state()
+    if source["end"]["package_sha256"] != start["package_sha256"]:
+        print(
+            "WARNING: the fourier-convert package changed while the benchmark ran "
+            f"({start['package_sha256']} -> {source['end']['package_sha256']}); repeats measured different code"
+        )
     if args.json is not None:
-        write_json(args, stamp, warm, floor, stages, warnings, ratios, targets, verify)
+        write_json(args, stamp, source, warm, floor, stages, warnings, ratios, targets, verify)
     if not args.keep:
         _remove(runs)
     return 0 if ok else 1
