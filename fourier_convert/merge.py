@@ -241,6 +241,7 @@ def merge(
     bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
     aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
     with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar) as writer, _torch_threads(threads):
+        report.timings["validate_and_plan"] = time.perf_counter() - t0
         writer.begin(layouts, extra_bytes=aux_bytes)
         where = {spec.name: lay for lay in layouts for spec in lay.specs}
         writer.copy(_raw_copies(plan, where))
@@ -248,7 +249,10 @@ def merge(
             set_orientation(plan, skeleton, adapters, why)
         else:
             guess_orientation(plan, adapters)
+        t1 = time.perf_counter()
         done, report.fallbacks = _merge_layers(plan.layers, plan, writer, where, dev, compute)
+        report.timings["deltas_and_merge"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         if job is not None:
             # The skeleton decides; layers it flips are recomputed and rewritten before anything is published.
             skeleton, why = job.result()
@@ -259,15 +263,21 @@ def merge(
                 report.fallbacks += more
             for layer in plan.layers:
                 done[layer.key].orientation = layer.orientation_source
+        report.timings["skeleton_wait"] = time.perf_counter() - t1
         report.layers = [done[layer.key] for layer in plan.layers]
         report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
         for o in plan.outputs:
             if o.raw_source is None and o.kind != "merge":
                 _write_converted(o, writer, where)
         _write_small_files(writer, ckpt, plan)
+        t1 = time.perf_counter()
+        writer.wait()
+        report.timings["copy_wait"] = time.perf_counter() - t1
         report.seconds = time.perf_counter() - t0
         writer.write_file(PROVENANCE_NAME, _provenance(report, adapters, ckpt, plan))
+        t1 = time.perf_counter()
         writer.commit(index_metadata=ckpt.index_metadata)
+        report.timings["fsync_and_publish"] = time.perf_counter() - t1
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report

@@ -60,6 +60,8 @@ class MergeReport:
         fallbacks: Layers whose first backend failed its check and were recomputed.
         adapters: The adapters, as given.
         base: The base, as given.
+        timings: Seconds spent per phase (validate_and_plan, deltas_and_merge, skeleton_wait, copy_wait,
+            fsync_and_publish); the byte copy runs in the background during the middle phases.
         changes: Every output tensor that is not a plain byte copy: ``name``, ``action`` (merge, replace,
             add, cast), ``dtype``, ``shape``, ``bytes`` and ``how``.
     """
@@ -80,6 +82,7 @@ class MergeReport:
     adapters: list[str] = field(default_factory=list)
     base: str = ""
     changes: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -103,5 +106,6 @@ class MergeReport:
                 f"(tolerance {worst.tolerance:.2e})"
             )
         if not self.dry_run:
-            lines.append(f"took {self.seconds:.2f} s")
+            phases = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in self.timings.items())
+            lines.append(f"took {self.seconds:.2f} s" + (f" ({phases})" if phases else ""))
         return lines
