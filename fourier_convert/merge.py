@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -187,6 +188,9 @@ def merge(
     out_dtype = parse_user_dtype(dtype) if dtype else None
     shard_bytes = parse_size(str(max_shard_size)) if max_shard_size is not None else None
     dev = resolve_device(device)
+    if dev.type == "cuda":  # create the CUDA context while the inputs are read and validated
+        warm = threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": dev}, daemon=True)
+        warm.start()
     check_output_target(Path(out), overwrite)
     specs = _adapter_specs(adapter)
     for s in specs:
@@ -384,6 +388,7 @@ def _merge_layers(
         m, n = layer.delta_shape
         for c in layer.contributions:
             cache.reserve(m, n, c.seed, c.spectrum.n)
+    cache.prefetch()
     by_shape: dict[tuple[int, int], list[LayerPlan]] = defaultdict(list)
     for layer in layers:
         by_shape[layer.delta_shape].append(layer)

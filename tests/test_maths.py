@@ -143,3 +143,14 @@ def test_delta_norm_from_spectrum_is_exact(shape: tuple[int, int]) -> None:
         values = np.random.default_rng(n).standard_normal(n)
         want = float((reference_delta(values, m, n_cols, 7.0, 777) ** 2).sum())
         assert delta_sq_norm(values, peft_indices(m, n_cols, n, 777), shape, 7.0) == pytest.approx(want, rel=1e-10)
+
+
+def test_index_cache_prefetch_gives_the_same_positions() -> None:
+    cache = IndexCache()
+    shapes = [(40, 24, 777, 30), (24, 40, 777, 10), (40, 24, 5, 7)]
+    for m, n, seed, k in shapes:
+        cache.reserve(m, n, seed, k)
+    cache.prefetch()
+    for m, n, seed, k in reversed(shapes):
+        assert torch.equal(cache.get(m, n, seed, k), spectral_indices(m, n, k, seed))
+    assert cache.draws == 3

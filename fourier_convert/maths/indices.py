@@ -8,6 +8,7 @@ Layers of the same ``(out, in, seed)`` share one permutation, and a smaller ``n`
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +62,28 @@ class IndexCache:
 
     _wanted: dict[tuple[int, int, int], int] = field(default_factory=dict)
     _cache: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+    _ready: dict[tuple[int, int, int], threading.Event] = field(default_factory=dict)
     draws: int = 0
+
+    def prefetch(self) -> None:
+        """Draw every reserved permutation in a background thread, in reservation order.
+
+        ``torch.randperm`` releases the GIL, so the draws overlap with work on the first layers;
+        :meth:`get` waits for a permutation that is still being drawn.
+        """
+        keys = [k for k in self._wanted if k not in self._cache and k not in self._ready]
+        for key in keys:
+            self._ready[key] = threading.Event()
+
+        def run() -> None:
+            for key in keys:
+                try:
+                    self._cache[key] = spectral_indices(key[0], key[1], self._wanted[key], key[2])
+                    self.draws += 1
+                finally:
+                    self._ready[key].set()
+
+        threading.Thread(target=run, name="fourier-convert-indices", daemon=True).start()
 
     def reserve(self, out_features: int, in_features: int, seed: int, n: int) -> None:
         key = (out_features, in_features, seed)
@@ -69,6 +91,9 @@ class IndexCache:
 
     def get(self, out_features: int, in_features: int, seed: int, n: int) -> torch.Tensor:
         key = (out_features, in_features, seed)
+        ready = self._ready.get(key)
+        if ready is not None:
+            ready.wait()
         have = self._cache.get(key)
         if have is None or have.shape[1] < n:
             want = max(n, self._wanted.get(key, 0))
