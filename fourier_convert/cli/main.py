@@ -124,6 +124,9 @@ def main() -> None:
     """Console-script entry point."""
     _keep_freed_memory()
     signal.signal(signal.SIGTERM, _terminate)
+    # Shells start background jobs with SIGINT ignored and Python then keeps it ignored; a merge must still
+    # clean up on an interrupt, so take it explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli(prog_name="fourier-convert")
 
 
