@@ -54,7 +54,7 @@ from fourier_convert.plan import (
     set_orientation,
 )
 from fourier_convert.report import LayerReport, MergeReport
-from fourier_convert.skeleton import SkeletonJob, build_skeleton
+from fourier_convert.skeleton import Skeleton, SkeletonJob, build_skeleton
 
 PROVENANCE_NAME = "fourier_convert.json"
 #: Upper bound on the working set of one batch of equal-shape deltas, per device type. Batching pays on a
@@ -188,6 +188,7 @@ def merge(
     out_dtype = parse_user_dtype(dtype) if dtype else None
     shard_bytes = parse_size(str(max_shard_size)) if max_shard_size is not None else None
     dev = resolve_device(device)
+    warm: threading.Thread | None = None
     if dev.type == "cuda":  # create the CUDA context while the inputs are read and validated
         warm = threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": dev}, daemon=True)
         warm.start()
@@ -235,56 +236,77 @@ def merge(
         report.seconds = time.perf_counter() - t0
         return report
 
-    out_path = Path(out)
-    stale = sorted(out_path.parent.glob(f".{out_path.name}.partial-*"))
+    _warn_leftovers(Path(out), report)
+    if warm is not None:
+        warm.join()
+    report.timings["validate_and_plan"] = time.perf_counter() - t0
+    bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
+    with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar) as writer, _torch_threads(threads):
+        _write_output(writer, report, ckpt, adapters, plan, layouts, (skeleton, why, job), dev, compute, t0)
+    bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _warn_leftovers(out: Path, report: MergeReport) -> None:
+    stale = sorted(out.parent.glob(f".{out.name}.partial-*"))
     if stale:
         report.warnings.append(
             f"{len(stale)} unfinished output folder(s) from an interrupted run lie beside --out "
             f"(first: {stale[0]}); delete them if no other merge is writing there"
         )
-    bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
-    aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
-    with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar) as writer, _torch_threads(threads):
-        report.timings["validate_and_plan"] = time.perf_counter() - t0
-        writer.begin(layouts, extra_bytes=aux_bytes)
-        where = {spec.name: lay for lay in layouts for spec in lay.specs}
-        writer.copy(_raw_copies(plan, where))
-        if job is None:
-            set_orientation(plan, skeleton, adapters, why)
-        else:
-            guess_orientation(plan, adapters)
-        t1 = time.perf_counter()
-        done, report.fallbacks = _merge_layers(plan.layers, plan, writer, where, dev, compute)
-        report.timings["deltas_and_merge"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        if job is not None:
-            # The skeleton decides; layers it flips are recomputed and rewritten before anything is published.
-            skeleton, why = job.result()
-            flipped = set_orientation(plan, skeleton, adapters, why)
-            if flipped:
-                redone, more = _merge_layers(flipped, plan, writer, where, dev, compute)
-                done.update(redone)
-                report.fallbacks += more
-            for layer in plan.layers:
-                done[layer.key].orientation = layer.orientation_source
-        report.timings["skeleton_wait"] = time.perf_counter() - t1
-        report.layers = [done[layer.key] for layer in plan.layers]
-        report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
-        for o in plan.outputs:
-            if o.raw_source is None and o.kind != "merge":
-                _write_converted(o, writer, where)
-        _write_small_files(writer, ckpt, plan)
-        t1 = time.perf_counter()
-        writer.wait()
-        report.timings["copy_wait"] = time.perf_counter() - t1
-        report.seconds = time.perf_counter() - t0
-        writer.write_file(PROVENANCE_NAME, _provenance(report, adapters, ckpt, plan))
-        t1 = time.perf_counter()
-        writer.commit(index_metadata=ckpt.index_metadata)
-        report.timings["fsync_and_publish"] = time.perf_counter() - t1
-    bar.close()
+
+
+def _write_output(
+    writer: CheckpointWriter,
+    report: MergeReport,
+    ckpt: BaseCheckpoint,
+    adapters: list[FourierFTAdapter],
+    plan: MergePlan,
+    layouts: list[ShardLayout],
+    orientation: tuple[Skeleton | None, str, SkeletonJob | None],
+    dev: torch.device,
+    compute: torch.dtype,
+    t0: float,
+) -> None:
+    """Everything between opening the atomic writer and publishing: byte copies, deltas, small files."""
+    skeleton, why, job = orientation
+    writer.begin(layouts, extra_bytes=sum(p.stat().st_size for p in ckpt.aux_files))
+    where = {spec.name: lay for lay in layouts for spec in lay.specs}
+    writer.copy(_raw_copies(plan, where))
+    if job is None:
+        set_orientation(plan, skeleton, adapters, why)
+    else:
+        guess_orientation(plan, adapters)
+    t1 = time.perf_counter()
+    done, report.fallbacks = _merge_layers(plan.layers, plan, writer, where, dev, compute)
+    report.timings["deltas_and_merge"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    if job is not None:
+        # The skeleton decides; layers it flips are recomputed and rewritten before anything is published.
+        skeleton, why = job.result()
+        flipped = set_orientation(plan, skeleton, adapters, why)
+        if flipped:
+            redone, more = _merge_layers(flipped, plan, writer, where, dev, compute)
+            done.update(redone)
+            report.fallbacks += more
+        for layer in plan.layers:
+            done[layer.key].orientation = layer.orientation_source
+    report.timings["skeleton_wait"] = time.perf_counter() - t1
+    report.layers = [done[layer.key] for layer in plan.layers]
+    report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
+    for o in plan.outputs:
+        if o.raw_source is None and o.kind != "merge":
+            _write_converted(o, writer, where)
+    _write_small_files(writer, ckpt, plan)
+    t1 = time.perf_counter()
+    writer.wait()
+    report.timings["copy_wait"] = time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
-    return report
+    writer.write_file(PROVENANCE_NAME, _provenance(report, adapters, ckpt, plan))
+    t1 = time.perf_counter()
+    writer.commit(index_metadata=ckpt.index_metadata)
+    report.timings["fsync_and_publish"] = time.perf_counter() - t1
 
 
 @contextlib.contextmanager

@@ -9,15 +9,18 @@ from fourier_convert.maths.delta import (
     delta_weights_numpy,
 )
 from fourier_convert.maths.indices import RANDPERM_THRESHOLD, IndexCache, spectral_indices
+from fourier_convert.maths.svd import SpectralSVD, spectral_svd
 
 __all__ = [
     "RANDPERM_THRESHOLD",
     "DeltaCheck",
     "IndexCache",
+    "SpectralSVD",
     "check_delta",
     "delta_at",
     "delta_sq_norm",
     "delta_weights",
     "delta_weights_numpy",
     "spectral_indices",
+    "spectral_svd",
 ]
