@@ -73,10 +73,10 @@ def _evaluate(combo: tuple[np.ndarray, np.ndarray, np.ndarray], size: int) -> np
 def _canonical(freq: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Canonical frequency, sine sign, and the norms of the cosine and sine columns."""
     canon: np.ndarray = np.asarray(np.minimum(freq, size - freq)) % size
-    sign: np.ndarray = np.where((freq == canon) | (freq == 0), 1.0, -1.0)
-    special = (canon == 0) | (2 * canon == size)
-    cos_norm: np.ndarray = np.where(special, np.sqrt(size), np.sqrt(size / 2.0))
-    sin_norm: np.ndarray = np.where(special, 0.0, np.sqrt(size / 2.0))
+    sign: np.ndarray = 1.0 - 2.0 * (freq != canon)  # sin(2 pi (M - u) p / M) = -sin(2 pi u p / M)
+    special: np.ndarray = (canon == 0) | (2 * canon == size)
+    cos_norm: np.ndarray = np.sqrt(size / 2.0) * (1.0 + (np.sqrt(2.0) - 1.0) * special)
+    sin_norm: np.ndarray = np.sqrt(size / 2.0) * (1.0 - special)
     return canon, sign, cos_norm, sin_norm
 
 
