@@ -22,6 +22,7 @@ from fourier_convert.errors import (
 )
 from fourier_convert.inspect import InspectReport, inspect_adapter
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
+from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
 from fourier_convert.merge import AdapterSpec, merge
 from fourier_convert.report import LayerReport, MergeReport
 
@@ -35,6 +36,8 @@ __all__ = [
     "InputFileError",
     "InspectReport",
     "LayerReport",
+    "LoraAdapter",
+    "LoraReport",
     "MergeReport",
     "OutputError",
     "PickleRefusedError",
@@ -44,4 +47,5 @@ __all__ = [
     "inspect_adapter",
     "merge",
     "read_adapter",
+    "to_lora",
 ]

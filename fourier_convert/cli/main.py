@@ -91,9 +91,11 @@ def cli(debug: bool) -> None:
 def _register() -> None:
     from fourier_convert.cli.inspect_cmd import inspect_cmd
     from fourier_convert.cli.merge_cmd import merge_cmd
+    from fourier_convert.cli.to_lora_cmd import to_lora_cmd
 
     cli.add_command(merge_cmd)
     cli.add_command(inspect_cmd)
+    cli.add_command(to_lora_cmd)
 
 
 _register()

@@ -156,6 +156,12 @@ def spectral_svd(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int]
             sigmas.append(float(sigma))
             lefts.append((r_kind, r_freq, uu[:, j]))
             rights.append((c_kind, c_freq, vt[j]))
+    # singular values at rounding level (rank-deficient blocks) are zeros: drop them so the rank is exact
+    floor = 1e-12 * max(sigmas, default=0.0)
+    keep_s = [i for i, sigma in enumerate(sigmas) if sigma > floor]
+    sigmas = [sigmas[i] for i in keep_s]
+    lefts = [lefts[i] for i in keep_s]
+    rights = [rights[i] for i in keep_s]
     order_s = np.argsort(-np.asarray(sigmas), kind="stable")
     return SpectralSVD(
         shape=(m, n),
