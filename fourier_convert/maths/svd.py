@@ -54,19 +54,17 @@ class SpectralSVD:
         return u, v
 
 
-def _basis_column(kind: int, freq: int, size: int) -> np.ndarray:
-    p = np.arange(size, dtype=np.int64)
-    phase = 2.0 * np.pi * ((freq * p) % size) / size
-    col: np.ndarray = np.cos(phase) if kind == 0 else np.sin(phase)
-    unit: np.ndarray = col / np.linalg.norm(col)
-    return unit
-
-
 def _evaluate(combo: tuple[np.ndarray, np.ndarray, np.ndarray], size: int) -> np.ndarray:
+    """The vector ``sum_i w_i phi_{kind_i}[freq_i]`` of length ``size`` (orthonormal cos / sin columns)."""
+    # cos(t) = Re(e^{it}) and sin(t) = Re(-i e^{it}): one inverse FFT evaluates the whole combination
     kinds, freqs, weights = combo
-    out = np.zeros(size)
-    for kind, freq, w in zip(kinds, freqs, weights, strict=True):
-        out += w * _basis_column(int(kind), int(freq), size)
+    _, _, cos_norm, sin_norm = _canonical(freqs.astype(np.int64), size)
+    coef = np.where(
+        kinds == 0, weights / np.where(kinds == 0, cos_norm, 1.0), -1j * weights / np.where(kinds == 1, sin_norm, 1.0)
+    )
+    g = np.zeros(size, dtype=np.complex128)
+    np.add.at(g, freqs.astype(np.int64), coef)
+    out: np.ndarray = np.fft.ifft(g).real * size
     return out
 
 
@@ -147,7 +145,15 @@ def spectral_svd(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int]
         c_local, c_inv = np.unique(col_inv[group], return_inverse=True)
         block = np.zeros((len(r_local), len(c_local)))
         np.add.at(block, (r_inv, c_inv), vals[group])
-        uu, ss_, vt = np.linalg.svd(block, full_matrices=False)
+        if block.shape[0] == 1 or block.shape[1] == 1:  # most components: one row or one column, no SVD needed
+            sigma1 = float(np.linalg.norm(block))
+            if block.shape[1] == 1:
+                uu, vt = block / sigma1, np.ones((1, 1))
+            else:
+                uu, vt = np.ones((1, 1)), block / sigma1
+            ss_ = np.array([sigma1])
+        else:
+            uu, ss_, vt = np.linalg.svd(block, full_matrices=False)
         r_kind, r_freq = np.divmod(row_ids[r_local], m + 1)
         c_kind, c_freq = np.divmod(col_ids[c_local], n + 1)
         for j, sigma in enumerate(ss_):
