@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -129,7 +130,18 @@ def main() -> None:
     # Shells start background jobs with SIGINT ignored and Python then keeps it ignored; a merge must still
     # clean up on an interrupt, so take it explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    cli(prog_name="fourier-convert")
+    try:
+        cli(prog_name="fourier-convert")
+    except SystemExit as exc:
+        if threading.active_count() > 1:
+            # After an error or an interrupt, a background thread (skeleton import, permutation draws) may still
+            # be inside torch; letting the interpreter finalise under it aborts the process. Output is already
+            # cleaned up by then, so leave at once with the intended code.
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -255,26 +255,35 @@ class CheckpointWriter:
 
     # -- set-up -----------------------------------------------------------------------------------
     def __enter__(self) -> CheckpointWriter:
+        # Nothing is created here: folders appear in begin(), inside the with-block, so that an interrupt
+        # at any moment is followed by __exit__ and its clean-up.
         check_output_target(self.out, self.overwrite)
+        return self
+
+    def _make_temp(self) -> Path:
         parent = self.out.parent if str(self.out.parent) else Path(".")
         missing = [p for p in [parent, *parent.parents] if not p.exists()]
+        temp = parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+        self._created = missing  # innermost first: removed again if nothing is published
+        self.temp = temp  # set before mkdir: __exit__ removes it if it exists
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self._created = missing  # innermost first: removed again if nothing is published
-            self.temp = parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
-            self.temp.mkdir()
+            temp.mkdir()
         except OSError as exc:
             raise OutputError(
                 str(self.out), f"cannot create the output folder ({exc.strerror})", "check permissions"
             ) from None
-        return self
+        return temp
 
     def begin(self, layouts: Sequence[ShardLayout], extra_bytes: int = 0) -> None:
-        """Check free space, create every output file at full size and write the headers.
+        """Create the temporary folder, check free space, create every output file at full size and write
+        the headers.
 
         Raises:
+            OutputError: The folder cannot be created.
             DiskSpaceError: Not enough free space for all files (the message says how much is needed).
         """
+        self._make_temp()
         assert self.temp is not None
         need = sum(lay.size for lay in layouts) + extra_bytes
         self._need = need
