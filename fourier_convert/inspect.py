@@ -12,8 +12,7 @@ from fourier_convert.io.adapter import read_adapter
 from fourier_convert.io.checkpoint import open_checkpoint
 from fourier_convert.maths.delta import delta_sq_norm
 from fourier_convert.maths.indices import IndexCache
-from fourier_convert.plan import build_plan, resolve_names, set_orientation
-from fourier_convert.skeleton import build_skeleton
+from fourier_convert.plan import plan_with_orientation
 
 ENERGY_FRACTIONS = (0.01, 0.1, 0.5)
 
@@ -144,15 +143,7 @@ def inspect_adapter(
         if bf16:
             report.warnings.append(f"{len(bf16)} spectra saved in 16-bit floats (first: {bf16[0]})")
         return report
-    ckpt = open_checkpoint(base)
-    names, missing = resolve_names(ckpt, [a])
-    skeleton, why = (None, "the base has no config.json")
-    if ckpt.config is not None:
-        skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
-        if missing:
-            names, missing = resolve_names(ckpt, [a], skeleton)
-    plan = build_plan(ckpt, [a], names)
-    set_orientation(plan, skeleton, [a], why)
+    plan = plan_with_orientation(open_checkpoint(base), [a])
     report.warnings += plan.warnings
     report.notes += plan.notes
     cache = IndexCache()

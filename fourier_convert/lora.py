@@ -27,8 +27,7 @@ from fourier_convert.io.dtypes import st_dtype
 from fourier_convert.io.writer import CheckpointWriter, TensorSpec, check_output_target, layout_shards
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
-from fourier_convert.plan import build_plan, resolve_names, set_orientation
-from fourier_convert.skeleton import build_skeleton
+from fourier_convert.plan import plan_with_orientation
 
 #: A layer keeping less of its delta's energy than this is called out in the report.
 LOW_ENERGY = 0.5
@@ -200,15 +199,7 @@ def to_lora(
     base_spec = base if base is not None else fourier.settings.base_model_name_or_path
     if not base_spec:
         raise UsageError("--base", "not given and the adapter names no base_model_name_or_path", "pass --base")
-    ckpt = open_checkpoint(base_spec)
-    names, missing = resolve_names(ckpt, [fourier])
-    skeleton, why = None, "the base has no config.json"
-    if ckpt.config is not None:
-        skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
-        if missing:
-            names, missing = resolve_names(ckpt, [fourier], skeleton)
-    plan = build_plan(ckpt, [fourier], names)
-    set_orientation(plan, skeleton, [fourier], why)
+    plan = plan_with_orientation(open_checkpoint(base_spec), [fourier])
 
     cache = IndexCache()
     tensors: dict[str, torch.Tensor] = {}

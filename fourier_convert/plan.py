@@ -23,7 +23,7 @@ from fourier_convert.io.adapter import FourierFTAdapter, Spectrum, StoredTensor
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from fourier_convert.maths.indices import RANDPERM_THRESHOLD
-from fourier_convert.skeleton import CONV1D, LINEAR, Skeleton
+from fourier_convert.skeleton import CONV1D, LINEAR, Skeleton, build_skeleton
 from fourier_convert.targets import is_targeted
 
 
@@ -469,3 +469,25 @@ def set_orientation(
     elif plan.layers:
         plan.notes.append("orientation (Linear / Conv1D) decided from the model skeleton")
     return flipped
+
+
+def plan_with_orientation(ckpt: BaseCheckpoint, adapters: Sequence[FourierFTAdapter]) -> MergePlan:
+    """Validate and plan ``adapters`` against ``ckpt`` with every layer's orientation decided.
+
+    For callers that need shapes and module types before doing anything (``inspect``, ``to-lora``): the
+    model skeleton is built at once (``merge`` builds it in the background instead).
+
+    Example:
+        >>> plan = plan_with_orientation(open_checkpoint("fixtures/gpt2/base"), [adapter])  # doctest: +SKIP
+        >>> all(layer.conv1d for layer in plan.layers)  # doctest: +SKIP
+        True
+    """
+    names, missing = resolve_names(ckpt, adapters)
+    skeleton, why = None, "the base has no config.json"
+    if ckpt.config is not None:
+        skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
+        if missing:
+            names, missing = resolve_names(ckpt, adapters, skeleton)
+    plan = build_plan(ckpt, adapters, names)
+    set_orientation(plan, skeleton, adapters, why)
+    return plan
