@@ -24,7 +24,12 @@ from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import KEY_PREFIX, read_adapter
 from fourier_convert.io.checkpoint import open_checkpoint
 from fourier_convert.io.dtypes import st_dtype
-from fourier_convert.io.writer import CheckpointWriter, TensorSpec, check_output_target, layout_shards
+from fourier_convert.io.writer import (
+    CheckpointWriter,
+    TensorSpec,
+    layout_shards,
+    refuse_input_as_output,
+)
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
 from fourier_convert.plan import plan_with_orientation
@@ -110,22 +115,26 @@ class LoraAdapter:
     Attributes:
         config: ``adapter_config.json`` contents.
         tensors: Tensor key -> tensor, keys as PEFT saves them (``base_model.model.`` prefix).
+        sources: The input folders (FourierFT adapter, base): :meth:`save` never writes over them.
     """
 
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    sources: list[Path] = field(default_factory=list)
 
     def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
 
         Raises:
             OutputError: ``out`` exists and is not empty (without ``overwrite``), or cannot be written.
+            UsageError: ``out`` is, contains, or lies inside an input folder.
 
         Example:
             >>> lora, report = to_lora("fixtures/llama/adapter", base="fixtures/llama/base", rank=8)  # doctest: +SKIP
             >>> lora.save("llama-lora")  # doctest: +SKIP
         """
         target = Path(out)
+        refuse_input_as_output(target, self.sources)
         specs = [TensorSpec(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in self.tensors.items()]
         layouts = layout_shards([specs], names=[WEIGHTS_NAME])
         with CheckpointWriter(target, overwrite=overwrite) as writer:
@@ -199,7 +208,8 @@ def to_lora(
     base_spec = base if base is not None else fourier.settings.base_model_name_or_path
     if not base_spec:
         raise UsageError("--base", "not given and the adapter names no base_model_name_or_path", "pass --base")
-    plan = plan_with_orientation(open_checkpoint(base_spec), [fourier])
+    ckpt = open_checkpoint(base_spec)
+    plan = plan_with_orientation(ckpt, [fourier])
 
     cache = IndexCache()
     tensors: dict[str, torch.Tensor] = {}
@@ -275,9 +285,6 @@ def to_lora(
             "the LoRA keeps less than half of the adapter's delta energy: a FourierFT delta spreads its energy over "
             "up to 2n singular values, so a low-rank LoRA keeps only the ~r/2 largest coefficients (docs/maths.md)",
         )
-    return LoraAdapter(config, tensors), LoraReport(str(adapter), layers, params, warnings)
-
-
-def check_lora_target(out: str | Path, overwrite: bool) -> None:
-    """Refuse an unusable ``--out`` before any work (same rules as merge)."""
-    check_output_target(Path(out), overwrite)
+    return LoraAdapter(config, tensors, [fourier.folder, ckpt.folder]), LoraReport(
+        str(adapter), layers, params, warnings
+    )

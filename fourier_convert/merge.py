@@ -29,7 +29,7 @@ from fourier_convert import __version__
 from fourier_convert.errors import UsageError, VerificationError
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
-from fourier_convert.io.dtypes import parse_user_dtype, st_dtype, torch_dtype
+from fourier_convert.io.dtypes import parse_user_dtype, torch_dtype
 from fourier_convert.io.progress import ByteProgress
 from fourier_convert.io.safetensors_file import read_torch
 from fourier_convert.io.writer import (
@@ -41,6 +41,7 @@ from fourier_convert.io.writer import (
     coalesce,
     layout_shards,
     plan_groups,
+    refuse_input_as_output,
 )
 from fourier_convert.maths.delta import DeltaCheck, check_delta, delta_weights, delta_weights_numpy
 from fourier_convert.maths.indices import IndexCache
@@ -199,7 +200,7 @@ def merge(
             raise UsageError("--weight", f"{s.weight} is not a finite number", "pass a multiplier such as 1.0 or 0.5")
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
     ckpt = open_checkpoint(base, revision=revision)
-    _refuse_input_as_output(Path(out), [ckpt.folder] + [a.folder for a in adapters])
+    refuse_input_as_output(Path(out), [ckpt.folder] + [a.folder for a in adapters])
 
     names, missing = resolve_names(ckpt, adapters)
     skeleton, why = None, "the base has no config.json"
@@ -317,17 +318,6 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _refuse_input_as_output(out: Path, inputs: list[Path]) -> None:
-    """--out must not be, contain, or lie inside an input: publishing replaces --out."""
-    target = out.resolve()
-    for folder in inputs:
-        src = folder.resolve()
-        if target == src or src.is_relative_to(target) or target.is_relative_to(src):
-            raise UsageError(
-                "--out", f"{out} overlaps the input folder {folder}", "write the merged model to another folder"
-            )
 
 
 def _adapter_specs(adapter: Any) -> list[AdapterSpec]:
@@ -554,6 +544,6 @@ def _provenance(report: MergeReport, adapters: list[FourierFTAdapter], ckpt: Bas
             for a in adapters
         ],
         "report": report.to_dict(),
-        "dtypes": sorted({st_dtype(torch_dtype(o.dtype)) for o in plan.outputs}),
+        "dtypes": sorted({o.dtype for o in plan.outputs}),
     }
     return (json.dumps(doc, indent=2, default=str) + "\n").encode()

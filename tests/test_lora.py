@@ -109,3 +109,12 @@ def test_cli_to_lora_writes_a_loadable_adapter_and_json(tmp_path: Path) -> None:
     bad = CliRunner().invoke(cli, [*args[:7], "--rank", "eight", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2
     assert bad.stderr == "error: --rank: cannot read 'eight'; use an integer rank (8) or an energy share (0.9)\n"
+
+
+def test_save_refuses_to_write_over_the_input_adapter(tmp_path: Path, fixture_copy) -> None:  # type: ignore[no-untyped-def]
+    d = fixture_copy("gpt2")
+    before = {p: p.read_bytes() for p in (d / "adapter").iterdir() if p.is_file()}
+    lora, _ = to_lora(d / "adapter", base=d / "base", rank=2)
+    with pytest.raises(fc.UsageError, match="overlaps the input folder"):
+        lora.save(d / "adapter", overwrite=True)
+    assert {p: p.read_bytes() for p in (d / "adapter").iterdir() if p.is_file()} == before

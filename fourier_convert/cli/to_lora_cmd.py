@@ -9,7 +9,8 @@ import click
 
 from fourier_convert.cli.merge_cmd import check_report_path
 from fourier_convert.errors import UsageError
-from fourier_convert.lora import check_lora_target, to_lora
+from fourier_convert.io.writer import check_output_target
+from fourier_convert.lora import to_lora
 
 
 def parse_rank(text: str) -> float:
@@ -61,7 +62,7 @@ def to_lora_cmd(
 ) -> None:
     """Approximate a FourierFT adapter by a PEFT LoRA adapter (exact spectral SVD, best rank-r per layer)."""
     check_report_path(json_path)
-    check_lora_target(out, overwrite)
+    check_output_target(out, overwrite)
     lora, report = to_lora(
         adapter,
         base=base,

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fourier_convert.errors import DiskSpaceError, InputFileError, OutputError
+from fourier_convert.errors import DiskSpaceError, InputFileError, OutputError, UsageError
 from fourier_convert.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from fourier_convert.io.progress import ByteProgress
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, SafetensorsFile
@@ -243,6 +243,7 @@ class CheckpointWriter:
         self._layouts: dict[str, ShardLayout] = {}
         self._fds: dict[str, int] = {}
         self._pending: set[tuple[str, str]] = set()
+        self._sizes: dict[tuple[str, str], int] = {}
         self._jobs: queue.Queue[RangeCopy | None] = queue.Queue()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -301,6 +302,7 @@ class CheckpointWriter:
             self._guard(lambda fd=fd, lay=lay: os.pwrite(fd, lay.header, 0))
             for spec in lay.specs:
                 self._pending.add((lay.filename, spec.name))
+                self._sizes[(lay.filename, spec.name)] = spec.nbytes
         self._thread = threading.Thread(target=self._run_copies, name="fourier-convert-copy", daemon=True)
         self._thread.start()
 
@@ -312,14 +314,13 @@ class CheckpointWriter:
 
     def write_tensor(self, filename: str, name: str, data: bytes | bytearray | memoryview) -> None:
         """Write one tensor's bytes at its planned offset."""
-        lay = self._layouts[filename]
-        expected = _spec_bytes(lay, name)
+        expected = self._sizes[(filename, name)]
         view = memoryview(data).cast("B")
         if len(view) != expected:
             raise OutputError(name, f"computed {len(view)} bytes, the plan says {expected}", "report this bug")
         self._raise_copy_error()
         fd = self._fds[filename]
-        offset = lay.offsets[name]
+        offset = self._layouts[filename].offsets[name]
         self._guard(lambda: _pwrite_all(fd, view, offset))
         with self._lock:
             self._pending.discard((filename, name))
@@ -470,11 +471,17 @@ def check_output_target(out: Path, overwrite: bool) -> None:
             raise OutputError(str(out), "exists and is not empty", "choose another --out or pass --overwrite")
 
 
-def _spec_bytes(lay: ShardLayout, name: str) -> int:
-    for spec in lay.specs:
-        if spec.name == name:
-            return spec.nbytes
-    raise KeyError(name)
+def refuse_input_as_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output folder that is, contains, or lies inside an input folder (publishing replaces it).
+
+    Raises:
+        UsageError: ``out`` overlaps one of ``inputs``.
+    """
+    target = out.resolve()
+    for folder in inputs:
+        src = folder.resolve()
+        if target == src or src.is_relative_to(target) or target.is_relative_to(src):
+            raise UsageError("--out", f"{out} overlaps the input folder {folder}", "write the output to another folder")
 
 
 def _reserve(fd: int, size: int) -> None:
