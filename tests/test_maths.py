@@ -15,6 +15,7 @@ from fourier_convert.maths import (
     delta_weights_numpy,
     spectral_indices,
 )
+from fourier_convert.maths.indices import RANDPERM_THRESHOLD, randperm_prefix
 from tests.reference import peft_indices, reference_delta
 
 
@@ -31,6 +32,28 @@ def test_indices_equal_peft_layer() -> None:
     for name, (m, n) in {"a": (40, 24), "b": (24, 40)}.items():
         layer = getattr(model.base_model.model, name)
         assert torch.equal(layer.indices["default"], spectral_indices(m, n, 77, 4242))
+
+
+def test_randperm_prefix_is_bit_identical_to_torch() -> None:
+    rng = np.random.default_rng(7)
+    cases = [(1, 1, 777), (2, 2, 0), (12, 12, 777), (5000, 4999, -3), (4096 * 4096, 1000, 777), (17, 5, 2**40 + 9)]
+    for t in rng.integers(1, 3000, 60):
+        cases.append((int(t), int(rng.integers(1, t + 1)), int(rng.integers(-(2**62), 2**62))))
+    for total, n, seed in cases:
+        want = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].numpy()
+        np.testing.assert_array_equal(randperm_prefix(total, n, seed), want, err_msg=f"{(total, n, seed)}")
+
+
+def test_randperm_prefix_rejects_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"n=0 must be in \[1, 4\]"):
+        randperm_prefix(4, 0, 777)
+    with pytest.raises(ValueError, match="total="):
+        randperm_prefix(RANDPERM_THRESHOLD, 1, 777)
+
+
+@pytest.mark.parametrize("n", [1, 70_000])  # the O(n) replay and, above its limit, torch's full draw
+def test_spectral_indices_paths_agree_with_peft_draw(n: int) -> None:
+    assert np.array_equal(spectral_indices(300, 257, n, 99).numpy(), peft_indices(300, 257, n, 99))
 
 
 def test_index_cache_draws_once_per_shape_and_serves_prefixes() -> None:

@@ -4,6 +4,14 @@ PEFT draws ``torch.randperm(out * in, generator=torch.Generator().manual_seed(se
 the first ``n`` entries; position ``p`` is row ``p // in``, column ``p % in`` of the ``(out, in)`` spectrum.
 Layers of the same ``(out, in, seed)`` share one permutation, and a smaller ``n`` is a prefix of it, so an
 :class:`IndexCache` draws each permutation once.
+
+Drawing the whole permutation costs O(out * in) time and 8 bytes per position (a 8192 x 28672 layer: seconds
+and ~2 GB) although only ``n`` entries are kept. Below :data:`RANDPERM_THRESHOLD` positions torch's CPU
+``randperm`` is a forward Fisher-Yates shuffle driven by the generator's raw 32-bit Mersenne Twister outputs:
+step ``i`` swaps position ``i`` with ``i + r_i % (total - i)`` and never touches positions ``< i`` again. So
+the first ``n`` entries follow from the first ``n`` raw outputs alone, replaying ``n`` swaps on a sparse map
+(:func:`randperm_prefix`): O(n) time and memory, bit-identical to torch. numpy's ``MT19937`` with the legacy
+(``init_genrand``) seeding produces the same raw stream as torch's generator, whose seed is taken modulo 2**32.
 """
 
 from __future__ import annotations
@@ -11,11 +19,62 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 #: From early-2025 releases on, torch.randperm on the CPU uses another algorithm for n >= 2**32 / 20;
 #: layers above this size get torch-version-dependent positions (see docs/maths.md).
 RANDPERM_THRESHOLD = (2**32) // 20
+#: Above this many kept positions the O(n) Python replay is slower than drawing the whole permutation.
+_PREFIX_MAX_N = 1 << 16
+
+
+def _mt19937_raw(seed: int, count: int) -> np.ndarray:
+    """The first ``count`` raw 32-bit outputs of torch's CPU generator after ``manual_seed(seed)``."""
+    legacy = np.random.RandomState(seed & 0xFFFFFFFF)  # init_genrand(seed mod 2**32), as at::mt19937
+    _, key, pos = legacy.get_state()[:3]
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+    raw: np.ndarray = bits.random_raw(count)
+    return raw
+
+
+def randperm_prefix(total: int, n: int, seed: int) -> np.ndarray:
+    """The first ``n`` entries of ``torch.randperm(total, generator=torch.Generator().manual_seed(seed))``.
+
+    Exact (bit-identical) for ``total < RANDPERM_THRESHOLD``, where torch uses the forward Fisher-Yates
+    shuffle; O(n) time and memory instead of O(total).
+
+    Args:
+        total: Length of the permutation, ``1 <= total < RANDPERM_THRESHOLD``.
+        n: How many leading entries, ``1 <= n <= total``.
+        seed: The generator's seed (any int torch accepts; only ``seed mod 2**32`` matters).
+
+    Returns:
+        int64 array of length ``n``.
+
+    Raises:
+        ValueError: ``total`` or ``n`` is out of range.
+
+    Example:
+        >>> full = torch.randperm(10, generator=torch.Generator().manual_seed(777))
+        >>> randperm_prefix(10, 4, 777).tolist() == full[:4].tolist()
+        True
+    """
+    if not 1 <= total < RANDPERM_THRESHOLD:
+        raise ValueError(f"total={total} must be in [1, {RANDPERM_THRESHOLD})")
+    if not 1 <= n <= total:
+        raise ValueError(f"n={n} must be in [1, {total}]")
+    steps = np.arange(n, dtype=np.uint64)
+    targets = (_mt19937_raw(seed, n) % (np.uint64(total) - steps) + steps).tolist()
+    moved: dict[int, int] = {}  # position -> value, only where a swap changed it
+    out = np.empty(n, dtype=np.int64)
+    for i, j in enumerate(targets):
+        here = moved.pop(i, i)
+        out[i] = moved.get(j, j) if j != i else here
+        if j != i:
+            moved[j] = here
+    return out
 
 
 def spectral_indices(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
@@ -40,7 +99,10 @@ def spectral_indices(out_features: int, in_features: int, n: int, seed: int) -> 
     total = out_features * in_features
     if not 1 <= n <= total:
         raise ValueError(f"n={n} must be in [1, {total}] for a {out_features}x{in_features} layer")
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    if total < RANDPERM_THRESHOLD and n <= _PREFIX_MAX_N:
+        perm = torch.from_numpy(randperm_prefix(total, n, seed))
+    else:
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([perm // in_features, perm % in_features])
 
 
