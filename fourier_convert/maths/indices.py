@@ -32,9 +32,9 @@ _PREFIX_MAX_N = 1 << 16
 def _mt19937_raw(seed: int, count: int) -> np.ndarray:
     """The first ``count`` raw 32-bit outputs of torch's CPU generator after ``manual_seed(seed)``."""
     legacy = np.random.RandomState(seed & 0xFFFFFFFF)  # init_genrand(seed mod 2**32), as at::mt19937
-    _, key, pos = legacy.get_state()[:3]
+    state = legacy.get_state(legacy=False)
     bits = np.random.MT19937()
-    bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+    bits.state = {"bit_generator": "MT19937", "state": state["state"]}
     raw: np.ndarray = bits.random_raw(count)
     return raw
 
