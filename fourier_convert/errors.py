@@ -54,6 +54,15 @@ class VerificationError(FourierConvertError):
     """A reconstructed delta failed its float64 spot check; nothing was written."""
 
 
+class OnnxValidationError(VerificationError):
+    """The exported ONNX graph's outputs differ from PyTorch's beyond the tolerances; nothing was published."""
+
+
+class ExportError(FourierConvertError):
+    """The ONNX export cannot be done here: a missing package, an exporter failure, or an execution provider
+    that is not active."""
+
+
 class OutputError(FourierConvertError):
     """The output cannot be written (exists, no space, not writable)."""
 

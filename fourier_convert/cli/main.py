@@ -18,6 +18,7 @@ from fourier_convert import __version__
 from fourier_convert.errors import (
     AdapterError,
     BaseMismatchError,
+    ExportError,
     FourierConvertError,
     InputFileError,
     OutputError,
@@ -32,6 +33,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (AdapterError, 1),
     (BaseMismatchError, 1),
     (VerificationError, 1),
+    (ExportError, 1),
     (OutputError, 1),
     (FourierConvertError, 1),
 ]
