@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -303,11 +304,50 @@ def _is_head(key: str, modules_to_save: list[str]) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in modules_to_save)
 
 
-def _classify(
-    tensors: dict[str, StoredTensor], settings: FourierFTSettings, weights: Path
-) -> tuple[dict[str, Spectrum], dict[str, StoredTensor], dict[str, StoredTensor]]:
-    where = str(weights)
-    spectra: dict[str, Spectrum] = {}
+@dataclass
+class TensorGroups:
+    """An adapter file's tensors sorted by role.
+
+    Attributes:
+        method: Clean key -> tensor for the method's own tensors (spectra, LoRA factors).
+        biases: Clean ``<module>.bias`` key -> trained bias.
+        heads: Clean key -> tensor of a ``modules_to_save`` module.
+    """
+
+    method: dict[str, StoredTensor]
+    biases: dict[str, StoredTensor]
+    heads: dict[str, StoredTensor]
+
+
+def classify_tensors(
+    tensors: dict[str, StoredTensor],
+    *,
+    is_method: Callable[[str], bool],
+    method_noun: str,
+    bias: str,
+    modules_to_save: list[str],
+    where: str,
+) -> TensorGroups:
+    """Sort a PEFT adapter's tensors into the method's own, trained biases and ``modules_to_save`` heads.
+
+    Keys lose the ``base_model.model.`` prefix; ``<module>.base_layer.bias`` becomes ``<module>.bias``;
+    stale ``original_module`` copies are skipped and ``modules_to_save.<adapter>.`` wrappers unwrapped.
+
+    Args:
+        tensors: Stored key -> tensor.
+        is_method: Whether a clean key is one of the method's tensors.
+        method_noun: What those are called in messages (``"a spectrum"``).
+        bias: The config's bias mode (``"none"``, ``"all"`` or ``"<method>_only"``).
+        modules_to_save: The config's ``modules_to_save``.
+        where: The file, for messages.
+
+    Returns:
+        The groups.
+
+    Raises:
+        AdapterError: A tensor that fits none of the roles, or a non-float bias / head.
+    """
+    method: dict[str, StoredTensor] = {}
     biases: dict[str, StoredTensor] = {}
     heads: dict[str, StoredTensor] = {}
     wrapped: dict[str, StoredTensor] = {}
@@ -319,45 +359,63 @@ def _classify(
         if m:
             wrapped[f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)] = t
             continue
-        if clean.endswith(".fourierft_spectrum"):
-            module = clean[: -len(".fourierft_spectrum")]
-            spectra[module] = _read_spectrum(module, t, settings, where)
+        if is_method(clean):
+            method[clean] = t
             continue
         if ".base_layer." in clean:
             clean = clean.replace(".base_layer.", ".")
-            if not clean.endswith(".bias") or settings.bias == "none":
+            if not clean.endswith(".bias") or bias == "none":
                 raise AdapterError(
-                    where, f"unexpected tensor {key!r} with bias={settings.bias!r}", "re-save the adapter with PEFT"
+                    where, f"unexpected tensor {key!r} with bias={bias!r}", "re-save the adapter with PEFT"
                 )
             biases[clean] = t
             continue
-        if _is_head(clean, settings.modules_to_save):
+        if _is_head(clean, modules_to_save):
             heads[clean] = t
-        elif clean.endswith(".bias") and settings.bias == "all":
+        elif clean.endswith(".bias") and bias == "all":
             biases[clean] = t
         else:
             raise AdapterError(
                 where,
-                f"unexpected tensor {key!r} (not a spectrum, not a trained bias for bias={settings.bias!r}, "
-                f"not in modules_to_save {settings.modules_to_save})",
+                f"unexpected tensor {key!r} (not {method_noun}, not a trained bias for bias={bias!r}, "
+                f"not in modules_to_save {modules_to_save})",
                 "check that adapter_config.json belongs to these weights",
             )
     for clean, t in wrapped.items():
         # PEFT saves some modules_to_save tensors only under the wrapper's path (bias="all" heads).
         if clean not in heads and clean not in biases:
-            (heads if _is_head(clean, settings.modules_to_save) else biases)[clean] = t
-    if not spectra:
-        raise AdapterError(where, "holds no fourierft_spectrum tensors", "check that this is a FourierFT adapter")
+            (heads if _is_head(clean, modules_to_save) else biases)[clean] = t
     for key, t in {**biases, **heads}.items():
         if t.dtype not in FLOAT_DTYPES:
             raise AdapterError(where, f"tensor {key!r} has dtype {t.dtype}, expected a float dtype", "re-save it")
+    return TensorGroups(method, biases, heads)
+
+
+def _classify(
+    tensors: dict[str, StoredTensor], settings: FourierFTSettings, weights: Path
+) -> tuple[dict[str, Spectrum], dict[str, StoredTensor], dict[str, StoredTensor]]:
+    where = str(weights)
+    groups = classify_tensors(
+        tensors,
+        is_method=lambda k: k.endswith(".fourierft_spectrum"),
+        method_noun="a spectrum",
+        bias=settings.bias,
+        modules_to_save=settings.modules_to_save,
+        where=where,
+    )
+    spectra: dict[str, Spectrum] = {}
+    for clean, t in groups.method.items():
+        module = clean[: -len(".fourierft_spectrum")]
+        spectra[module] = _read_spectrum(module, t, settings, where)
+    if not spectra:
+        raise AdapterError(where, "holds no fourierft_spectrum tensors", "check that this is a FourierFT adapter")
     if settings.bias == "fourier_only":
-        stray = [k for k in biases if k[: -len(".bias")] not in spectra]
+        stray = [k for k in groups.biases if k[: -len(".bias")] not in spectra]
         if stray:
             raise AdapterError(
                 where, f"bias='fourier_only' but {stray[0]!r} belongs to no adapted module", "fix the config"
             )
-    return spectra, biases, heads
+    return spectra, groups.biases, groups.heads
 
 
 def _read_spectrum(module: str, t: StoredTensor, settings: FourierFTSettings, where: str) -> Spectrum:
