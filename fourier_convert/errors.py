@@ -10,6 +10,8 @@ The CLI maps each class to an exit code in one table (``fourier_convert.cli.main
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FourierConvertError(Exception):
     """Base class of every error fourier-convert raises on purpose.
@@ -55,7 +57,10 @@ class VerificationError(FourierConvertError):
 
 
 class OnnxValidationError(VerificationError):
-    """The exported ONNX graph's outputs differ from PyTorch's beyond the tolerances; nothing was published."""
+    """The merge proof or the ONNX validation failed (outputs differ beyond the tolerances); nothing was
+    published. ``report`` holds the :class:`~fourier_convert.onnx.report.OnnxReport` when there is one."""
+
+    report: Any = None
 
 
 class ExportError(FourierConvertError):

@@ -1,0 +1,16 @@
+"""ONNX export of merged FourierFT models (``fourier-convert to-onnx``), proven equal in onnxruntime.
+
+Modules, one job each: :mod:`.tasks` (task names, inference from ``config.architectures``),
+:mod:`.signature` (graph inputs / outputs of a loaded model, the flat-input wrapper), :mod:`.inputs`
+(example and validation inputs), :mod:`.models` (loading with transformers), :mod:`.proof` (the unmerged
+adapter without PEFT or FFTs), :mod:`.exporter` (``torch.onnx.export``, dynamo), :mod:`.runtime`
+(onnxruntime sessions, providers, optimiser), :mod:`.compare` (masked comparisons), :mod:`.report`, and
+:mod:`.pipeline` (:func:`export_onnx`, which ties them together).
+"""
+
+from fourier_convert.onnx.compare import TOLERANCES, CaseCheck, OutputCheck
+from fourier_convert.onnx.pipeline import export_onnx
+from fourier_convert.onnx.report import OnnxReport
+from fourier_convert.onnx.tasks import TASKS
+
+__all__ = ["TASKS", "TOLERANCES", "CaseCheck", "OnnxReport", "OutputCheck", "export_onnx"]

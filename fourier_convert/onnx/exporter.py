@@ -1,0 +1,169 @@
+"""Export a :class:`~fourier_convert.onnx.signature.FlatModel` with ``torch.onnx.export`` (dynamo exporter).
+
+Dynamic axes are declared with ``torch.export.Dim`` (batch, sequence, past sequence); the attention mask of
+the cached decoder spans past + sequence, which ``torch.export`` derives itself (``Dim.DYNAMIC``) and this
+module renames in the graph. The graph is refused if it contains Fourier-transform ops (``DFT``,
+``STFT``): the input must have been merged. Weights go to one external-data file ``model.onnx.data`` when
+they exceed :data:`EXTERNAL_DATA_THRESHOLD` (or when asked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fourier_convert.errors import ExportError
+from fourier_convert.onnx.signature import BATCH, PAST, SEQUENCE, TOTAL, FlatModel, Signature
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+#: Weights above this many bytes are written to ``model.onnx.data`` (protobuf files cannot exceed 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+#: Op types that would mean an unmerged FourierFT model was traced.
+FORBIDDEN_OPS = frozenset({"DFT", "STFT"})
+
+
+@dataclass
+class GraphInfo:
+    """What the exporter wrote.
+
+    Attributes:
+        opset: Default-domain opset of the graph.
+        op_types: Distinct op types in the graph (functions included).
+        weights_bytes: Bytes of all initializers.
+        external_data: Whether the weights are in ``model.onnx.data``.
+        files: Files written, relative to the folder.
+        inputs, outputs: Name -> ``{"dtype": ..., "shape": [...]}`` with symbolic axes by name.
+        exporter_log: The exporter's own messages.
+    """
+
+    opset: int
+    op_types: list[str]
+    weights_bytes: int
+    external_data: bool
+    files: list[str] = field(default_factory=list)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    exporter_log: str = ""
+
+
+def dynamic_shapes(sig: Signature) -> tuple[tuple[dict[int, Any], ...]]:
+    """``dynamic_shapes`` for ``torch.export`` of a :class:`FlatModel` (one tuple: its ``*tensors``)."""
+    dims = {
+        BATCH: torch.export.Dim(BATCH, min=1),
+        SEQUENCE: torch.export.Dim(SEQUENCE, min=1),
+        PAST: torch.export.Dim(PAST, min=0),
+        TOTAL: torch.export.Dim.DYNAMIC,
+    }
+    return (tuple({axis: dims[name] for axis, name in sig.axes[inp].items()} for inp in sig.inputs),)
+
+
+def export_graph(
+    flat: FlatModel,
+    example: list[torch.Tensor],
+    folder: Path,
+    *,
+    opset: int | None = None,
+    external_data: bool | None = None,
+) -> GraphInfo:
+    """Export ``flat`` at the ``example`` shape to ``folder/model.onnx`` with dynamic axes.
+
+    Args:
+        flat: The wrapped model (eval mode).
+        example: One tensor per graph input (batch and sequence >= 2).
+        folder: Existing folder to write into.
+        opset: Target opset; None takes the exporter's default.
+        external_data: Force (True) or forbid (False) ``model.onnx.data``; None decides by size.
+
+    Returns:
+        What was written.
+
+    Raises:
+        ExportError: The exporter failed, or the graph contains Fourier-transform ops.
+
+    Example:
+        >>> info = export_graph(FlatModel(model, sig).eval(), make_inputs(sig, export_case(sig)), tmp)  # doctest: +SKIP
+        >>> info.files  # doctest: +SKIP
+        ['model.onnx']
+    """
+    import onnx_ir as ir
+
+    sig = flat.signature
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program: Any = torch.onnx.export(
+                flat,
+                tuple(example),
+                dynamo=True,
+                input_names=list(sig.inputs),
+                output_names=list(sig.outputs),
+                dynamic_shapes=dynamic_shapes(sig),
+                opset_version=opset,
+                optimize=True,
+            )
+    except Exception as exc:  # the exporter raises many kinds; all mean "this model did not export"
+        raise ExportError(
+            "torch.onnx.export",
+            f"the dynamo exporter failed: {_summary(exc)}",
+            "see docs/to-onnx.md (known limits); for a decoder try --task causal-lm; run with --debug for details",
+        ) from exc
+    graph = program.model.graph
+    _name_axes(graph.inputs, sig, ir)
+    _name_axes(graph.outputs, sig, ir)
+    op_types = sorted({node.op_type for node in ir.traversal.RecursiveGraphIterator(graph)})
+    for fn in program.model.functions.values():
+        op_types = sorted(set(op_types) | {node.op_type for node in ir.traversal.RecursiveGraphIterator(fn)})
+    bad = sorted(FORBIDDEN_OPS.intersection(op_types))
+    if bad:
+        raise ExportError(
+            "model.onnx", f"the graph contains Fourier-transform ops {bad}", "export a merged model, not an adapter"
+        )
+    weights = sum(int(v.const_value.nbytes) for v in graph.initializers.values() if v.const_value is not None)
+    use_external = weights > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    opset_used = int(program.model.opset_imports.get("", 0))
+    path = folder / MODEL_FILE
+    program.save(str(path), external_data=use_external)
+    files = [MODEL_FILE] + ([DATA_FILE] if (folder / DATA_FILE).exists() else [])
+    return GraphInfo(
+        opset_used, op_types, weights, DATA_FILE in files, files, _io(graph.inputs), _io(graph.outputs), log.getvalue()
+    )
+
+
+def _io(values: Any) -> dict[str, dict[str, Any]]:
+    return {
+        v.name: {
+            "dtype": v.dtype.name.lower() if v.dtype is not None else "?",
+            "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
+        }
+        for v in values
+    }
+
+
+def _name_axes(values: Any, sig: Signature, ir: Any) -> None:
+    """Give every declared dynamic axis its symbolic name (the exporter names derived axes like ``s53``)."""
+    for value in values:
+        axes = sig.axes.get(value.name)
+        if not axes or value.shape is None:
+            continue
+        dims = list(value.shape)
+        for axis, name in axes.items():
+            if axis < len(dims) and not isinstance(dims[axis], int):
+                dims[axis] = ir.SymbolicDim(name)
+        value.shape = ir.Shape(dims)
+
+
+def _summary(exc: BaseException) -> str:
+    text = str(exc)
+    match = re.search(r"Exception summary\s*\n\s*\n?(.*?)(\n\n|$)", text, re.S)
+    line = match.group(1) if match else text
+    line = " ".join(line.split())
+    return f"{type(exc).__name__}: {line[:400]}" if line else type(exc).__name__

@@ -1,0 +1,482 @@
+"""``export_onnx``: merge (when given an adapter), prove the merge, export with the dynamo exporter, validate
+in onnxruntime, and publish atomically.
+
+Order of work, chosen so that peak memory stays near one copy of the weights:
+
+1. Check every argument, the packages, the output folder and free disk space (nothing written yet).
+2. Base + adapter: merge with :func:`fourier_convert.merge` into a scratch folder beside ``out`` (float32).
+3. Merge proof: load the base with the adapter applied unmerged (:mod:`.proof`, no PEFT, no FFT), run it
+   on the validation inputs, free it; load the merged model, run the same inputs, compare.
+4. Reference outputs for validation in PyTorch (eval mode, export dtype) before exporting.
+5. Export into the atomic writer's temporary folder; free the PyTorch model; ``--optimize``.
+6. Validate in onnxruntime at >= 3 shapes unlike the export shape; publish only if every output of every
+   shape is within tolerance. On failure nothing appears at ``out`` (``keep_failed`` moves the attempt aside).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fourier_convert.errors import DiskSpaceError, OnnxValidationError, OutputError, UsageError
+from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
+from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
+from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES
+from fourier_convert.io.writer import CheckpointWriter, check_output_target, refuse_input_as_output
+from fourier_convert.merge import PROVENANCE_NAME, AdapterSpec
+from fourier_convert.merge import merge as merge_checkpoint
+from fourier_convert.onnx.compare import TOLERANCES, CaseCheck, compare_outputs
+from fourier_convert.onnx.exporter import MODEL_FILE, export_graph
+from fourier_convert.onnx.inputs import Case, export_case, make_inputs, query_mask, validation_cases
+from fourier_convert.onnx.models import load_task_model
+from fourier_convert.onnx.proof import load_unmerged
+from fourier_convert.onnx.report import REPORT_FILE, OnnxReport
+from fourier_convert.onnx.runtime import check_device, open_session, optimize_graph, require_packages
+from fourier_convert.onnx.signature import FlatModel, Signature, describe
+from fourier_convert.onnx.tasks import check_task, infer_task
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16"}
+_BYTES = {"float32": 4, "float16": 2}
+
+
+@dataclass
+class _Inputs:
+    """Validation inputs: one list of tensors per case, and the signature they were made for."""
+
+    sig: Signature
+    cases: list[Case]
+    tensors: list[list[torch.Tensor]]
+
+
+def export_onnx(
+    out: str | Path,
+    *,
+    base: str | Path | None = None,
+    adapter: str | Path | AdapterSpec | Sequence[str | Path | AdapterSpec] | None = None,
+    model: str | Path | None = None,
+    task: str = "auto",
+    dtype: str = "float32",
+    opset: int | None = None,
+    optimize: bool = False,
+    device: str = "auto",
+    validate: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    keep_failed: bool = False,
+    overwrite: bool = False,
+    external_data: bool | None = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> OnnxReport:
+    """Export a FourierFT-adapted model (merged first) or a merged model to ONNX, proven equal in onnxruntime.
+
+    Args:
+        out: Output folder (published atomically: ``model.onnx`` [+ ``model.onnx.data``], config, tokenizer /
+            preprocessor files, ``onnx_export.json``).
+        base: Base model folder or hub id (with ``adapter``).
+        adapter: FourierFT adapter(s), as for :func:`fourier_convert.merge`.
+        model: An already merged model folder or hub id (instead of ``base`` + ``adapter``).
+        task: ``auto`` (from ``config.architectures``) or one of :data:`~fourier_convert.onnx.tasks.TASKS`.
+        dtype: ``float32`` or ``float16`` (``bfloat16`` is refused: onnxruntime lacks most bfloat16 kernels).
+        opset: ONNX opset; None takes the exporter's default.
+        optimize: Run onnxruntime's transformer optimiser; validation then covers the optimised graph.
+        device: onnxruntime device for validation: ``auto`` (CUDA when it really works, else CPU with a
+            note), ``cpu``, ``cuda``, ``cuda:N`` (CUDA or an error).
+        validate: Compare onnxruntime with PyTorch (default True).
+        atol: Absolute tolerance (default 1e-4 for float32, 1e-2 for float16).
+        rtol: Relative tolerance (default 1e-3).
+        keep_failed: On a failed validation, keep the attempt at ``<out>.failed`` instead of deleting it.
+        overwrite: Replace a non-empty ``out`` (only once the new export has passed).
+        external_data: Force or forbid ``model.onnx.data``; None: when the weights exceed 1 GiB.
+        allow_pickle: Accept an ``adapter_model.bin`` adapter.
+        revision: Hub revision of ``base`` / ``model``.
+
+    Returns:
+        An :class:`~fourier_convert.onnx.report.OnnxReport`.
+
+    Raises:
+        UsageError: Bad arguments (both or neither input kinds, bfloat16, unknown task / device, tolerances).
+        ExportError: A package is missing, the exporter failed, the model does not fit the task, or CUDA was
+            requested but is not active.
+        OnnxValidationError: The merge proof or the validation failed (``.report`` holds the details);
+            nothing was published.
+        FourierConvertError: Any input or output problem the merge reports.
+
+    Example:
+        >>> import fourier_convert as fc
+        >>> report = fc.export_onnx(base="fixtures/llama/base", adapter="fixtures/llama/adapter",
+        ...                         out="onnx-llama", task="auto")  # doctest: +SKIP
+        >>> report.task, report.passed  # doctest: +SKIP
+        ('causal-lm-with-past', True)
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    export_dtype, tol = _check_args(task, dtype, device, opset, atol, rtol, base, adapter, model)
+    versions = require_packages()
+    check_output_target(out, overwrite)
+    specs = _specs(adapter) if model is None else []
+    adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
+    ckpt = open_checkpoint(model if model is not None else str(base), revision=revision)
+    refuse_input_as_output(out, [ckpt.folder] + [a.folder for a in adapters])
+    onnx_bytes = _onnx_bytes(ckpt, export_dtype)
+    aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
+    _check_disk(out, onnx_bytes * (2 if optimize else 1) + aux_bytes + (_onnx_bytes(ckpt, "float32") if specs else 0))
+    versions.update(torch=torch.__version__, transformers=_version("transformers"))
+    report = OnnxReport(
+        out=None,
+        task=task,
+        task_reason="given with --task",
+        source="base + adapter (merged here)" if specs else "merged model",
+        base=str(base) if specs else None,
+        adapters=[a.label for a in adapters],
+        model=str(model) if model is not None else None,
+        dtype=export_dtype,
+        device=device,
+        tolerances={"atol": tol[0], "rtol": tol[1]},
+        versions=versions,
+    )
+    scratch = out.parent / f".{out.name}.merge-{uuid.uuid4().hex[:8]}"
+    try:
+        folder = ckpt.folder
+        if specs:
+            t = time.perf_counter()
+            merged = merge_checkpoint(
+                ckpt.folder,
+                specs,
+                scratch,
+                device="cpu" if device == "cpu" else "auto",
+                dtype="float32",
+                allow_pickle=allow_pickle,
+            )
+            report.timings["merge"] = time.perf_counter() - t
+            report.merge = {
+                "layers": len(merged.layers),
+                "tensors": merged.tensors,
+                "worst_spot_check": max((r.max_abs_error for r in merged.layers), default=0.0),
+                "seconds": merged.seconds,
+            }
+            report.warnings += merged.warnings
+            folder = scratch
+        config_dict = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        if task == "auto":
+            report.task, why = infer_task(config_dict)
+            report.task_reason = f"inferred from config.json: {why}"
+        aux = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and _is_aux(p.name)}
+        model_obj, refs, inputs = _prepare(report, folder, ckpt, adapters, [s.weight for s in specs], export_dtype)
+        hf_config = model_obj.config
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    sig = inputs.sig
+    example = make_inputs(sig, export_case(sig), seed=0)
+    report.export_shape = export_case(sig).label(bool(sig.past_layers))
+    need = onnx_bytes * (2 if optimize else 1) + sum(len(b) for b in aux.values())
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        writer.begin([], extra_bytes=need)
+        temp = writer.temp
+        assert temp is not None
+        t = time.perf_counter()
+        flat = FlatModel(model_obj, sig).eval()
+        info = export_graph(flat, example, temp, opset=opset, external_data=external_data)
+        del flat, model_obj, example
+        gc.collect()
+        report.timings["export"] = time.perf_counter() - t
+        report.opset, report.external_data, report.weights_bytes = info.opset, info.external_data, info.weights_bytes
+        report.inputs, report.outputs = info.inputs, info.outputs
+        if optimize:
+            t = time.perf_counter()
+            report.optimized = optimize_graph(
+                temp, hf_config, use_gpu=device.startswith("cuda"), external_data=info.external_data
+            )
+            report.timings["optimize"] = time.perf_counter() - t
+        for name, data in aux.items():
+            writer.write_file(name, data)
+        if validate:
+            t = time.perf_counter()
+            report.validation = _validate(report, temp / MODEL_FILE, device, inputs, refs, tol)
+            report.validated = True
+            report.timings["validate"] = time.perf_counter() - t
+        report.files = sorted([p.name for p in temp.iterdir() if p.is_file()] + [REPORT_FILE])
+        report.seconds = time.perf_counter() - t0
+        if not report.passed:
+            if keep_failed:
+                report.kept_failed = str(_keep_aside(temp, out, report))
+            raise _validation_error(report)
+        writer.write_file(REPORT_FILE, _json(report, out))
+        writer.commit()
+    report.out = str(out)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_args(
+    task: str,
+    dtype: str,
+    device: str,
+    opset: int | None,
+    atol: float | None,
+    rtol: float | None,
+    base: Any,
+    adapter: Any,
+    model: Any,
+) -> tuple[str, tuple[float, float]]:
+    check_task(task)
+    check_device(device)
+    name = dtype.lower()
+    if name in ("bfloat16", "bf16"):
+        raise UsageError(
+            "--dtype",
+            "bfloat16 is not offered: onnxruntime has bfloat16 kernels for few ops (CPU and CUDA), so "
+            "the graph could neither be validated nor run reliably",
+            "use --dtype float16 or float32",
+        )
+    if name not in _DTYPES:
+        raise UsageError("--dtype", f"unknown dtype {dtype!r}", "use float32 or float16")
+    export_dtype = _DTYPES[name]
+    if opset is not None and (not isinstance(opset, int) or opset < 7):
+        raise UsageError("--opset", f"{opset!r} is not an ONNX opset", "pass an integer such as 18 or 20")
+    default_atol, default_rtol = TOLERANCES[export_dtype]
+    tol = (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
+    for label, value in zip(("--atol", "--rtol"), tol, strict=True):
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(label, f"{value} is not a finite non-negative number", "pass e.g. 1e-4")
+    if model is not None and (base is not None or adapter is not None):
+        raise UsageError(
+            "--model", "given together with --base / --adapter", "pass either a merged --model or --base with --adapter"
+        )
+    if model is None and (base is None or adapter is None):
+        raise UsageError(
+            "--base",
+            "an export needs --base with --adapter, or a merged --model",
+            "pass --base and --adapter, or --model",
+        )
+    return export_dtype, tol
+
+
+def _specs(adapter: Any) -> list[AdapterSpec]:
+    items = adapter if isinstance(adapter, (list, tuple)) else [adapter]
+    if not items:
+        raise UsageError("--adapter", "no adapter given", "pass at least one --adapter")
+    specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(str(a)) for a in items]
+    for s in specs:
+        if not math.isfinite(s.weight):
+            raise UsageError("--weight", f"{s.weight} is not a finite number", "pass a multiplier such as 1.0 or 0.5")
+    return specs
+
+
+def _onnx_bytes(ckpt: BaseCheckpoint, dtype: str) -> int:
+    """Bytes of the weights in ``dtype`` (floating tensors converted, others as stored)."""
+    total = 0
+    for t in ckpt.tensors.values():
+        numel = math.prod(t.shape)
+        total += numel * _BYTES[dtype] if t.dtype in FLOAT_DTYPES else numel * DTYPE_SIZES[t.dtype]
+    return total
+
+
+def _check_disk(out: Path, need: int) -> None:
+    probe = out.parent if str(out.parent) else Path(".")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise DiskSpaceError(
+            str(out),
+            f"needs about {need / 1e9:.2f} GB of free disk space, {free / 1e9:.2f} GB available",
+            "free some space or write --out to another disk",
+        )
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".data")
+
+
+def _is_aux(name: str) -> bool:
+    """Files carried to the output: configs, tokenizer and preprocessor files (no weights, no index)."""
+    return (
+        not name.endswith(_WEIGHT_SUFFIXES)
+        and not name.endswith(".index.json")
+        and name
+        not in (
+            PROVENANCE_NAME,
+            REPORT_FILE,
+        )
+        and not name.startswith(".")
+    )
+
+
+def _run(flat: FlatModel, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [o.detach().cpu().numpy() for o in flat(*tensors)]
+
+
+def _make_inputs(sig: Signature) -> _Inputs:
+    cases = validation_cases(sig)
+    return _Inputs(sig, cases, [make_inputs(sig, c, seed=i + 1) for i, c in enumerate(cases)])
+
+
+def _shapes(sig: Signature, tensors: list[torch.Tensor]) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for name, t in zip(sig.inputs, tensors, strict=True):
+        if name.startswith("past_key_values."):
+            name = "past_key_values.*"
+        shapes.setdefault(name, list(t.shape))
+    return shapes
+
+
+def _checks(
+    inputs: _Inputs,
+    ref: list[list[np.ndarray]],
+    got: list[list[np.ndarray]],
+    tol: tuple[float, float],
+) -> list[CaseCheck]:
+    sig = inputs.sig
+    return [
+        compare_outputs(
+            sig,
+            case.label(bool(sig.past_layers)),
+            _shapes(sig, tensors),
+            query_mask(sig, tensors, case).numpy(),
+            r,
+            g,
+            tol[0],
+            tol[1],
+        )
+        for case, tensors, r, g in zip(inputs.cases, inputs.tensors, ref, got, strict=True)
+    ]
+
+
+def _prepare(
+    report: OnnxReport,
+    folder: Path,
+    ckpt: BaseCheckpoint,
+    adapters: list[FourierFTAdapter],
+    weights: list[float],
+    export_dtype: str,
+) -> tuple[Any, list[list[np.ndarray]], _Inputs]:
+    """Merge proof (with adapters), then the model to export and its reference outputs in the export dtype."""
+    from transformers import AutoConfig
+
+    proof_ref: list[list[np.ndarray]] | None = None
+    inputs: _Inputs | None = None
+    if adapters:
+        t = time.perf_counter()
+        config = AutoConfig.from_pretrained(str(folder))
+        unmerged = load_unmerged(ckpt.folder, report.task, config, adapters, weights)
+        inputs = _make_inputs(describe(unmerged.model, report.task))
+        flat = FlatModel(unmerged.model, inputs.sig).eval()
+        proof_ref = [_run(flat, x) for x in inputs.tensors]
+        if unmerged.skipped:
+            report.notes.append(
+                f"adapter tensors with no place in the {report.task} model were left out: {unmerged.skipped[:4]}"
+            )
+        del flat, unmerged
+        gc.collect()
+        report.timings["prove_unmerged"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model = load_task_model(folder, report.task)
+    sig = describe(model, report.task)
+    if inputs is not None and (sig.inputs, sig.outputs) != (inputs.sig.inputs, inputs.sig.outputs):
+        raise OnnxValidationError(
+            "merge proof",
+            f"the merged model's signature {sig.inputs} -> {sig.outputs} differs from the base's "
+            f"{inputs.sig.inputs} -> {inputs.sig.outputs}",
+            "report this",
+        )
+    inputs = inputs or _make_inputs(sig)
+    flat = FlatModel(model, sig).eval()
+    outputs32 = [_run(flat, x) for x in inputs.tensors]
+    if proof_ref is not None:
+        report.merge_proof = _checks(inputs, proof_ref, outputs32, TOLERANCES["float32"])
+        report.timings["prove_merged"] = time.perf_counter() - t
+        if not report.proof_passed:
+            raise _validation_error(report)
+    if export_dtype == "float32":
+        return model, outputs32, inputs
+    t = time.perf_counter()
+    model.to(torch.float16)
+    inputs = _make_inputs(describe(model, report.task))
+    flat = FlatModel(model, inputs.sig).eval()
+    refs = [_run(flat, x) for x in inputs.tensors]
+    report.timings["reference_float16"] = time.perf_counter() - t
+    return model, refs, inputs
+
+
+def _validate(
+    report: OnnxReport,
+    path: Path,
+    device: str,
+    inputs: _Inputs,
+    refs: list[list[np.ndarray]],
+    tol: tuple[float, float],
+) -> list[CaseCheck]:
+    info = open_session(path, device)
+    report.providers = info.providers
+    report.notes += info.notes
+    names = list(inputs.sig.outputs)
+    got = [
+        list(info.session.run(names, {n: t.numpy() for n, t in zip(inputs.sig.inputs, x, strict=True)}))
+        for x in inputs.tensors
+    ]
+    del info
+    gc.collect()
+    return _checks(inputs, refs, got, tol)
+
+
+def _validation_error(report: OnnxReport) -> OnnxValidationError:
+    proof = not report.proof_passed
+    checks = report.merge_proof if proof else report.validation
+    bad = next(c for c in checks if not c.passed)
+    worst = bad.worst()
+    what = "merge proof" if proof else "validation"
+    who = "the merged PyTorch model differs from the unmerged adapter" if proof else "onnxruntime differs from PyTorch"
+    found = (
+        f"{who} at {bad.case}: {worst.name} max abs diff {worst.max_abs_diff:.3e} "
+        f"(atol {report.tolerances['atol']:g}, rtol {report.tolerances['rtol']:g}); nothing was published"
+    )
+    if report.kept_failed:
+        fix = f"the failed export is kept at {report.kept_failed}"
+    elif proof:
+        fix = "report this with the adapter config and your torch / transformers versions"
+    else:
+        fix = "pass --keep-failed to keep the attempt for inspection; see docs/to-onnx.md (what a failure means)"
+    err = OnnxValidationError(what, found, fix)
+    err.report = report
+    return err
+
+
+def _keep_aside(temp: Path, out: Path, report: OnnxReport) -> Path:
+    kept = out.parent / f"{out.name}.failed"
+    if kept.exists():
+        kept = out.parent / f"{out.name}.failed-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(temp, kept)
+    except OSError as exc:
+        raise OutputError(str(kept), f"cannot keep the failed export ({exc.strerror})", "check permissions") from None
+    report.kept_failed = str(kept)
+    (kept / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return kept
+
+
+def _json(report: OnnxReport, out: Path) -> bytes:
+    doc = report.to_dict()
+    doc["out"] = str(out)
+    return (json.dumps(doc, indent=2, default=str) + "\n").encode()
