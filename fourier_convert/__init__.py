@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from fourier_convert.check import OutputCheck, check_lora_outputs
 from fourier_convert.errors import (
     AdapterError,
     BaseMismatchError,
@@ -20,30 +21,37 @@ from fourier_convert.errors import (
     UsageError,
     VerificationError,
 )
+from fourier_convert.from_lora import FromLoraReport, from_lora
 from fourier_convert.inspect import InspectReport, inspect_adapter
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
+from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
 from fourier_convert.merge import AdapterSpec, merge
 from fourier_convert.report import LayerReport, MergeReport
 
 __all__ = [
     "AdapterError",
+    "AdapterFiles",
     "AdapterSpec",
     "BaseMismatchError",
     "DiskSpaceError",
     "FourierConvertError",
     "FourierFTAdapter",
+    "FromLoraReport",
     "InputFileError",
     "InspectReport",
     "LayerReport",
     "LoraAdapter",
     "LoraReport",
     "MergeReport",
+    "OutputCheck",
     "OutputError",
     "PickleRefusedError",
     "UsageError",
     "VerificationError",
     "__version__",
+    "check_lora_outputs",
+    "from_lora",
     "inspect_adapter",
     "merge",
     "read_adapter",

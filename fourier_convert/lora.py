@@ -5,13 +5,15 @@ Each adapted layer's delta ``dW`` (out x in) is decomposed from its coefficients
 Eckart-Young optimum), and written as ``lora_B = U_r diag(sigma_r)`` (out x r) and ``lora_A = V_r^T``
 (r x in) with ``lora_alpha = r``: PEFT's scale ``alpha / r`` is 1 and ``lora_B @ lora_A`` is the truncated
 delta. Only shapes and module types are read from the base (headers and config.json), never its weights.
-Trained biases and ``modules_to_save`` heads are carried (bias ``fourier_only`` -> LoRA ``lora_only``,
-``all`` -> ``all``).
+
+Ranks: fixed, per-layer energy share, or a parameter budget (:mod:`fourier_convert.maths.ranks`). Targets:
+``peft`` (per-layer ranks through ``rank_pattern``; trained biases and ``modules_to_save`` heads carried,
+bias ``fourier_only`` -> LoRA ``lora_only``, ``all`` -> ``all``), ``vllm`` and ``llama.cpp`` (one uniform
+rank, smaller layers zero-padded, only ``lora_A`` / ``lora_B`` tensors; vLLM's rank from its allowed set).
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,23 +23,21 @@ import numpy as np
 import torch
 
 from fourier_convert.errors import UsageError
-from fourier_convert.io.adapter import KEY_PREFIX, read_adapter
+from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, read_adapter
+from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import open_checkpoint
-from fourier_convert.io.dtypes import st_dtype
-from fourier_convert.io.writer import (
-    CheckpointWriter,
-    TensorSpec,
-    layout_shards,
-    refuse_input_as_output,
-)
 from fourier_convert.maths.indices import IndexCache
+from fourier_convert.maths.ranks import VLLM_RANKS, allocate_budget, choose_rank
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
-from fourier_convert.plan import plan_with_orientation
+from fourier_convert.plan import LayerPlan, plan_with_orientation
 
 #: A layer keeping less of its delta's energy than this is called out in the report.
 LOW_ENERGY = 0.5
-WEIGHTS_NAME = "adapter_model.safetensors"
+TARGETS = ("peft", "vllm", "llama.cpp")
 _BIAS = {"none": "none", "fourier_only": "lora_only", "all": "all"}
+
+#: The in-memory LoRA adapter :func:`to_lora` returns (``.save(path)`` writes it).
+LoraAdapter = AdapterFiles
 
 
 @dataclass
@@ -71,14 +71,24 @@ class LoraReport:
 
     Attributes:
         adapter: The FourierFT adapter, as given.
-        layers: Per-layer results.
-        parameters: LoRA parameters written (A and B of every layer).
+        layers: Per-layer results (layers of rank 0 included; they are left out of the LoRA).
+        parameters: LoRA parameters written (A and B of every layer, zero padding included).
+        target: ``peft``, ``vllm`` or ``llama.cpp``.
+        uniform_rank: The one rank every tensor has (``vllm`` / ``llama.cpp``), else None.
+        budget: The parameter budget asked for, if any.
+        budget_bound: With a budget: no choice of ranks within it keeps more energy than this share.
+        dropped: Trained biases / heads the target cannot carry and ``drop_extras`` left out (keys).
         warnings: Layers that keep little energy, and other things to know.
     """
 
     adapter: str
     layers: list[LoraLayerReport]
     parameters: int
+    target: str = "peft"
+    uniform_rank: int | None = None
+    budget: int | None = None
+    budget_bound: float | None = None
+    dropped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -101,94 +111,44 @@ class LoraReport:
                 f"{x.module:<52} {shape:>11} {x.rank:>5} {x.exact_rank:>6} {x.retained_energy:>8.2%} "
                 f"{x.relative_error:>8.4f} {x.largest_dropped:>9.3g}"
             )
-        rows.append(
+        total = (
             f"total: {len(self.layers)} layers, {self.parameters:,} LoRA parameters, "
             f"{self.retained_energy:.2%} of the delta energy kept"
         )
+        if self.uniform_rank is not None:
+            total += f"; {self.target}: uniform rank {self.uniform_rank} (smaller layers zero-padded)"
+        if self.budget is not None and self.budget_bound is not None:
+            total += f"; budget {self.budget:,} (no allocation within it keeps more than {self.budget_bound:.2%})"
+        rows.append(total)
         return "\n".join(rows)
-
-
-@dataclass
-class LoraAdapter:
-    """A converted LoRA adapter held in memory (small: factors, biases and heads only).
-
-    Attributes:
-        config: ``adapter_config.json`` contents.
-        tensors: Tensor key -> tensor, keys as PEFT saves them (``base_model.model.`` prefix).
-        sources: The input folders (FourierFT adapter, base): :meth:`save` never writes over them.
-    """
-
-    config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-    sources: list[Path] = field(default_factory=list)
-
-    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
-
-        Raises:
-            OutputError: ``out`` exists and is not empty (without ``overwrite``), or cannot be written.
-            UsageError: ``out`` is, contains, or lies inside an input folder.
-
-        Example:
-            >>> lora, report = to_lora("fixtures/llama/adapter", base="fixtures/llama/base", rank=8)  # doctest: +SKIP
-            >>> lora.save("llama-lora")  # doctest: +SKIP
-        """
-        target = Path(out)
-        refuse_input_as_output(target, self.sources)
-        specs = [TensorSpec(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in self.tensors.items()]
-        layouts = layout_shards([specs], names=[WEIGHTS_NAME])
-        with CheckpointWriter(target, overwrite=overwrite) as writer:
-            writer.begin(layouts)
-            for key, value in self.tensors.items():
-                flat = value.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-                writer.write_tensor(WEIGHTS_NAME, key, memoryview(flat.data))
-            writer.write_file("adapter_config.json", (json.dumps(self.config, indent=2) + "\n").encode())
-            writer.commit()
-        return target
-
-
-def choose_rank(svd: SpectralSVD, rank: float, max_rank: int | None) -> int:
-    """Rank for one layer: an int is a fixed rank, a float in (0, 1] the smallest rank keeping that
-    share of the energy; both capped by ``max_rank`` and by the exact rank.
-
-    Example:
-        >>> import numpy as np
-        >>> s = SpectralSVD((4, 4), np.array([3.0, 2.0, 1.0]), [], [])
-        >>> choose_rank(s, 0.9, None), choose_rank(s, 2, None), choose_rank(s, 0.9, 1)
-        (2, 2, 1)
-    """
-    exact = len(svd.values)
-    if isinstance(rank, bool) or rank <= 0:
-        raise UsageError("--rank", f"{rank!r} is not a positive rank or energy share", "use e.g. 8 or 0.9")
-    if isinstance(rank, int):
-        r = rank
-    else:
-        if rank > 1.0:
-            raise UsageError("--rank", f"{rank} is neither an integer rank nor a share in (0, 1]", "use e.g. 8 or 0.9")
-        cum = np.cumsum(svd.values**2)
-        r = int(np.searchsorted(cum, rank * cum[-1] * (1 - 1e-12)) + 1) if exact else 0
-    if max_rank is not None:
-        r = min(r, max_rank)
-    return max(0, min(r, exact))
 
 
 def to_lora(
     adapter: str | Path,
     *,
     base: str | Path | None = None,
-    rank: float = 8,
+    rank: float | None = None,
     max_rank: int | None = None,
+    param_budget: int | None = None,
+    target: str = "peft",
+    drop_extras: bool = False,
     subfolder: str | None = None,
     allow_pickle: bool = False,
-) -> tuple[LoraAdapter, LoraReport]:
-    """Convert a FourierFT adapter to a PEFT LoRA adapter with the best rank-r approximation per layer.
+) -> tuple[AdapterFiles, LoraReport]:
+    """Convert a FourierFT adapter to a LoRA adapter with the best rank-r approximation per layer.
 
     Args:
         adapter: FourierFT adapter folder, ``PATH:NAME`` or hub id.
         base: Base model (only headers and config are read); default: the adapter's
             ``base_model_name_or_path``.
-        rank: An int (fixed rank) or a float in (0, 1] (per-layer energy share).
+        rank: An int (fixed rank) or a float in (0, 1] (per-layer energy share); default 8 unless
+            ``param_budget`` is given.
         max_rank: Cap on every layer's rank.
+        param_budget: Choose per-layer ranks keeping the most total energy for at most this many LoRA
+            parameters (``sum r * (out + in)``); excludes ``rank``.
+        target: ``peft`` (default), ``vllm`` or ``llama.cpp`` (uniform rank, only lora_A / lora_B).
+        drop_extras: For ``vllm`` / ``llama.cpp``: leave out trained biases and heads instead of refusing
+            (they are listed in ``report.dropped``).
         subfolder: Named adapter inside the folder.
         allow_pickle: Accept ``adapter_model.bin``.
 
@@ -196,15 +156,26 @@ def to_lora(
         The LoRA adapter (call ``.save(path)``) and the report.
 
     Raises:
-        FourierConvertError: Invalid adapter or base, bad rank.
+        UsageError: Bad rank / budget / target, or extras the target cannot carry without ``drop_extras``.
+        FourierConvertError: Invalid adapter or base.
 
     Example:
         >>> lora, report = to_lora("fixtures/gpt2/adapter", base="fixtures/gpt2/base", rank=8)  # doctest: +SKIP
         >>> print(report.table())  # doctest: +SKIP
     """
+    if target not in TARGETS:
+        raise UsageError("--target", f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
     if max_rank is not None and max_rank < 1:
         raise UsageError("--max-rank", f"{max_rank} is not a positive rank", "use e.g. 16")
+    if param_budget is not None:
+        if rank is not None:
+            raise UsageError("--param-budget", "given together with --rank", "give one of --rank and --param-budget")
+        if isinstance(param_budget, bool) or param_budget < 1:
+            raise UsageError("--param-budget", f"{param_budget!r} is not a positive count", "use e.g. 1000000")
+    elif rank is None:
+        rank = 8
     fourier = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
+    dropped = _extras(fourier, target, drop_extras)
     base_spec = base if base is not None else fourier.settings.base_model_name_or_path
     if not base_spec:
         raise UsageError("--base", "not given and the adapter names no base_model_name_or_path", "pass --base")
@@ -212,53 +183,157 @@ def to_lora(
     plan = plan_with_orientation(ckpt, [fourier])
 
     cache = IndexCache()
-    tensors: dict[str, torch.Tensor] = {}
-    layers: list[LoraLayerReport] = []
-    ranks: dict[str, int] = {}
-    warnings = list(plan.warnings)
+    svds: list[SpectralSVD] = []
     for layer in plan.layers:
         c = layer.contributions[0]
         m, n = layer.delta_shape
-        idx = cache.get(m, n, c.seed, c.spectrum.n).numpy()
-        svd = spectral_svd(c.spectrum.values, idx, (m, n), c.scaling)
-        r = choose_rank(svd, rank, max_rank)
+        svds.append(spectral_svd(c.spectrum.values, cache.get(m, n, c.seed, c.spectrum.n).numpy(), (m, n), c.scaling))
+    ranks, uniform, bound = _ranks(svds, plan.layers, rank, max_rank, param_budget, target)
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: list[LoraLayerReport] = []
+    written: dict[str, int] = {}
+    warnings = list(plan.warnings)
+    for layer, svd, r in zip(plan.layers, svds, ranks, strict=True):
+        report = _layer_report(layer, svd, r)
+        layers.append(report)
+        if r == 0:
+            why = "its delta is zero" if not len(svd.values) else "the budget gives it rank 0"
+            warnings.append(f"{layer.module}: left out of the LoRA ({why})")
+            continue
+        width = uniform if uniform is not None else r
         u, v = svd.vectors(r)
-        energy = svd.energy
-        kept = float(np.sum(svd.values[:r] ** 2))
-        retained = kept / energy if energy > 0 else 1.0
-        r_out = max(r, 1)  # PEFT needs r >= 1: a zero delta becomes a rank-1 zero LoRA
-        b = np.zeros((m, r_out))
-        a = np.zeros((r_out, n))
+        b = np.zeros((layer.delta_shape[0], width))
+        a = np.zeros((width, layer.delta_shape[1]))
         b[:, :r] = u * svd.values[:r]
         a[:r] = v.T
         key = f"{KEY_PREFIX}{layer.module}"
         tensors[f"{key}.lora_A.weight"] = torch.from_numpy(a).float()
         tensors[f"{key}.lora_B.weight"] = torch.from_numpy(b).float()
-        ranks[layer.module] = r_out
-        layers.append(
-            LoraLayerReport(
-                module=layer.module,
-                shape=(m, n),
-                rank=r,
-                exact_rank=len(svd.values),
-                energy=energy,
-                retained_energy=retained,
-                relative_error=float(np.sqrt(max(0.0, 1.0 - retained))),
-                largest_dropped=float(svd.values[r]) if r < len(svd.values) else 0.0,
-            )
+        written[layer.module] = width
+        if report.retained_energy < LOW_ENERGY:
+            warnings.append(f"{layer.module}: rank {r} keeps only {report.retained_energy:.1%} of the delta's energy")
+    if not written:
+        raise UsageError(
+            "--rank" if param_budget is None else "--param-budget",
+            "every layer got rank 0, so the LoRA would be empty",
+            "raise the rank or the budget",
         )
-        if retained < LOW_ENERGY:
-            warnings.append(f"{layer.module}: rank {r} keeps only {retained:.1%} of the delta's energy")
-    for clean, t in fourier.biases.items():
-        module = clean[: -len(".bias")]
-        key = f"{KEY_PREFIX}{module}.base_layer.bias" if module in fourier.spectra else f"{KEY_PREFIX}{clean}"
-        tensors[key] = t.load()
-    for clean, t in fourier.head_tensors.items():
-        tensors[f"{KEY_PREFIX}{clean}"] = t.load()
+    if not dropped:
+        for clean, t in fourier.biases.items():
+            module = clean[: -len(".bias")]
+            key = f"{KEY_PREFIX}{module}.base_layer.bias" if module in fourier.spectra else f"{KEY_PREFIX}{clean}"
+            tensors[key] = t.load()
+        for clean, t in fourier.head_tensors.items():
+            tensors[f"{KEY_PREFIX}{clean}"] = t.load()
+    else:
+        warnings.append(
+            f"{len(dropped)} trained tensor(s) the {target} target cannot carry were left out (first: {dropped[0]}): "
+            "the LoRA model differs from the FourierFT model there"
+        )
 
-    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
-    pattern = {k: r for k, r in ranks.items() if r != common}
+    config = _lora_config(fourier, plan.layers, written, target, carry_extras=not dropped)
+    params = sum(int(t.numel()) for k, t in tensors.items() if ".lora_" in k)
+    result = LoraReport(str(adapter), layers, params, target, uniform, param_budget, None, dropped, warnings)
+    if bound is not None:
+        total = sum(x.energy for x in layers)
+        result.budget_bound = bound / total if total > 0 else 1.0
+    if layers and result.retained_energy < LOW_ENERGY:
+        warnings.insert(
+            0,
+            "the LoRA keeps less than half of the adapter's delta energy: a FourierFT delta spreads its energy over "
+            "up to 2n singular values, so a low-rank LoRA keeps only the ~r/2 largest coefficients (docs/maths.md)",
+        )
+    return AdapterFiles(config, tensors, [fourier.folder, ckpt.folder]), result
+
+
+def _extras(fourier: FourierFTAdapter, target: str, drop: bool) -> list[str]:
+    """Keys of trained biases and heads the target cannot carry (empty for ``peft``); refuse unless ``drop``."""
+    if target == "peft":
+        return []
+    extras = sorted(fourier.biases) + sorted(fourier.head_tensors)
+    if extras and not drop:
+        parts = []
+        if fourier.biases:
+            parts.append(f"{len(fourier.biases)} trained bias(es) (bias={fourier.settings.bias!r})")
+        if fourier.head_tensors:
+            parts.append(f"modules_to_save {fourier.settings.modules_to_save}")
+        raise UsageError(
+            "--target",
+            f"{target} loads only lora_A / lora_B tensors, so {' and '.join(parts)} of {fourier.label} would be lost",
+            "use --target peft, or pass --drop-extras to convert without them (the report lists what is lost)",
+        )
+    return extras
+
+
+def _ranks(
+    svds: list[SpectralSVD],
+    layers: list[LayerPlan],
+    rank: float | None,
+    max_rank: int | None,
+    budget: int | None,
+    target: str,
+) -> tuple[list[int], int | None, float | None]:
+    """Per-layer ranks, the uniform width for vllm / llama.cpp (None for peft), and the budget's energy bound."""
+    costs = [sum(layer.delta_shape) for layer in layers]
+    bound: float | None = None
+    if budget is None:
+        assert rank is not None
+        try:
+            ranks = [choose_rank(s.values, rank, max_rank) for s in svds]
+        except ValueError as exc:
+            raise UsageError("--rank", str(exc), "use e.g. 8 or 0.9") from None
+    elif target == "peft":
+        alloc = allocate_budget([s.values for s in svds], costs, budget, max_rank)
+        ranks, bound = alloc.ranks, alloc.upper_bound
+    else:
+        # one width for every layer: the largest allowed width whose padded tensors fit the budget
+        allowed = [w for w in _widths(target, max(len(s.values) for s in svds)) if max_rank is None or w <= max_rank]
+        fitting = [w for w in allowed if w * sum(costs) <= budget]
+        if not fitting:
+            raise UsageError(
+                "--param-budget",
+                f"{budget:,} parameters do not fit even rank {allowed[0] if allowed else 1} on every layer "
+                f"({(allowed[0] if allowed else 1) * sum(costs):,} needed) for {target}",
+                "raise the budget or use --target peft",
+            )
+        ranks = [min(max(fitting), len(s.values)) for s in svds]
+    if target == "peft":
+        return ranks, None, bound
+    top = max(ranks)
+    widths = [w for w in _widths(target, top) if w >= top]
+    if not widths:
+        raise UsageError(
+            "--rank", f"a layer needs rank {top}, above the largest rank {target} accepts", "lower --rank or --max-rank"
+        )
+    return ranks, widths[0], bound
+
+
+def _widths(target: str, top: int) -> list[int]:
+    return list(VLLM_RANKS) if target == "vllm" else list(range(1, max(top, 1) + 1))
+
+
+def _layer_report(layer: LayerPlan, svd: SpectralSVD, r: int) -> LoraLayerReport:
+    energy = svd.energy
+    retained = float(np.sum(svd.values[:r] ** 2)) / energy if energy > 0 else 1.0
+    return LoraLayerReport(
+        module=layer.module,
+        shape=layer.delta_shape,
+        rank=r,
+        exact_rank=len(svd.values),
+        energy=energy,
+        retained_energy=retained,
+        relative_error=float(np.sqrt(max(0.0, 1.0 - retained))),
+        largest_dropped=float(svd.values[r]) if r < len(svd.values) else 0.0,
+    )
+
+
+def _lora_config(
+    fourier: FourierFTAdapter, layers: list[LayerPlan], ranks: dict[str, int], target: str, *, carry_extras: bool
+) -> dict[str, Any]:
     s = fourier.settings
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {k: r for k, r in ranks.items() if r != common}
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": s.task_type,
@@ -269,22 +344,14 @@ def to_lora(
         "alpha_pattern": dict(pattern),
         "target_modules": sorted(ranks),
         "lora_dropout": 0.0,
-        "bias": _BIAS[s.bias],
-        "fan_in_fan_out": any(layer.conv1d for layer in plan.layers),
-        "modules_to_save": s.modules_to_save or None,
+        "bias": _BIAS[s.bias] if carry_extras else "none",
+        "fan_in_fan_out": any(layer.conv1d for layer in layers if layer.module in ranks),
+        "modules_to_save": (s.modules_to_save or None) if carry_extras else None,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    params = sum(int(t.numel()) for k, t in tensors.items() if ".lora_" in k)
-    total = sum(x.energy for x in layers)
-    if layers and total > 0 and sum(x.energy * x.retained_energy for x in layers) / total < LOW_ENERGY:
-        warnings.insert(
-            0,
-            "the LoRA keeps less than half of the adapter's delta energy: a FourierFT delta spreads its energy over "
-            "up to 2n singular values, so a low-rank LoRA keeps only the ~r/2 largest coefficients (docs/maths.md)",
-        )
-    return LoraAdapter(config, tensors, [fourier.folder, ckpt.folder]), LoraReport(
-        str(adapter), layers, params, warnings
-    )
+    if target != "peft":  # vLLM / llama.cpp use one global alpha / r: no patterns at all
+        del config["rank_pattern"], config["alpha_pattern"]
+    return config

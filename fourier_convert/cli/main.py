@@ -92,6 +92,7 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
+    from fourier_convert.cli.from_lora_cmd import from_lora_cmd
     from fourier_convert.cli.inspect_cmd import inspect_cmd
     from fourier_convert.cli.merge_cmd import merge_cmd
     from fourier_convert.cli.to_lora_cmd import to_lora_cmd
@@ -99,6 +100,7 @@ def _register() -> None:
     cli.add_command(merge_cmd)
     cli.add_command(inspect_cmd)
     cli.add_command(to_lora_cmd)
+    cli.add_command(from_lora_cmd)
 
 
 _register()

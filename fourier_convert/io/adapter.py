@@ -175,7 +175,7 @@ def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle
         tensors = {k: StoredTensor(k, t.dtype, t.shape, info=t) for k, t in st.tensors.items()}
         files = [config_path, weights]
     elif (folder / PICKLE_NAME).is_file():
-        tensors = _load_pickle(folder / PICKLE_NAME, allow_pickle)
+        tensors = load_pickle(folder / PICKLE_NAME, allow_pickle)
         files = [config_path, folder / PICKLE_NAME]
     else:
         subs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
@@ -272,7 +272,13 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
     )
 
 
-def _load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
+def load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
+    """Load ``adapter_model.bin`` through torch's weights-only loader, if ``allow``; refuse it otherwise.
+
+    Raises:
+        PickleRefusedError: ``allow`` is False.
+        InputFileError: The file cannot be loaded or is not a flat dict of tensors.
+    """
     if not allow:
         raise PickleRefusedError(
             str(path),

@@ -1,0 +1,73 @@
+"""``fourier-convert from-lora``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from fourier_convert.cli.merge_cmd import check_report_path
+from fourier_convert.from_lora import from_lora, parse_pattern
+from fourier_convert.io.writer import check_output_target
+
+
+@click.command("from-lora")
+@click.option("--adapter", required=True, help="PEFT LoRA adapter folder, PATH:NAME or hub id.")
+@click.option(
+    "--base",
+    default=None,
+    help="Base model to validate against (headers and config only); default: the adapter's base_model_name_or_path.",
+)
+@click.option("--n-frequency", type=int, default=1000, show_default=True, help="FourierFT coefficients per layer.")
+@click.option(
+    "--n-frequency-pattern",
+    "patterns",
+    multiple=True,
+    help="NAME=N: n for modules whose name ends with NAME (a regex, as PEFT matches it). Repeatable.",
+)
+@click.option("--scaling", type=float, default=150.0, show_default=True, help="FourierFT scaling of the output.")
+@click.option("--seed", type=int, default=777, show_default=True, help="random_loc_seed of the output.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output FourierFT adapter folder.")
+@click.option("--adapter-subfolder", "subfolder", default=None, help="Named adapter inside --adapter.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin through torch's weights-only loader.")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here."
+)
+@click.option("--quiet", "-q", is_flag=True, help="No table (warnings still go to stderr).")
+def from_lora_cmd(
+    adapter: str,
+    base: str | None,
+    n_frequency: int,
+    patterns: tuple[str, ...],
+    scaling: float,
+    seed: int,
+    out: Path,
+    subfolder: str | None,
+    overwrite: bool,
+    allow_pickle: bool,
+    json_path: Path | None,
+    quiet: bool,
+) -> None:
+    """Convert a PEFT LoRA adapter to the closest FourierFT adapter (least squares on PEFT's frequencies)."""
+    check_report_path(json_path)
+    check_output_target(out, overwrite)
+    fft, report = from_lora(
+        adapter,
+        base=base,
+        n_frequency=n_frequency,
+        n_frequency_pattern=parse_pattern(patterns),
+        scaling=scaling,
+        seed=seed,
+        subfolder=subfolder,
+        allow_pickle=allow_pickle,
+    )
+    fft.save(out, overwrite=overwrite)
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not quiet:
+        click.echo(report.table())
+        click.echo(f"wrote {out}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

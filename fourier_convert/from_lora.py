@@ -1,0 +1,303 @@
+"""``from-lora``: the FourierFT adapter closest to a LoRA adapter, on PEFT's seeded frequency support.
+
+For every LoRA module the delta ``dW = scale * lora_B @ lora_A`` is projected (least squares, exactly) onto
+the ``n`` frequencies PEFT will place for that layer's shape and seed (:mod:`fourier_convert.maths.project`),
+from FFTs of the two factors: the dense delta is never formed. The output is a PEFT FourierFT folder;
+trained biases and ``modules_to_save`` heads are carried (LoRA bias ``lora_only`` -> ``fourier_only``,
+``all`` -> ``all``). The report says, per layer, how much of the LoRA's delta the FourierFT adapter keeps and
+the most that any FourierFT adapter could keep (the centro-symmetric part, docs/maths.md fact 1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fourier_convert.errors import FourierConvertError, UsageError
+from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, StoredTensor, parse_settings
+from fourier_convert.io.adapter_writer import AdapterFiles
+from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
+from fourier_convert.io.dtypes import st_dtype
+from fourier_convert.io.lora_adapter import LoraAdapterIn, read_lora_adapter
+from fourier_convert.maths.indices import IndexCache
+from fourier_convert.maths.project import Projection, project_lowrank
+from fourier_convert.plan import plan_with_orientation
+
+#: A layer keeping less of the LoRA delta's energy than this is called out in the report.
+LOW_ENERGY = 0.5
+_BIAS = {"none": "none", "lora_only": "fourier_only", "all": "all"}
+
+
+@dataclass
+class FromLoraLayerReport:
+    """One layer of a from-lora conversion.
+
+    Attributes:
+        module: Module path.
+        shape: ``(out, in)`` of the delta.
+        lora_rank: Rank of the LoRA factors.
+        n: FourierFT coefficients written.
+        energy: ``||dW_lora||_F^2``.
+        retained_energy: Share of it the FourierFT delta reproduces (``||fit||^2 / ||dW||^2``).
+        relative_error: ``||dW_lora - dW_fourier||_F / ||dW_lora||_F``.
+        ceiling: The retained share with every frequency of the layer (its centro-symmetric part): no FourierFT
+            adapter, whatever its n, does better.
+    """
+
+    module: str
+    shape: tuple[int, int]
+    lora_rank: int
+    n: int
+    energy: float
+    retained_energy: float
+    relative_error: float
+    ceiling: float
+
+
+@dataclass
+class FromLoraReport:
+    """The result of :func:`from_lora`.
+
+    Attributes:
+        adapter: The LoRA adapter, as given.
+        layers: Per-layer results.
+        parameters: FourierFT coefficients written (all layers).
+        scaling: The FourierFT ``scaling`` used.
+        seed: ``random_loc_seed``.
+        base: The base the output was validated against (None when no base was available).
+        warnings: Layers that keep little energy, and other things to know.
+    """
+
+    adapter: str
+    layers: list[FromLoraLayerReport]
+    parameters: int
+    scaling: float
+    seed: int
+    base: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def retained_energy(self) -> float:
+        """Share of the total LoRA delta energy (all layers) the FourierFT adapter keeps."""
+        total = sum(x.energy for x in self.layers)
+        return sum(x.energy * x.retained_energy for x in self.layers) / total if total > 0 else 1.0
+
+    @property
+    def ceiling(self) -> float:
+        """The total retained share with every frequency of every layer."""
+        total = sum(x.energy for x in self.layers)
+        return sum(x.energy * x.ceiling for x in self.layers) / total if total > 0 else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (with the totals)."""
+        return {**asdict(self), "retained_energy": self.retained_energy, "ceiling": self.ceiling}
+
+    def table(self) -> str:
+        """The per-layer table the CLI prints, with a total line."""
+        head = f"{'module':<52} {'out x in':>11} {'r':>4} {'n':>7} {'energy':>8} {'rel.err':>8} {'ceiling':>8}"
+        rows = [head]
+        for x in self.layers:
+            shape = f"{x.shape[0]}x{x.shape[1]}"
+            rows.append(
+                f"{x.module:<52} {shape:>11} {x.lora_rank:>4} {x.n:>7} {x.retained_energy:>8.2%} "
+                f"{x.relative_error:>8.4f} {x.ceiling:>8.2%}"
+            )
+        rows.append(
+            f"total: {len(self.layers)} layers, {self.parameters:,} coefficients, {self.retained_energy:.2%} of the "
+            f"LoRA delta energy kept (ceiling with every frequency: {self.ceiling:.2%})"
+        )
+        return "\n".join(rows)
+
+
+def from_lora(
+    adapter: str | Path,
+    *,
+    base: str | Path | None = None,
+    n_frequency: int = 1000,
+    n_frequency_pattern: dict[str, int] | None = None,
+    scaling: float = 150.0,
+    seed: int = 777,
+    subfolder: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[AdapterFiles, FromLoraReport]:
+    """Convert a PEFT LoRA adapter to the closest PEFT FourierFT adapter (least squares per layer).
+
+    Args:
+        adapter: LoRA adapter folder, ``PATH:NAME`` or hub id.
+        base: Base model to validate against (headers and config only). Default: the adapter's
+            ``base_model_name_or_path`` when it can be found; without one the output is not validated.
+        n_frequency: Coefficients per layer.
+        n_frequency_pattern: Module-name pattern -> n, matched as PEFT's FourierFT matches it
+            (``re.match(rf".*\\.{key}$", module)``).
+        scaling: FourierFT ``scaling`` of the output (any non-zero value gives the same delta; it sets the
+            coefficients' magnitude, which matters if you train further).
+        seed: ``random_loc_seed`` of the output.
+        subfolder: Named adapter inside the folder.
+        allow_pickle: Accept ``adapter_model.bin``.
+
+    Returns:
+        The FourierFT adapter (call ``.save(path)``) and the report.
+
+    Raises:
+        UsageError: Bad n / scaling / seed, or n larger than a layer.
+        FourierConvertError: Invalid or unsupported LoRA adapter, or a base it does not fit.
+
+    Example:
+        >>> fft, report = from_lora("./some-lora", base="./base", n_frequency=1000)  # doctest: +SKIP
+        >>> fft.save("./fft"); print(report.table())  # doctest: +SKIP
+    """
+    pattern = dict(n_frequency_pattern or {})
+    for name, value in [
+        ("--n-frequency", n_frequency),
+        *((f"--n-frequency-pattern {k}", v) for k, v in pattern.items()),
+    ]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(name, f"{value!r} is not a positive number of frequencies", "use e.g. 1000")
+    if not np.isfinite(scaling) or scaling == 0:
+        raise UsageError("--scaling", f"{scaling!r} is not a finite non-zero number", "use e.g. 150")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError("--seed", f"{seed!r} is not a non-negative integer", "use e.g. 777")
+    lora = read_lora_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
+    warnings: list[str] = []
+    ckpt = _open_base(base, lora, warnings)
+
+    config = _fourier_config(lora, pattern, n_frequency, scaling, seed)
+    settings = parse_settings(config, Path("adapter_config.json"))
+    cache = IndexCache()
+    for module, mod in lora.modules.items():
+        m, n_in = mod.shape
+        n = settings.n_for(module)
+        if n > m * n_in:
+            raise UsageError(
+                "--n-frequency",
+                f"{module} is {m}x{n_in} = {m * n_in} positions, fewer than n = {n}",
+                "lower --n-frequency or give this module a smaller n with --n-frequency-pattern",
+            )
+        cache.reserve(m, n_in, seed, n)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: list[FromLoraLayerReport] = []
+    spectra: dict[str, Spectrum] = {}
+    for module, mod in lora.modules.items():
+        m, n_in = mod.shape
+        n = settings.n_for(module)
+        fit = project_lowrank(mod.b, mod.a, mod.scale, cache.get(m, n_in, seed, n).numpy(), scaling)
+        values32 = torch.from_numpy(fit.values).float()
+        key = f"{KEY_PREFIX}{module}.fourierft_spectrum"
+        tensors[key] = values32
+        spectra[module] = Spectrum(module, values32.double().numpy(), "F32", key)
+        layers.append(_layer_report(module, (m, n_in), mod.rank, n, fit))
+        if fit.retained < LOW_ENERGY:
+            warnings.append(
+                f"{module}: n={n} keeps {fit.retained:.1%} of the LoRA delta's energy "
+                f"(every frequency would keep {fit.ceiling:.1%})"
+            )
+    biases = _carry_biases(lora, tensors)
+    for clean, t in lora.head_tensors.items():
+        tensors[f"{KEY_PREFIX}{clean}"] = t.load()
+
+    if ckpt is not None:
+        out_adapter = FourierFTAdapter(
+            lora.folder, f"{lora.label} (converted)", settings, spectra, biases, dict(lora.head_tensors), []
+        )
+        plan = plan_with_orientation(ckpt, [out_adapter])  # the output must fit the base as merge would use it
+        conv1d = any(layer.conv1d for layer in plan.layers)
+        if conv1d != settings.fan_in_fan_out:
+            config["fan_in_fan_out"] = conv1d
+        warnings += [w for w in plan.warnings if "fan_in_fan_out" not in w]
+    params = sum(x.n for x in layers)
+    report = FromLoraReport(
+        str(adapter), layers, params, scaling, seed, str(ckpt.folder) if ckpt is not None else None, warnings
+    )
+    if layers and report.retained_energy < LOW_ENERGY:
+        warnings.insert(
+            0,
+            f"the FourierFT adapter keeps {report.retained_energy:.1%} of the LoRA delta energy: a FourierFT delta is "
+            "centro-symmetric and n coefficients span only n basis matrices; raise --n-frequency to keep more "
+            f"(the ceiling with every frequency is {report.ceiling:.1%})",
+        )
+    sources = [lora.folder] + ([ckpt.folder] if ckpt is not None else [])
+    return AdapterFiles(config, tensors, sources), report
+
+
+def _open_base(base: str | Path | None, lora: LoraAdapterIn, warnings: list[str]) -> BaseCheckpoint | None:
+    if base is not None:
+        return open_checkpoint(base)
+    implicit = lora.settings.base_model_name_or_path
+    if not implicit:
+        warnings.append("no --base given and the adapter names no base: the output was not checked against a base")
+        return None
+    try:
+        return open_checkpoint(implicit)
+    except FourierConvertError as exc:
+        warnings.append(f"the adapter's base {implicit!r} could not be opened ({exc.found}): output not checked")
+        return None
+
+
+def _fourier_config(
+    lora: LoraAdapterIn, pattern: dict[str, int], n_frequency: int, scaling: float, seed: int
+) -> dict[str, Any]:
+    s = lora.settings
+    return {
+        "peft_type": "FOURIERFT",
+        "task_type": s.task_type,
+        "base_model_name_or_path": s.base_model_name_or_path,
+        "n_frequency": n_frequency,
+        "n_frequency_pattern": pattern,
+        "scaling": scaling,
+        "random_loc_seed": seed,
+        "fan_in_fan_out": s.fan_in_fan_out,
+        "target_modules": sorted(lora.modules),
+        "exclude_modules": None,
+        "bias": _BIAS[s.bias],
+        "modules_to_save": s.modules_to_save or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "init_weights": False,
+        "inference_mode": True,
+    }
+
+
+def _carry_biases(lora: LoraAdapterIn, tensors: dict[str, torch.Tensor]) -> dict[str, StoredTensor]:
+    carried: dict[str, StoredTensor] = {}
+    for clean, t in lora.biases.items():
+        module = clean[: -len(".bias")]
+        value = t.load()
+        key = f"{KEY_PREFIX}{module}.base_layer.bias" if module in lora.modules else f"{KEY_PREFIX}{clean}"
+        tensors[key] = value
+        carried[clean] = StoredTensor(key, st_dtype(value.dtype), tuple(value.shape), value=value)
+    return carried
+
+
+def _layer_report(module: str, shape: tuple[int, int], rank: int, n: int, fit: Projection) -> FromLoraLayerReport:
+    return FromLoraLayerReport(module, shape, rank, n, fit.energy, fit.retained, fit.relative_error, fit.ceiling)
+
+
+def parse_pattern(items: tuple[str, ...]) -> dict[str, int]:
+    """``("v_proj=500", "q_proj=2000")`` -> ``{"v_proj": 500, "q_proj": 2000}``.
+
+    Raises:
+        UsageError: An item is not ``NAME=N`` with a valid regex and a positive integer.
+
+    Example:
+        >>> parse_pattern(("v_proj=500",))
+        {'v_proj': 500}
+    """
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            n = int(value)
+            re.compile(name)
+        except (ValueError, re.error):
+            n = 0
+        if not sep or not name or n < 1:
+            raise UsageError(
+                "--n-frequency-pattern", f"cannot read {item!r}", "write NAME=N, e.g. --n-frequency-pattern v_proj=500"
+            )
+        out[name] = n
+    return out

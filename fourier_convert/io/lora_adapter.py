@@ -1,0 +1,336 @@
+"""Reading a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+Only plain LoRA on linear layers (``nn.Linear`` and GPT-2 ``Conv1D``) is accepted: the delta of module ``m``
+is ``scale_m * lora_B @ lora_A`` (``(out, in)``) with ``scale_m = alpha_m / r_m`` (``alpha_m / sqrt(r_m)`` with
+rsLoRA), ``r_m`` and ``alpha_m`` from ``rank_pattern`` / ``alpha_pattern`` as PEFT matches them. Variants that
+change this maths (DoRA, ``lora_bias``, embedding or convolution LoRA, ...) are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fourier_convert.errors import AdapterError, InputFileError
+from fourier_convert.io.adapter import (
+    CONFIG_NAME,
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    StoredTensor,
+    classify_tensors,
+    load_json,
+    load_pickle,
+)
+from fourier_convert.io.resolve import resolve_folder
+from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_header, read_numpy_float64
+
+LORA_BIAS_MODES = ("none", "all", "lora_only")
+#: Config fields whose non-default values change the maths of the delta, with why each is refused.
+_REFUSED: dict[str, str] = {
+    "use_dora": "DoRA rescales every column of W + delta by a learned magnitude, which no additive delta represents",
+    "lora_bias": "lora_bias adds a bias to lora_B, which FourierFT cannot represent",
+    "layer_replication": "layer_replication duplicates base layers, which changes the model itself",
+    "target_parameters": "target_parameters adapts raw parameters (e.g. MoE experts), not linear layers",
+    "use_qalora": "QA-LoRA pools the input groups, which changes the maths of the delta",
+    "alora_invocation_tokens": "aLoRA activates only after invocation tokens, which a static delta cannot do",
+    "trainable_token_indices": "trainable tokens change embedding rows, which FourierFT cannot represent",
+    "megatron_config": "Megatron-parallel LoRA layers are not plain linear layers",
+}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The fields of a LoRA ``adapter_config.json`` that decide the delta.
+
+    Attributes:
+        r: Default rank.
+        lora_alpha: Default alpha.
+        rank_pattern: Module pattern -> rank.
+        alpha_pattern: Module pattern -> alpha.
+        use_rslora: Scale ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        fan_in_fan_out: The config's flag (True for GPT-2 style Conv1D targets).
+        bias: ``"none"``, ``"all"`` or ``"lora_only"``.
+        modules_to_save: De-duplicated head names.
+        task_type: PEFT task type.
+        base_model_name_or_path: The base the adapter was trained on.
+        raw: The whole JSON.
+    """
+
+    r: int
+    lora_alpha: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    use_rslora: bool
+    fan_in_fan_out: bool
+    bias: str
+    modules_to_save: list[str]
+    task_type: str | None
+    base_model_name_or_path: str | None
+    raw: dict[str, Any] = field(repr=False)
+
+    def alpha_for(self, module: str) -> float:
+        """``alpha`` PEFT gives ``module`` (first ``alpha_pattern`` key matching its name's end).
+
+        Example:
+            >>> s = LoraSettings(8, 16.0, {}, {"v_proj": 4.0}, False, False, "none", [], None, None, {})
+            >>> s.alpha_for("model.layers.0.self_attn.v_proj"), s.alpha_for("model.layers.0.self_attn.q_proj")
+            (4.0, 16.0)
+        """
+        key = _pattern_key(self.alpha_pattern, module)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def rank_for(self, module: str) -> int:
+        """The rank the config gives ``module`` (``rank_pattern`` first, as PEFT matches it)."""
+        key = _pattern_key(self.rank_pattern, module)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def scale_for(self, module: str, rank: int) -> float:
+        """PEFT's LoRA scale for ``module`` with factors of rank ``rank``."""
+        alpha = self.alpha_for(module)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    # PEFT's get_pattern_key: a key matches when it (as a regex) matches a dotted suffix of the module name
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module.
+
+    Attributes:
+        module: Module path (``base_model.model.`` stripped).
+        a: ``lora_A.weight`` as float64, ``(r, in)``.
+        b: ``lora_B.weight`` as float64, ``(out, r)``.
+        scale: PEFT's scale for this module.
+        dtype: The factors' stored dtype.
+    """
+
+    module: str
+    a: np.ndarray
+    b: np.ndarray
+    scale: float
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the delta."""
+        return int(self.b.shape[0]), int(self.a.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass
+class LoraAdapterIn:
+    """A validated PEFT LoRA adapter, read for conversion.
+
+    Attributes:
+        folder: The adapter folder.
+        label: The user's spec, for messages.
+        settings: Parsed config.
+        modules: Module path -> factors, in file order.
+        biases: Clean ``<module>.bias`` -> trained bias.
+        head_tensors: Clean key -> ``modules_to_save`` tensor.
+        files: Files read.
+    """
+
+    folder: Path
+    label: str
+    settings: LoraSettings
+    modules: dict[str, LoraModule]
+    biases: dict[str, StoredTensor]
+    head_tensors: dict[str, StoredTensor]
+    files: list[Path]
+
+
+def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
+    """Validate a LoRA adapter config dict.
+
+    Raises:
+        AdapterError: Not LoRA, a variant that changes the maths, or an invalid field (named in the message).
+
+    Example:
+        >>> parse_lora_settings({"peft_type": "LORA", "r": 8, "lora_alpha": 16}, Path("a.json")).scale_for("q", 8)
+        2.0
+    """
+    where = str(path)
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        fix = "pass a LoRA adapter"
+        if peft_type == "FOURIERFT":
+            fix = "this is already a FourierFT adapter (to-lora converts the other way)"
+        raise AdapterError(where, f"peft_type is {peft_type!r}, expected 'LORA'", fix)
+    for name, why in _REFUSED.items():
+        value = cfg.get(name)
+        if value not in (None, False, [], {}, ""):
+            raise AdapterError(
+                where, f"{name} is {value!r}: {why}", "convert a plain LoRA adapter (merge this one with PEFT instead)"
+            )
+    r = cfg.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterError(where, f"r is {r!r}, expected an integer >= 1", "fix the config")
+    alpha = cfg.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(where, f"lora_alpha is {alpha!r}, expected a finite number", "fix the config")
+    ranks = cfg.get("rank_pattern") or {}
+    alphas = cfg.get("alpha_pattern") or {}
+    if not isinstance(ranks, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in ranks.values()):
+        raise AdapterError(where, f"rank_pattern is {ranks!r}, expected a map of name -> int", "fix the config")
+    if not isinstance(alphas, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in alphas.values()
+    ):
+        raise AdapterError(where, f"alpha_pattern is {alphas!r}, expected a map of name -> number", "fix the config")
+    bias = cfg.get("bias", "none") or "none"
+    if bias not in LORA_BIAS_MODES:
+        raise AdapterError(where, f"bias is {bias!r}, expected one of {', '.join(LORA_BIAS_MODES)}", "fix the config")
+    mts = cfg.get("modules_to_save") or []
+    if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
+        raise AdapterError(where, f"modules_to_save is {mts!r}, expected a list of names", "fix the config")
+    return LoraSettings(
+        r=r,
+        lora_alpha=float(alpha),
+        rank_pattern={str(k): int(v) for k, v in ranks.items()},
+        alpha_pattern={str(k): float(v) for k, v in alphas.items()},
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        bias=bias,
+        modules_to_save=list(dict.fromkeys(mts)),
+        task_type=cfg.get("task_type"),
+        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        raw=cfg,
+    )
+
+
+_FACTOR = re.compile(r"^(.*)\.lora_(A|B)\.weight$")
+_UNSUPPORTED = (
+    ("lora_embedding_A", "embedding LoRA (lora_embedding_A / B): FourierFT adapts linear layers only"),
+    ("lora_embedding_B", "embedding LoRA (lora_embedding_A / B): FourierFT adapts linear layers only"),
+    ("lora_magnitude_vector", "a DoRA magnitude vector: DoRA cannot be represented by an additive delta"),
+)
+
+
+def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle: bool = False) -> LoraAdapterIn:
+    """Read and validate a PEFT LoRA adapter for conversion.
+
+    Args:
+        spec: Local folder, ``folder:adapter_name``, or hub id.
+        subfolder: Named adapter inside the folder.
+        allow_pickle: Load ``adapter_model.bin`` through torch's weights-only loader.
+
+    Returns:
+        The adapter with its factors decoded (float64) and other tensors located.
+
+    Raises:
+        InputFileError: Missing or unreadable files, bad JSON.
+        PickleRefusedError: Only a pickle is present and ``allow_pickle`` is False.
+        AdapterError: Not LoRA, a refused variant, or invalid tensors.
+
+    Example:
+        >>> lora = read_lora_adapter("my-lora")  # doctest: +SKIP
+        >>> sorted(lora.modules)[:1]  # doctest: +SKIP
+        ['model.layers.0.self_attn.q_proj']
+    """
+    folder = resolve_folder(
+        str(spec), what="adapter", subfolder=subfolder, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME]
+    )
+    config_path = folder / CONFIG_NAME
+    settings = parse_lora_settings(load_json(config_path), config_path)
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        header = read_header(weights)
+        tensors = {k: StoredTensor(k, t.dtype, t.shape, info=t) for k, t in header.tensors.items()}
+        files = [config_path, weights]
+    elif (folder / PICKLE_NAME).is_file():
+        tensors = load_pickle(folder / PICKLE_NAME, allow_pickle)
+        files = [config_path, folder / PICKLE_NAME]
+    else:
+        raise InputFileError(str(weights), "adapter weights not found", "check the adapter folder")
+    where = str(files[1])
+    for key in tensors:
+        for marker, what in _UNSUPPORTED:
+            if marker in key:
+                raise AdapterError(where, f"{key!r} is {what}", "convert a plain LoRA adapter on linear layers")
+    groups = classify_tensors(
+        tensors,
+        is_method=lambda k: _FACTOR.match(k) is not None,
+        method_noun="a lora_A / lora_B factor",
+        bias=settings.bias,
+        modules_to_save=settings.modules_to_save,
+        where=where,
+    )
+    modules = _pair_factors(groups.method, settings, where)
+    if settings.bias == "lora_only":
+        stray = [k for k in groups.biases if k[: -len(".bias")] not in modules]
+        if stray:
+            raise AdapterError(
+                where, f"bias='lora_only' but {stray[0]!r} belongs to no adapted module", "fix the config"
+            )
+    label = f"{spec}:{subfolder}" if subfolder and not str(spec).endswith(f":{subfolder}") else str(spec)
+    return LoraAdapterIn(folder, label, settings, modules, groups.biases, groups.heads, files)
+
+
+def _factor_values(t: StoredTensor) -> np.ndarray:
+    if t.info is not None:
+        return read_numpy_float64(t.info).reshape(t.shape)
+    assert t.value is not None
+    return t.value.double().numpy()
+
+
+def _pair_factors(factors: dict[str, StoredTensor], settings: LoraSettings, where: str) -> dict[str, LoraModule]:
+    halves: dict[str, dict[str, StoredTensor]] = {}
+    for clean, t in factors.items():
+        m = _FACTOR.match(clean)
+        assert m is not None
+        halves.setdefault(m.group(1), {})[m.group(2)] = t
+    modules: dict[str, LoraModule] = {}
+    for module, pair in halves.items():
+        missing = {"A", "B"} - set(pair)
+        if missing:
+            raise AdapterError(
+                where, f"module {module!r} has no lora_{missing.pop()}.weight", "re-save the adapter with PEFT"
+            )
+        ta, tb = pair["A"], pair["B"]
+        for t in (ta, tb):
+            if t.dtype not in FLOAT_DTYPES:
+                raise AdapterError(where, f"{t.key!r} has dtype {t.dtype}, expected a float dtype", "re-save it")
+            if len(t.shape) != 2:
+                raise AdapterError(
+                    where,
+                    f"{t.key!r} has shape {list(t.shape)}, expected 2-D (a convolution LoRA?)",
+                    "convert a LoRA on linear layers",
+                )
+        r = ta.shape[0]
+        if tb.shape[1] != r:
+            raise AdapterError(
+                where,
+                f"{module!r}: lora_A is {list(ta.shape)} but lora_B is {list(tb.shape)} (ranks differ)",
+                "re-save the adapter with PEFT",
+            )
+        if settings.rank_for(module) != r:
+            raise AdapterError(
+                where,
+                f"{module!r}: the factors have rank {r} but the config gives rank {settings.rank_for(module)}",
+                "check r / rank_pattern in adapter_config.json",
+            )
+        a, b = _factor_values(ta), _factor_values(tb)
+        for key, arr in ((ta.key, a), (tb.key, b)):
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                raise AdapterError(
+                    where, f"{key!r} holds {int(bad.sum())} non-finite value(s)", "use a sound checkpoint"
+                )
+        modules[module] = LoraModule(module, a, b, settings.scale_for(module, r), ta.dtype)
+    if not modules:
+        raise AdapterError(where, "holds no lora_A / lora_B tensors", "check that this is a LoRA adapter")
+    return modules
