@@ -118,3 +118,148 @@ def test_save_refuses_to_write_over_the_input_adapter(tmp_path: Path, fixture_co
     with pytest.raises(fc.UsageError, match="overlaps the input folder"):
         lora.save(d / "adapter", overwrite=True)
     assert {p: p.read_bytes() for p in (d / "adapter").iterdir() if p.is_file()} == before
+
+
+# -- serving targets ----------------------------------------------------------------------------------
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+LLAMA_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+
+
+def read_as_vllm(folder: Path, expected_modules: set[str], max_lora_rank: int) -> dict[str, tuple[Any, Any]]:
+    """Load a LoRA folder with the rules vLLM's loader applies (PEFTHelper, LoRAModel.from_local_checkpoint);
+    return module -> (lora_a, lora_b) already multiplied by vLLM's one global scale, or raise as vLLM would."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    missing = {"r", "lora_alpha", "target_modules"} - set(cfg)
+    if missing:
+        raise ValueError(f"Missing required configuration fields: {missing}")
+    if cfg.get("modules_to_save"):
+        raise ValueError("vLLM only supports modules_to_save being None.")
+    if cfg.get("use_dora"):
+        raise ValueError("vLLM does not yet support DoRA.")
+    if max_lora_rank not in VLLM_MAX_LORA_RANKS:
+        raise ValueError(f"max_lora_rank {max_lora_rank} is not one of {VLLM_MAX_LORA_RANKS}")
+    if cfg["r"] > max_lora_rank:
+        raise ValueError(f"LoRA rank {cfg['r']} is greater than max_lora_rank {max_lora_rank}.")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError("Adapter bias is not supported.")
+    scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])  # rank_pattern ignored
+    loras: dict[str, dict[str, Any]] = {}
+    for name, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
+        parts = name.split(".")
+        if parts[:2] != ["base_model", "model"] or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
+            raise ValueError(f"{name} is unsupported LoRA weight")
+        module = ".".join(parts[2:-2])
+        if module.rsplit(".", 1)[-1] not in expected_modules:
+            raise ValueError(f"expected target modules in {expected_modules} but received {module}")
+        loras.setdefault(module, {})[parts[-2]] = tensor
+    out = {}
+    for module, pair in loras.items():
+        a, b = pair["lora_A"], pair["lora_B"]  # KeyError: vLLM would fail on a half-missing pair too
+        if a.shape[0] > max_lora_rank or b.shape[1] != a.shape[0]:
+            raise ValueError(f"{module}: rank {a.shape[0]} does not fit max_lora_rank {max_lora_rank}")
+        out[module] = (a, b * scale)
+    return out
+
+
+def test_vllm_target_loads_by_vllm_rules_and_equals_the_peft_conversion(tmp_path: Path) -> None:
+    base, src = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
+    peft_lora, peft_report = to_lora(src, base=base, rank=0.9)
+    vllm_lora, report = to_lora(src, base=base, rank=0.9, target="vllm")
+    vllm_lora.save(tmp_path / "vllm")
+    top = max(x.rank for x in peft_report.layers)
+    assert report.uniform_rank == min(r for r in VLLM_MAX_LORA_RANKS if r >= top)
+    cfg = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == report.uniform_rank
+    assert "rank_pattern" not in cfg and "alpha_pattern" not in cfg
+    loaded = read_as_vllm(tmp_path / "vllm", LLAMA_LORA_MODULES, max_lora_rank=report.uniform_rank)
+    assert set(loaded) == {x.module for x in report.layers}
+    for module, (a, b) in loaded.items():
+        assert a.shape[0] == b.shape[1] == report.uniform_rank  # one uniform rank, zero-padded
+        key = f"base_model.model.{module}"
+        want = peft_lora.tensors[f"{key}.lora_B.weight"] @ peft_lora.tensors[f"{key}.lora_A.weight"]
+        torch.testing.assert_close(b @ a, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="is greater than max_lora_rank"):
+        read_as_vllm(tmp_path / "vllm", LLAMA_LORA_MODULES, max_lora_rank=8)
+    x = _inputs("llama")  # and PEFT still runs it
+    with torch.no_grad():
+        a_logits = _peft_lora_model("llama", tmp_path / "vllm")(**x).logits
+        peft_lora.save(tmp_path / "peft")
+        torch.testing.assert_close(a_logits, _peft_lora_model("llama", tmp_path / "peft")(**x).logits)
+
+
+def test_llama_cpp_target_has_only_factors_and_one_alpha_per_rank(tmp_path: Path) -> None:
+    lora, report = to_lora(FIXTURES / "gpt2" / "adapter", base=FIXTURES / "gpt2" / "base", rank=5, target="llama.cpp",
+                           drop_extras=True)  # fmt: skip
+    lora.save(tmp_path / "gg")
+    cfg = json.loads((tmp_path / "gg" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] and cfg["lora_alpha"] == cfg["r"] == report.uniform_rank == 5
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in lora.tensors)  # llama.cpp aborts otherwise
+    ranks = {int(t.shape[0]) for k, t in lora.tensors.items() if k.endswith("lora_A.weight")}
+    assert ranks == {5}  # llama.cpp scales each tensor by alpha / its own rank: uniform, so the scale is 1
+    assert report.dropped == sorted(f"{m}.bias" for m in GPT2_CONV1D)
+    assert cfg["bias"] == "none" and cfg["modules_to_save"] is None
+
+
+def test_targets_refuse_extras_they_cannot_carry() -> None:
+    with pytest.raises(fc.UsageError) as info:
+        to_lora(FIXTURES / "roberta" / "adapter", base=FIXTURES / "roberta" / "base", target="vllm")
+    assert str(info.value) == (
+        f"--target: vllm loads only lora_A / lora_B tensors, so 17 trained bias(es) (bias='all') and modules_to_save "
+        f"['classifier', 'score'] of {FIXTURES / 'roberta' / 'adapter'} would be lost; use --target peft, or pass "
+        "--drop-extras to convert without them (the report lists what is lost)"
+    )
+
+
+def test_param_budget_is_respected_and_close_to_the_bound(tmp_path: Path) -> None:
+    base, src = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
+    for budget in (700, 5000, 20_000):
+        _, report = to_lora(src, base=base, param_budget=budget)
+        assert report.parameters <= budget
+        assert report.parameters == sum(x.rank * sum(x.shape) for x in report.layers)
+        assert report.budget_bound is not None and report.retained_energy <= report.budget_bound + 1e-12
+        assert report.retained_energy >= report.budget_bound - 0.02
+    # a budget is at least as good as the uniform fixed rank that costs the same
+    _, fixed = to_lora(src, base=base, rank=8)
+    _, budgeted = to_lora(src, base=base, param_budget=fixed.parameters)
+    assert budgeted.retained_energy >= fixed.retained_energy - 1e-12
+    with pytest.raises(fc.UsageError, match="given together with --rank"):
+        to_lora(src, base=base, rank=8, param_budget=1000)
+    _, vllm = to_lora(src, base=base, param_budget=5000, target="vllm")
+    assert vllm.uniform_rank in VLLM_MAX_LORA_RANKS and vllm.parameters <= 5000
+
+
+def test_check_compares_layer_outputs(tmp_path: Path) -> None:
+    from fourier_convert.check import check_lora_outputs
+
+    base, src = FIXTURES / "gpt2" / "base", FIXTURES / "gpt2" / "adapter"
+    full, _ = to_lora(src, base=base, rank=1.0)
+    exact = check_lora_outputs(full, src, base=base)
+    assert exact.worst_output_error < 1e-6 and exact.worst_delta_error < 1e-6
+    low, report = to_lora(src, base=base, rank=2)
+    approx = check_lora_outputs(low, src, base=base, samples=2000)
+    for layer, checked in zip(report.layers, approx.layers, strict=True):
+        # many random inputs: the output error of the delta approaches the relative Frobenius error
+        assert checked.delta_error == pytest.approx(layer.relative_error, rel=0.1)
+    dropped, _ = to_lora(src, base=base, rank=1.0, target="vllm", drop_extras=True)
+    lost = check_lora_outputs(dropped, src, base=base)
+    assert lost.worst_delta_error < 1e-6 and lost.worst_output_error > 1e-3  # the dropped biases show
+
+
+def test_cli_to_lora_target_budget_and_check(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fourier_convert.cli.main import cli
+
+    out, doc = tmp_path / "lora", tmp_path / "r.json"
+    args = ["to-lora", "--adapter", str(FIXTURES / "llama" / "adapter"), "--base", str(FIXTURES / "llama" / "base")]
+    res = CliRunner().invoke(cli, [*args, "--param-budget", "4000", "--target", "vllm", "--check", "--out", str(out),
+                                   "--json", str(doc)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "vllm: uniform rank 8 (smaller layers zero-padded)" in res.stdout
+    assert "check: 4 layers on 64 random inputs each: largest layer-output error" in res.stdout
+    report = json.loads(doc.read_text())
+    assert report["parameters"] <= 4000 and report["check"]["worst_delta_error"] < 1
+    bad = CliRunner().invoke(cli, [*args, "--target", "onnx", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "Invalid value for '--target'" in bad.stderr
