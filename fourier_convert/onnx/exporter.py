@@ -9,10 +9,7 @@ they exceed :data:`EXTERNAL_DATA_THRESHOLD` (or when asked).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import torch
 
 from fourier_convert.errors import ExportError
+from fourier_convert.onnx.quiet import quiet
 from fourier_convert.onnx.signature import BATCH, PAST, SEQUENCE, TOTAL, FlatModel, Signature
 
 MODEL_FILE = "model.onnx"
@@ -96,10 +94,8 @@ def export_graph(
     import onnx_ir as ir
 
     sig = flat.signature
-    log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet("torch.onnx") as log:
             program: Any = torch.onnx.export(
                 flat,
                 tuple(example),

@@ -23,7 +23,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,27 +36,25 @@ from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES
 from fourier_convert.io.writer import CheckpointWriter, check_output_target, refuse_input_as_output
 from fourier_convert.merge import PROVENANCE_NAME, AdapterSpec
 from fourier_convert.merge import merge as merge_checkpoint
-from fourier_convert.onnx.compare import TOLERANCES, CaseCheck, compare_outputs
+from fourier_convert.onnx.compare import TOLERANCES
 from fourier_convert.onnx.exporter import MODEL_FILE, export_graph
-from fourier_convert.onnx.inputs import Case, export_case, make_inputs, query_mask, validation_cases
+from fourier_convert.onnx.inputs import export_case, make_inputs
 from fourier_convert.onnx.models import load_task_model
 from fourier_convert.onnx.proof import load_unmerged
 from fourier_convert.onnx.report import REPORT_FILE, OnnxReport
-from fourier_convert.onnx.runtime import check_device, open_session, optimize_graph, require_packages
-from fourier_convert.onnx.signature import FlatModel, Signature, describe
+from fourier_convert.onnx.runtime import check_device, check_providers, optimize_graph, require_packages
+from fourier_convert.onnx.signature import FlatModel, describe
 from fourier_convert.onnx.tasks import check_task, infer_task
+from fourier_convert.onnx.validate import (
+    ValidationInputs,
+    compare_cases,
+    torch_outputs,
+    validate_graph,
+    validation_inputs,
+)
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16"}
 _BYTES = {"float32": 4, "float16": 2}
-
-
-@dataclass
-class _Inputs:
-    """Validation inputs: one list of tensors per case, and the signature they were made for."""
-
-    sig: Signature
-    cases: list[Case]
-    tensors: list[list[torch.Tensor]]
 
 
 def export_onnx(
@@ -125,6 +122,8 @@ def export_onnx(
     out = Path(out)
     export_dtype, tol = _check_args(task, dtype, device, opset, atol, rtol, base, adapter, model)
     versions = require_packages()
+    if validate:
+        check_providers(device)
     check_output_target(out, overwrite)
     specs = _specs(adapter) if model is None else []
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
@@ -204,7 +203,8 @@ def export_onnx(
             writer.write_file(name, data)
         if validate:
             t = time.perf_counter()
-            report.validation = _validate(report, temp / MODEL_FILE, device, inputs, refs, tol)
+            report.validation, report.providers, notes = validate_graph(temp / MODEL_FILE, device, inputs, refs, *tol)
+            report.notes += notes
             report.validated = True
             report.timings["validate"] = time.perf_counter() - t
         report.files = sorted([p.name for p in temp.iterdir() if p.is_file()] + [REPORT_FILE])
@@ -323,47 +323,6 @@ def _is_aux(name: str) -> bool:
     )
 
 
-def _run(flat: FlatModel, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    with torch.no_grad():
-        return [o.detach().cpu().numpy() for o in flat(*tensors)]
-
-
-def _make_inputs(sig: Signature) -> _Inputs:
-    cases = validation_cases(sig)
-    return _Inputs(sig, cases, [make_inputs(sig, c, seed=i + 1) for i, c in enumerate(cases)])
-
-
-def _shapes(sig: Signature, tensors: list[torch.Tensor]) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    for name, t in zip(sig.inputs, tensors, strict=True):
-        if name.startswith("past_key_values."):
-            name = "past_key_values.*"
-        shapes.setdefault(name, list(t.shape))
-    return shapes
-
-
-def _checks(
-    inputs: _Inputs,
-    ref: list[list[np.ndarray]],
-    got: list[list[np.ndarray]],
-    tol: tuple[float, float],
-) -> list[CaseCheck]:
-    sig = inputs.sig
-    return [
-        compare_outputs(
-            sig,
-            case.label(bool(sig.past_layers)),
-            _shapes(sig, tensors),
-            query_mask(sig, tensors, case).numpy(),
-            r,
-            g,
-            tol[0],
-            tol[1],
-        )
-        for case, tensors, r, g in zip(inputs.cases, inputs.tensors, ref, got, strict=True)
-    ]
-
-
 def _prepare(
     report: OnnxReport,
     folder: Path,
@@ -371,19 +330,19 @@ def _prepare(
     adapters: list[FourierFTAdapter],
     weights: list[float],
     export_dtype: str,
-) -> tuple[Any, list[list[np.ndarray]], _Inputs]:
+) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
     """Merge proof (with adapters), then the model to export and its reference outputs in the export dtype."""
     from transformers import AutoConfig
 
     proof_ref: list[list[np.ndarray]] | None = None
-    inputs: _Inputs | None = None
+    inputs: ValidationInputs | None = None
     if adapters:
         t = time.perf_counter()
         config = AutoConfig.from_pretrained(str(folder))
         unmerged = load_unmerged(ckpt.folder, report.task, config, adapters, weights)
-        inputs = _make_inputs(describe(unmerged.model, report.task))
+        inputs = validation_inputs(describe(unmerged.model, report.task))
         flat = FlatModel(unmerged.model, inputs.sig).eval()
-        proof_ref = [_run(flat, x) for x in inputs.tensors]
+        proof_ref = torch_outputs(flat, inputs)
         if unmerged.skipped:
             report.notes.append(
                 f"adapter tensors with no place in the {report.task} model were left out: {unmerged.skipped[:4]}"
@@ -401,11 +360,11 @@ def _prepare(
             f"{inputs.sig.inputs} -> {inputs.sig.outputs}",
             "report this",
         )
-    inputs = inputs or _make_inputs(sig)
+    inputs = inputs or validation_inputs(sig)
     flat = FlatModel(model, sig).eval()
-    outputs32 = [_run(flat, x) for x in inputs.tensors]
+    outputs32 = torch_outputs(flat, inputs)
     if proof_ref is not None:
-        report.merge_proof = _checks(inputs, proof_ref, outputs32, TOLERANCES["float32"])
+        report.merge_proof = compare_cases(inputs, proof_ref, outputs32, *TOLERANCES["float32"])
         report.timings["prove_merged"] = time.perf_counter() - t
         if not report.proof_passed:
             raise _validation_error(report)
@@ -413,32 +372,11 @@ def _prepare(
         return model, outputs32, inputs
     t = time.perf_counter()
     model.to(torch.float16)
-    inputs = _make_inputs(describe(model, report.task))
+    inputs = validation_inputs(describe(model, report.task))
     flat = FlatModel(model, inputs.sig).eval()
-    refs = [_run(flat, x) for x in inputs.tensors]
+    refs = torch_outputs(flat, inputs)
     report.timings["reference_float16"] = time.perf_counter() - t
     return model, refs, inputs
-
-
-def _validate(
-    report: OnnxReport,
-    path: Path,
-    device: str,
-    inputs: _Inputs,
-    refs: list[list[np.ndarray]],
-    tol: tuple[float, float],
-) -> list[CaseCheck]:
-    info = open_session(path, device)
-    report.providers = info.providers
-    report.notes += info.notes
-    names = list(inputs.sig.outputs)
-    got = [
-        list(info.session.run(names, {n: t.numpy() for n, t in zip(inputs.sig.inputs, x, strict=True)}))
-        for x in inputs.tensors
-    ]
-    del info
-    gc.collect()
-    return _checks(inputs, refs, got, tol)
 
 
 def _validation_error(report: OnnxReport) -> OnnxValidationError:

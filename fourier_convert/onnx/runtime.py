@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fourier_convert.errors import ExportError, UsageError
+from fourier_convert.onnx.quiet import quiet
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -87,6 +88,23 @@ def require_packages() -> dict[str, str]:
     return versions
 
 
+def check_providers(device: str) -> None:
+    """Fail early when ``device`` asks for CUDA and this onnxruntime offers no CUDA provider.
+
+    Raises:
+        ExportError: ``cuda`` / ``cuda:N`` without ``CUDAExecutionProvider``.
+    """
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers())
+    if device.startswith("cuda") and CUDA not in available:
+        raise ExportError(
+            "--device",
+            f"{device} requested but this onnxruntime ({ort.__version__}) offers only {available}",
+            "install onnxruntime-gpu (pip install 'fourier-convert[onnx]') on a machine with CUDA, or use --device cpu",
+        )
+
+
 def open_session(model_path: Path, device: str, *, threads: int | None = None) -> SessionInfo:
     """Create an inference session on ``device`` and check which providers it really uses.
 
@@ -109,15 +127,10 @@ def open_session(model_path: Path, device: str, *, threads: int | None = None) -
     """
     import onnxruntime as ort
 
+    check_providers(device)
     available = list(ort.get_available_providers())
     want_cuda = device.startswith("cuda")
     notes: list[str] = []
-    if want_cuda and CUDA not in available:
-        raise ExportError(
-            "--device",
-            f"{device} requested but this onnxruntime ({ort.__version__}) offers only {available}",
-            "install onnxruntime-gpu (pip install 'fourier-convert[onnx]') on a machine with CUDA, or use --device cpu",
-        )
     use_cuda = want_cuda or (device == "auto" and CUDA in available)
     providers: list[Any] = [CPU]
     if use_cuda:
@@ -149,9 +162,12 @@ def open_session(model_path: Path, device: str, *, threads: int | None = None) -
 
 
 def optimize_graph(folder: Path, config: Any, *, use_gpu: bool, external_data: bool) -> str:
-    """Run onnxruntime's transformer optimiser (its Python fusions, ``opt_level=0``) on ``folder/model.onnx``.
+    """Run onnxruntime's transformer optimiser on ``folder/model.onnx``: onnxruntime's basic graph optimisations
+    (``opt_level=1``: constant folding, redundant nodes; provider-independent), then its Python fusions for the
+    model type (layer norms, GELU, attention where the pattern matches).
 
-    The optimised graph replaces the exported one (and its ``model.onnx.data``).
+    The optimised graph replaces the exported one (and its ``model.onnx.data``). The optimiser writes an
+    intermediate copy to the system temporary folder and holds the graph in memory.
 
     Args:
         folder: Folder holding ``model.onnx``.
@@ -174,14 +190,15 @@ def optimize_graph(folder: Path, config: Any, *, use_gpu: bool, external_data: b
     staging = folder / ".optimized"
     staging.mkdir()
     try:
-        optimized = optimize_model(
-            str(folder / "model.onnx"),
-            model_type=opt_type,
-            num_heads=int(getattr(config, "num_attention_heads", 0) or 0),
-            hidden_size=int(getattr(config, "hidden_size", 0) or 0),
-            opt_level=0,
-            use_gpu=use_gpu,
-        )
+        with quiet("onnxruntime"):
+            optimized = optimize_model(
+                str(folder / "model.onnx"),
+                model_type=opt_type,
+                num_heads=int(getattr(config, "num_attention_heads", 0) or 0),
+                hidden_size=int(getattr(config, "hidden_size", 0) or 0),
+                opt_level=1,
+                use_gpu=use_gpu,
+            )
         fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
         optimized.save_model_to_file(
             str(staging / "model.onnx"), use_external_data_format=external_data, all_tensors_to_one_file=True
