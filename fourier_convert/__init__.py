@@ -14,8 +14,10 @@ from fourier_convert.errors import (
     AdapterError,
     BaseMismatchError,
     DiskSpaceError,
+    ExportError,
     FourierConvertError,
     InputFileError,
+    OnnxValidationError,
     OutputError,
     PickleRefusedError,
     UsageError,
@@ -27,6 +29,7 @@ from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
 from fourier_convert.merge import AdapterSpec, merge
+from fourier_convert.onnx import OnnxReport, export_onnx
 from fourier_convert.report import LayerReport, MergeReport
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "AdapterSpec",
     "BaseMismatchError",
     "DiskSpaceError",
+    "ExportError",
     "FourierConvertError",
     "FourierFTAdapter",
     "FromLoraReport",
@@ -44,6 +48,8 @@ __all__ = [
     "LoraAdapter",
     "LoraReport",
     "MergeReport",
+    "OnnxReport",
+    "OnnxValidationError",
     "OutputCheck",
     "OutputError",
     "PickleRefusedError",
@@ -51,6 +57,7 @@ __all__ = [
     "VerificationError",
     "__version__",
     "check_lora_outputs",
+    "export_onnx",
     "from_lora",
     "inspect_adapter",
     "merge",

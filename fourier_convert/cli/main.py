@@ -96,10 +96,12 @@ def _register() -> None:
     from fourier_convert.cli.inspect_cmd import inspect_cmd
     from fourier_convert.cli.merge_cmd import merge_cmd
     from fourier_convert.cli.to_lora_cmd import to_lora_cmd
+    from fourier_convert.cli.to_onnx_cmd import to_onnx_cmd
 
     cli.add_command(merge_cmd)
     cli.add_command(inspect_cmd)
     cli.add_command(to_lora_cmd)
+    cli.add_command(to_onnx_cmd)
     cli.add_command(from_lora_cmd)
 
 

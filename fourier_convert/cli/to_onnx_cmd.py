@@ -1,0 +1,126 @@
+"""``fourier-convert to-onnx``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from fourier_convert.cli.merge_cmd import check_report_path
+from fourier_convert.errors import OnnxValidationError, UsageError
+from fourier_convert.merge import AdapterSpec
+from fourier_convert.onnx.pipeline import export_onnx
+from fourier_convert.onnx.report import OnnxReport
+from fourier_convert.onnx.tasks import TASKS
+
+
+def _write_json(path: Path | None, report: OnnxReport) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+
+
+@click.command("to-onnx")
+@click.option("--base", default=None, help="Base model folder or hub id (with --adapter).")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="FourierFT adapter folder, PATH:NAME or hub id; merged into --base first. Repeat to apply several.",
+)
+@click.option("--weight", "weights", multiple=True, type=float, help="Multiplier of each adapter's delta.")
+@click.option("--model", default=None, help="An already merged model folder or hub id (instead of --base/--adapter).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (published atomically).")
+@click.option(
+    "--task",
+    type=click.Choice(["auto", *TASKS]),
+    default="auto",
+    show_default=True,
+    help="What to export; auto infers it from config.json's architectures and says what it chose.",
+)
+@click.option("--dtype", default="float32", show_default=True, help="float32 or float16 (bfloat16 is refused).")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
+@click.option("--optimize", is_flag=True, help="Run onnxruntime's transformer optimiser; validation covers its output.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="onnxruntime device for validation: auto (CUDA if it really works, else CPU), cpu, cuda, cuda:N.",
+)
+@click.option("--no-validate", is_flag=True, help="Skip the onnxruntime validation (the merge proof still runs).")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-4 float32, 1e-2 float16].")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance [default: 1e-3].")
+@click.option("--keep-failed", is_flag=True, help="Keep a failed export at <out>.failed for inspection.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new export has passed.")
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Weights in model.onnx.data [default: when they exceed 1 GiB].",
+)
+@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin through torch's weights-only loader.")
+@click.option("--revision", default=None, help="Hub revision of --base / --model.")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here."
+)
+@click.option("--quiet", "-q", is_flag=True, help="No summary (warnings and failures still go to stderr).")
+def to_onnx_cmd(
+    base: str | None,
+    adapters: tuple[str, ...],
+    weights: tuple[float, ...],
+    model: str | None,
+    out: Path,
+    task: str,
+    dtype: str,
+    opset: int | None,
+    optimize: bool,
+    device: str,
+    no_validate: bool,
+    atol: float | None,
+    rtol: float | None,
+    keep_failed: bool,
+    overwrite: bool,
+    external_data: bool | None,
+    allow_pickle: bool,
+    revision: str | None,
+    json_path: Path | None,
+    quiet: bool,
+) -> None:
+    """Export a merged model (or base + FourierFT adapter, merged first) to ONNX, proven equal in onnxruntime."""
+    check_report_path(json_path)
+    if weights and len(weights) != len(adapters):
+        found = f"given {len(weights)} time(s) for {len(adapters)} adapter(s)"
+        raise UsageError("--weight", found, "give one --weight per --adapter")
+    specs = [AdapterSpec(a, None, weights[i] if weights else 1.0) for i, a in enumerate(adapters)]
+    try:
+        report = export_onnx(
+            out,
+            base=base,
+            adapter=specs or None,
+            model=model,
+            task=task,
+            dtype=dtype,
+            opset=opset,
+            optimize=optimize,
+            device=device,
+            validate=not no_validate,
+            atol=atol,
+            rtol=rtol,
+            keep_failed=keep_failed,
+            overwrite=overwrite,
+            external_data=external_data,
+            allow_pickle=allow_pickle,
+            revision=revision,
+        )
+    except OnnxValidationError as exc:
+        if isinstance(exc.report, OnnxReport):
+            for line in exc.report.summary():
+                click.echo(line, err=True)
+            _write_json(json_path, exc.report)
+        raise
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not quiet:
+        for line in report.summary():
+            if not line.startswith("warning: "):
+                click.echo(line)
+    _write_json(json_path, report)
