@@ -55,7 +55,7 @@ from fourier_convert.plan import (
     set_orientation,
 )
 from fourier_convert.report import LayerReport, MergeReport
-from fourier_convert.skeleton import Skeleton, SkeletonJob, build_skeleton
+from fourier_convert.skeleton import Skeleton, SkeletonJob, build_skeleton, scan_linear_only
 
 PROVENANCE_NAME = "fourier_convert.json"
 #: Upper bound on the working set of one batch of equal-shape deltas, per device type. Batching pays on a
@@ -210,9 +210,12 @@ def merge(
         names, missing = resolve_names(ckpt, adapters, skeleton)
     plan = build_plan(ckpt, adapters, names, weights=[s.weight for s in specs], out_dtype=out_dtype)
     if skeleton is None and ckpt.config is not None:
-        # Needed only for orientation: built while the copies and deltas run. Started after build_plan,
-        # which may import transformers itself: two threads importing transformers at once can fail.
-        job = SkeletonJob(ckpt.config, ckpt.tensors)
+        # Needed only for orientation. A scan of the modeling source settles most models at once; otherwise
+        # the skeleton is built while the copies and deltas run. Started after build_plan, which may import
+        # transformers itself: two threads importing transformers at once can fail.
+        skeleton = scan_linear_only(ckpt.config)
+        if skeleton is None:
+            job = SkeletonJob(ckpt.config, ckpt.tensors)
     layouts = _layouts(ckpt, plan, shard_bytes)
     report = MergeReport(
         out=None if dry_run else str(out),

@@ -23,7 +23,7 @@ from fourier_convert.io.adapter import FourierFTAdapter, Spectrum, StoredTensor
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from fourier_convert.maths.indices import RANDPERM_THRESHOLD
-from fourier_convert.skeleton import CONV1D, LINEAR, Skeleton, build_skeleton
+from fourier_convert.skeleton import CONV1D, LINEAR, Skeleton, build_skeleton, scan_linear_only
 from fourier_convert.targets import is_targeted
 
 
@@ -445,7 +445,9 @@ def set_orientation(
         flags = {adapters[c.adapter_index].settings.fan_in_fan_out for c in layer.contributions}
         if kind in (LINEAR, CONV1D):
             layer.conv1d = kind == CONV1D
-            layer.orientation_source = "skeleton"
+            layer.orientation_source = (
+                "skeleton" if skeleton is not None and skeleton.default_type is None else "source"
+            )
             if flags != {layer.conv1d}:
                 disagree.append(layer.module)
         else:
@@ -466,8 +468,8 @@ def set_orientation(
             f"orientation of {len(used_flag)} module(s) taken from fan_in_fan_out ({reason}); "
             "a Conv1D model merged with the wrong flag gives a transposed delta"
         )
-    elif plan.layers:
-        plan.notes.append("orientation (Linear / Conv1D) decided from the model skeleton")
+    elif plan.layers and skeleton is not None:
+        plan.notes.append(f"orientation (Linear / Conv1D) decided from the {skeleton.source}")
     return flipped
 
 
@@ -485,7 +487,9 @@ def plan_with_orientation(ckpt: BaseCheckpoint, adapters: Sequence[FourierFTAdap
     names, missing = resolve_names(ckpt, adapters)
     skeleton, why = None, "the base has no config.json"
     if ckpt.config is not None:
-        skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
+        skeleton = None if missing else scan_linear_only(ckpt.config)
+        if skeleton is None:
+            skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
         if missing:
             names, missing = resolve_names(ckpt, adapters, skeleton)
     plan = build_plan(ckpt, adapters, names)

@@ -15,7 +15,8 @@ class LayerReport:
         key: Checkpoint key of the weight.
         shape: ``(out, in)`` of the delta.
         conv1d: Whether the delta was added transposed (Conv1D).
-        orientation: ``"skeleton"`` or ``"flag"``.
+        orientation: ``"skeleton"`` (transformers' meta-device model), ``"source"`` (a scan of the
+            modeling source proved there is no Conv1D) or ``"flag"`` (the adapter's fan_in_fan_out).
         n: Coefficients per adapter, in adapter order.
         backend: The reconstruction that passed its check: ``"torch-<device>"`` (e.g. ``"torch-cpu"``,
             ``"torch-cuda"``), ``"torch-<device>-float64"`` with ``--precision float64``, or a fallback
