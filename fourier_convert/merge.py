@@ -14,13 +14,14 @@ import hashlib
 import json
 import math
 import os
+import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -407,33 +408,75 @@ def _merge_layers(
     by_shape: dict[tuple[int, int], list[LayerPlan]] = defaultdict(list)
     for layer in layers:
         by_shape[layer.delta_shape].append(layer)
+    chunks: list[list[LayerPlan]] = []
+    for (m, n), group in by_shape.items():
+        per_batch = max(1, BATCH_BYTES.get(dev.type, 0) // (m * n * 4 * (3 if compute == torch.float32 else 6)))
+        chunks += [group[start : start + per_batch] for start in range(0, len(group), per_batch)]
     outputs = {o.name: o for o in plan.outputs}
     reports: dict[str, LayerReport] = {}
     fallbacks: list[str] = []
     rng = np.random.default_rng(0)
-    for (m, n), group in by_shape.items():
-        per_batch = max(1, BATCH_BYTES.get(dev.type, 0) // (m * n * 4 * (3 if compute == torch.float32 else 6)))
-        for start in range(0, len(group), per_batch):
-            chunk = group[start : start + per_batch]
+
+    def rebuilt() -> Iterator[tuple[list[LayerPlan], dict[str, list[torch.Tensor]], dict[str, list[Any]]]]:
+        for chunk in chunks:
             deltas, checks = _chunk_deltas(chunk, cache, dev, compute, rng, fallbacks)
-            for layer in chunk:
-                o = outputs[layer.key]
-                base = read_torch(layer.weight)
-                acc_dtype = torch.float64 if torch.float64 in (compute, base.dtype) else torch.float32
-                total = base.to(device=dev, dtype=acc_dtype)  # widen once, then add every delta in place
-                for d in deltas[layer.key]:
-                    total.add_(d.T if layer.conv1d else d)
-                writer.write_tensor(where[o.name].filename, o.name, _tensor_bytes(total.to(torch_dtype(o.dtype))))
-                worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
-                rep = _layer_stub(layer)
-                rep.backend, rep.checked_entries = worst[0], worst[1].entries
-                rep.max_abs_error, rep.tolerance = worst[1].max_abs_error, worst[1].tolerance
-                parts = deltas[layer.key]
-                summed = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-                rep.delta_norm = float(torch.linalg.vector_norm(summed).item())
-                reports[layer.key] = rep
-            del deltas
+            yield chunk, deltas, checks
+
+    # Deltas of the next chunk are rebuilt and checked in a worker thread while this thread reads, adds and
+    # writes the current one (the FFTs and the I/O release the GIL): on two cores this nearly halves the time.
+    for chunk, deltas, checks in _ahead(rebuilt()):
+        for layer in chunk:
+            o = outputs[layer.key]
+            base = read_torch(layer.weight)
+            acc_dtype = torch.float64 if torch.float64 in (compute, base.dtype) else torch.float32
+            total = base.to(device=dev, dtype=acc_dtype)  # widen once, then add every delta in place
+            for d in deltas[layer.key]:
+                total.add_(d.T if layer.conv1d else d)
+            writer.write_tensor(where[o.name].filename, o.name, _tensor_bytes(total.to(torch_dtype(o.dtype))))
+            worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
+            rep = _layer_stub(layer)
+            rep.backend, rep.checked_entries = worst[0], worst[1].entries
+            rep.max_abs_error, rep.tolerance = worst[1].max_abs_error, worst[1].tolerance
+            parts = deltas[layer.key]
+            summed = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            rep.delta_norm = float(torch.linalg.vector_norm(summed).item())
+            reports[layer.key] = rep
+        del deltas
     return reports, fallbacks
+
+
+_T = TypeVar("_T")
+
+
+def _ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """Run ``items`` one element ahead in a daemon thread; errors (and their types) reach the consumer."""
+    slot: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slot.put((True, item))
+            slot.put((False, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            slot.put((False, exc))
+
+    worker = threading.Thread(target=run, name="fourier-convert-deltas", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, value = slot.get()
+            if not ok:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            slot.get_nowait()  # let a worker blocked on a full slot see the stop flag
 
 
 def _chunk_deltas(
