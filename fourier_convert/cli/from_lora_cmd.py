@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from fourier_convert.cli.merge_cmd import check_report_path
+from fourier_convert.cli.merge_cmd import check_report_path, print_conversion
 from fourier_convert.from_lora import from_lora, parse_pattern
 from fourier_convert.io.writer import check_output_target
 
@@ -64,10 +63,4 @@ def from_lora_cmd(
         allow_pickle=allow_pickle,
     )
     fft.save(out, overwrite=overwrite)
-    for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
-    if not quiet:
-        click.echo(report.table())
-        click.echo(f"wrote {out}")
-    if json_path is not None:
-        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print_conversion(out, report.warnings, [report.table()], report.to_dict(), quiet=quiet, json_path=json_path)

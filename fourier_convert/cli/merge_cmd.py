@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,6 +41,21 @@ def check_report_path(path: Path | None) -> None:
             f"cannot write {path}: folder {path.parent} does not exist",
             "create it or choose another --json path",
         )
+
+
+def print_conversion(
+    out: Path, warnings: list[str], lines: list[str], doc: dict[str, Any], *, quiet: bool, json_path: Path | None
+) -> None:
+    """What the adapter conversions print: warnings on stderr, the report's lines, where it was written, and
+    the JSON report when asked for."""
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not quiet:
+        for line in lines:
+            click.echo(line)
+        click.echo(f"wrote {out}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def print_report(report: MergeReport, quiet: bool) -> None:

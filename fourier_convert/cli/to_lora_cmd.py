@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from fourier_convert.check import check_lora_outputs
-from fourier_convert.cli.merge_cmd import check_report_path
+from fourier_convert.cli.merge_cmd import check_report_path, print_conversion
 from fourier_convert.errors import UsageError
 from fourier_convert.io.writer import check_output_target
 from fourier_convert.lora import TARGETS, to_lora
@@ -105,15 +104,8 @@ def to_lora_cmd(
         check_lora_outputs(lora, adapter, base=base, subfolder=subfolder, allow_pickle=allow_pickle) if check else None
     )
     lora.save(out, overwrite=overwrite)
-    for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
-    if not quiet:
-        click.echo(report.table())
-        for line in checked.lines() if checked is not None else []:
-            click.echo(line)
-        click.echo(f"wrote {out}")
-    if json_path is not None:
-        doc = report.to_dict()
-        if checked is not None:
-            doc["check"] = checked.to_dict()
-        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    doc = report.to_dict()
+    if checked is not None:
+        doc["check"] = checked.to_dict()
+    lines = [report.table(), *(checked.lines() if checked is not None else [])]
+    print_conversion(out, report.warnings, lines, doc, quiet=quiet, json_path=json_path)
