@@ -286,6 +286,7 @@ def worker_oracle(argv: Sequence[str]) -> int:
             if key in theirs:
                 peft_sigma = np.linalg.norm(theirs[key].double().numpy(), axis=0)
                 row["peft_sigma_max_rel_err"] = float(np.max(np.abs(peft_sigma - sigma[:RANK]) / sigma[:RANK]))
+                row["sigma_peft"] = peft_sigma.tolist()
             rows.append(row)
     print(json.dumps({"layers": rows}))
     return 0
