@@ -9,6 +9,7 @@ they exceed :data:`EXTERNAL_DATA_THRESHOLD` (or when asked).
 
 from __future__ import annotations
 
+import gc
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,39 @@ def _io(values: Any) -> dict[str, dict[str, Any]]:
         }
         for v in values
     }
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Free the weights of an exported model: empty every parameter and buffer of ``module`` in place (it is
+    unusable afterwards) and drop the graph onnxscript's rewrite rules keep.
+
+    onnxscript's rewrite rules are module-level objects whose matchers keep the last graph and node they
+    matched (a cache the next match replaces); through them the exported weights stay reachable (constant-
+    folded transposes are numpy views of the parameters), so deleting the model alone frees nothing.
+
+    Example:
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> release_weights(lin)
+        >>> lin.weight.numel()
+        0
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    _forget_matched_graphs()
+
+
+def _forget_matched_graphs() -> None:
+    """Reset the caches of onnxscript's pattern matchers (the last graph and node each one matched)."""
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to reset
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for attr in ("_graph", "_current_node", "_match", "_tracer"):  # per-call state, set again by match()
+                if getattr(obj, attr, None) is not None:
+                    setattr(obj, attr, None)
 
 
 def _name_axes(values: Any, sig: Signature, ir: Any) -> None:

@@ -30,12 +30,20 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def load_task_model(folder: Path, task: str, *, config: Any = None, provided: Set[str] = frozenset()) -> Any:
-    """Load ``folder`` with the auto class of ``task`` in float32, eval mode, on the CPU.
+def load_task_model(
+    folder: Path,
+    task: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    config: Any = None,
+    provided: Set[str] = frozenset(),
+) -> Any:
+    """Load ``folder`` with the auto class of ``task`` in ``dtype``, eval mode, on the CPU.
 
     Args:
         folder: A Hugging Face model folder.
         task: The export task.
+        dtype: The model's dtype (a checkpoint already in it is mapped, not copied).
         config: A transformers config to use instead of the folder's.
         provided: Parameter names the caller will set itself (allowed to be missing from the checkpoint).
 
@@ -54,9 +62,7 @@ def load_task_model(folder: Path, task: str, *, config: Any = None, provided: Se
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
         with _quiet_transformers():
-            model, info = auto.from_pretrained(
-                str(folder), config=config, dtype=torch.float32, output_loading_info=True
-            )
+            model, info = auto.from_pretrained(str(folder), config=config, dtype=dtype, output_loading_info=True)
     except (ValueError, KeyError, OSError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ExportError(

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,13 +38,14 @@ from fourier_convert.io.writer import CheckpointWriter, check_output_target, ref
 from fourier_convert.merge import PROVENANCE_NAME, AdapterSpec
 from fourier_convert.merge import merge as merge_checkpoint
 from fourier_convert.onnx.compare import TOLERANCES
-from fourier_convert.onnx.exporter import MODEL_FILE, export_graph
+from fourier_convert.onnx.exporter import MODEL_FILE, export_graph, release_weights
 from fourier_convert.onnx.inputs import export_case, make_inputs
 from fourier_convert.onnx.models import load_task_model
 from fourier_convert.onnx.proof import load_unmerged
 from fourier_convert.onnx.report import REPORT_FILE, OnnxReport
 from fourier_convert.onnx.runtime import check_device, check_providers, optimize_graph, require_packages
 from fourier_convert.onnx.signature import FlatModel, describe
+from fourier_convert.onnx.staging import needs_copy, write_copy
 from fourier_convert.onnx.tasks import check_task, infer_task
 from fourier_convert.onnx.validate import (
     ValidationInputs,
@@ -131,7 +133,11 @@ def export_onnx(
     refuse_input_as_output(out, [ckpt.folder] + [a.folder for a in adapters])
     onnx_bytes = _onnx_bytes(ckpt, export_dtype)
     aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
-    _check_disk(out, onnx_bytes * (2 if optimize else 1) + aux_bytes + (_onnx_bytes(ckpt, "float32") if specs else 0))
+    # scratch: the merged float32 checkpoint, plus a float32 copy of a 16-bit base for the merge proof (or a copy
+    # of the model in the export dtype); it is still mapped while the ONNX files are written
+    f32_bytes = _onnx_bytes(ckpt, "float32")
+    scratch_bytes = (f32_bytes * (2 if needs_copy(ckpt, torch.float32) else 1)) if specs else onnx_bytes
+    _check_disk(out, onnx_bytes * (2 if optimize else 1) + aux_bytes + scratch_bytes)
     versions.update(torch=torch.__version__, transformers=_version("transformers"))
     report = OnnxReport(
         out=None,
@@ -146,7 +152,7 @@ def export_onnx(
         tolerances={"atol": tol[0], "rtol": tol[1]},
         versions=versions,
     )
-    scratch = out.parent / f".{out.name}.merge-{uuid.uuid4().hex[:8]}"
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=_existing_ancestor(out)))
     try:
         folder = ckpt.folder
         if specs:
@@ -154,7 +160,7 @@ def export_onnx(
             merged = merge_checkpoint(
                 ckpt.folder,
                 specs,
-                scratch,
+                work / "merged",
                 device="cpu" if device == "cpu" else "auto",
                 dtype="float32",
                 allow_pickle=allow_pickle,
@@ -167,16 +173,16 @@ def export_onnx(
                 "seconds": merged.seconds,
             }
             report.warnings += merged.warnings
-            folder = scratch
+            folder = work / "merged"
         config_dict = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         if task == "auto":
             report.task, why = infer_task(config_dict)
             report.task_reason = f"inferred from config.json: {why}"
         aux = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and _is_aux(p.name)}
-        model_obj, refs, inputs = _prepare(report, folder, ckpt, adapters, [s.weight for s in specs], export_dtype)
+        model_obj, refs, inputs = _prepare(report, folder, ckpt, adapters, [s.weight for s in specs], work)
         hf_config = model_obj.config
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     sig = inputs.sig
     example = make_inputs(sig, export_case(sig), seed=0)
     report.export_shape = export_case(sig).label(bool(sig.past_layers))
@@ -188,6 +194,7 @@ def export_onnx(
         t = time.perf_counter()
         flat = FlatModel(model_obj, sig).eval()
         info = export_graph(flat, example, temp, opset=opset, external_data=external_data)
+        release_weights(model_obj)
         del flat, model_obj, example
         gc.collect()
         report.timings["export"] = time.perf_counter() - t
@@ -285,10 +292,7 @@ def _onnx_bytes(ckpt: BaseCheckpoint, dtype: str) -> int:
 
 
 def _check_disk(out: Path, need: int) -> None:
-    probe = out.parent if str(out.parent) else Path(".")
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(_existing_ancestor(out)).free
     if need > free:
         raise DiskSpaceError(
             str(out),
@@ -329,9 +333,13 @@ def _prepare(
     ckpt: BaseCheckpoint,
     adapters: list[FourierFTAdapter],
     weights: list[float],
-    export_dtype: str,
+    work: Path,
 ) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
-    """Merge proof (with adapters), then the model to export and its reference outputs in the export dtype."""
+    """Merge proof (with adapters), then the model to export and its reference outputs in the export dtype.
+
+    Only one model is in memory at a time; a checkpoint in another dtype than the one it runs in is first
+    staged (:mod:`.staging`) so that transformers maps it instead of converting it in memory.
+    """
     from transformers import AutoConfig
 
     proof_ref: list[list[np.ndarray]] | None = None
@@ -339,7 +347,8 @@ def _prepare(
     if adapters:
         t = time.perf_counter()
         config = AutoConfig.from_pretrained(str(folder))
-        unmerged = load_unmerged(ckpt.folder, report.task, config, adapters, weights)
+        base_dir = _staged(ckpt, torch.float32, work / "base-float32")
+        unmerged = load_unmerged(base_dir, report.task, config, adapters, weights)
         inputs = validation_inputs(describe(unmerged.model, report.task))
         flat = FlatModel(unmerged.model, inputs.sig).eval()
         proof_ref = torch_outputs(flat, inputs)
@@ -349,9 +358,11 @@ def _prepare(
             )
         del flat, unmerged
         gc.collect()
+        shutil.rmtree(work / "base-float32", ignore_errors=True)
         report.timings["prove_unmerged"] = time.perf_counter() - t
     t = time.perf_counter()
-    model = load_task_model(folder, report.task)
+    run_dtype = torch.float32 if adapters or report.dtype == "float32" else torch.float16
+    model = load_task_model(_staged(open_checkpoint(folder), run_dtype, work / "model"), report.task, dtype=run_dtype)
     sig = describe(model, report.task)
     if inputs is not None and (sig.inputs, sig.outputs) != (inputs.sig.inputs, inputs.sig.outputs):
         raise OnnxValidationError(
@@ -362,21 +373,40 @@ def _prepare(
         )
     inputs = inputs or validation_inputs(sig)
     flat = FlatModel(model, sig).eval()
-    outputs32 = torch_outputs(flat, inputs)
+    outputs = torch_outputs(flat, inputs)
+    del flat
+    report.timings["reference"] = time.perf_counter() - t
     if proof_ref is not None:
-        report.merge_proof = compare_cases(inputs, proof_ref, outputs32, *TOLERANCES["float32"])
-        report.timings["prove_merged"] = time.perf_counter() - t
+        report.merge_proof = compare_cases(inputs, proof_ref, outputs, *TOLERANCES["float32"])
         if not report.proof_passed:
             raise _validation_error(report)
-    if export_dtype == "float32":
-        return model, outputs32, inputs
+    if report.dtype == "float32" or not adapters:
+        return model, outputs, inputs
+    # float16 after a float32 proof: load the merged model as float16, as a user would, for the references
     t = time.perf_counter()
-    model.to(torch.float16)
+    release_weights(model)
+    del model
+    gc.collect()
+    model = load_task_model(
+        _staged(open_checkpoint(folder), torch.float16, work / "model-float16"), report.task, dtype=torch.float16
+    )
     inputs = validation_inputs(describe(model, report.task))
     flat = FlatModel(model, inputs.sig).eval()
     refs = torch_outputs(flat, inputs)
     report.timings["reference_float16"] = time.perf_counter() - t
     return model, refs, inputs
+
+
+def _staged(ckpt: BaseCheckpoint, dtype: torch.dtype, dest: Path) -> Path:
+    """``ckpt``'s folder, or a copy of it in ``dtype`` written to ``dest`` when it holds other float dtypes."""
+    return write_copy(ckpt, dest, dtype) if needs_copy(ckpt, dtype) else ckpt.folder
+
+
+def _existing_ancestor(out: Path) -> Path:
+    probe = out.parent if str(out.parent) else Path(".")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
 
 
 def _validation_error(report: OnnxReport) -> OnnxValidationError:
