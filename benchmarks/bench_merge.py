@@ -20,7 +20,8 @@ What it does, in one run:
    during each stage (from ``/proc/stat``; the machine may be shared) and a hash of the measured
    fourier-convert package, taken again at the end to catch code edited mid-run.
 4. Prints medians over ``--repeat`` runs, the ratios and PASS/FAIL for the targets (merge <= 1.3x copy,
-   >= 2.5x faster than PEFT, peak RSS <= 1 GiB); ``--verify`` compares fourier-convert's merged q_proj /
+   >= 2.5x faster than PEFT, peak RSS <= 1 GiB; with ``--device cuda``: merge-cuda <= 1.2x copy and >= 3x
+   faster than PEFT on the GPU); ``--verify`` compares fourier-convert's merged q_proj /
    v_proj of the first and last layer with PEFT's and with a float64 reference (PEFT's formula), in bf16
    ulps, and checks that a few untouched tensors are identical.
 
@@ -80,8 +81,11 @@ TARGET_MODULES = ("q_proj", "v_proj")
 POLL_SECONDS = 0.02
 MIB = 1024 * 1024
 
-TARGET_COPY_RATIO = 1.3  # merge wall time <= 1.3x cp -r
-TARGET_PEFT_SPEEDUP = 2.5  # PEFT wall time >= 2.5x merge
+TARGET_COPY_RATIO = 1.3  # merge wall time <= 1.3x cp -r (CPU machine)
+TARGET_PEFT_SPEEDUP = 2.5  # PEFT wall time >= 2.5x merge (CPU machine)
+#: The issue's targets for --device cuda on a GPU machine: <= 1.2x cp -r, >= 3x faster than PEFT on the GPU.
+TARGET_COPY_RATIO_CUDA = 1.2
+TARGET_PEFT_SPEEDUP_CUDA = 3.0
 TARGET_RSS_MIB = 1024.0  # merge peak RSS <= 1 GiB
 
 
@@ -768,14 +772,16 @@ def evaluate(stages: list[Stage], device: str) -> tuple[dict[str, float], list[d
     targets: list[dict[str, Any]] = []
     peft = f"peft-{device}"
     for merge in (n for n in by if n.startswith("merge-")):
+        copy_target = TARGET_COPY_RATIO_CUDA if merge == "merge-cuda" else TARGET_COPY_RATIO
+        peft_target = TARGET_PEFT_SPEEDUP_CUDA if merge == "merge-cuda" else TARGET_PEFT_SPEEDUP
         if "copy" in wall:
             ratios[f"{merge}/copy"] = wall[merge] / wall["copy"]
             targets.append(
                 {
-                    "target": f"{merge} wall <= {TARGET_COPY_RATIO}x copy",
+                    "target": f"{merge} wall <= {copy_target}x copy",
                     "value": ratios[f"{merge}/copy"],
                     "unit": "x",
-                    "passed": ratios[f"{merge}/copy"] <= TARGET_COPY_RATIO,
+                    "passed": ratios[f"{merge}/copy"] <= copy_target,
                 }
             )
         if "copy+sync" in wall:
@@ -785,16 +791,16 @@ def evaluate(stages: list[Stage], device: str) -> tuple[dict[str, float], list[d
                 ratios[f"{peft}/{merge}"] = wall[peft] / wall[merge]
                 targets.append(
                     {
-                        "target": f"{merge} >= {TARGET_PEFT_SPEEDUP}x faster than {peft}",
+                        "target": f"{merge} >= {peft_target}x faster than {peft}",
                         "value": ratios[f"{peft}/{merge}"],
                         "unit": "x",
-                        "passed": ratios[f"{peft}/{merge}"] >= TARGET_PEFT_SPEEDUP,
+                        "passed": ratios[f"{peft}/{merge}"] >= peft_target,
                     }
                 )
             else:
                 targets.append(
                     {
-                        "target": f"{merge} >= {TARGET_PEFT_SPEEDUP}x faster than PEFT",
+                        "target": f"{merge} >= {peft_target}x faster than PEFT",
                         "value": None,
                         "unit": "x",
                         "passed": None,
