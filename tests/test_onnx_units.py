@@ -1,0 +1,260 @@
+"""to-onnx building blocks without an export: tasks, inputs, comparisons, the PEFT-free unmerged adapter
+(against PEFT), dtype staging, and argument errors raised before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import fourier_convert as fc
+from fourier_convert.io.checkpoint import open_checkpoint
+from fourier_convert.maths import spectral_indices
+from fourier_convert.onnx.compare import compare_outputs
+from fourier_convert.onnx.inputs import Case, export_case, make_inputs, row_lengths, validation_cases
+from fourier_convert.onnx.proof import closed_form_apply, load_unmerged
+from fourier_convert.onnx.signature import FlatModel, Signature, describe
+from fourier_convert.onnx.staging import needs_copy, write_copy
+from fourier_convert.onnx.tasks import infer_task
+from tests.conftest import FIXTURES
+from tests.reference import reference_delta
+from tests.test_forward import load_task_model as peft_task_model
+
+TASK_OF = {
+    "llama": "causal-lm",
+    "gpt2": "causal-lm",
+    "roberta": "text-classification",
+    "vit": "image-classification",
+    "bert_head": "text-classification",
+}
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [
+        ("LlamaForCausalLM", "causal-lm-with-past"),
+        ("GPT2LMHeadModel", "causal-lm-with-past"),
+        ("RobertaForSequenceClassification", "text-classification"),
+        ("BertForTokenClassification", "token-classification"),
+        ("ViTForImageClassification", "image-classification"),
+        ("BertModel", "feature-extraction"),
+    ],
+)
+def test_infer_task(arch: str, task: str) -> None:
+    assert infer_task({"architectures": [arch]}) == (task, f"architectures[0] is {arch}")
+
+
+def test_infer_task_errors() -> None:
+    with pytest.raises(fc.UsageError) as e:
+        infer_task({"architectures": ["BertForMaskedLM"]})
+    assert str(e.value) == (
+        "config.json: architecture BertForMaskedLM maps to no supported task; pass --task explicitly "
+        "(feature-extraction, text-classification, token-classification, image-classification, causal-lm, "
+        "causal-lm-with-past) if the model fits one of them"
+    )
+    with pytest.raises(fc.UsageError, match="names no architectures"):
+        infer_task({})
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(12, 8, 20), (7, 10, 15), (16, 16, 256)])
+def test_closed_form_apply_equals_dense_delta(m: int, n: int, k: int) -> None:
+    rng = np.random.default_rng(m * n)
+    values = rng.standard_normal(k)
+    dense = reference_delta(values, m, n, 150.0, 777)  # PEFT's definition, float64, shares no code
+    idx = spectral_indices(m, n, k, 777).numpy()
+    x = torch.from_numpy(rng.standard_normal((3, 5, n)))
+    got = closed_form_apply(x, values, idx, (m, n), 150.0)
+    assert got.shape == (3, 5, m) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), x.numpy() @ dense.T, rtol=1e-10, atol=1e-12)
+
+
+def _sig(task: str, inputs: tuple[str, ...], past: int = 0, image: bool = False) -> Signature:
+    return Signature(
+        task,
+        inputs,
+        ("logits",),
+        tuple(i for i in inputs if not i.startswith("past_")),
+        ("logits",),
+        past_layers=past,
+        past_shape=(2, 4),
+        vocab_size=100,
+        pad_token_id=1,
+        max_positions=64,
+        image_shape=(3, 8, 8) if image else None,
+    )
+
+
+TEXT = ("input_ids", "attention_mask")
+CAUSAL = ("input_ids", "attention_mask", "position_ids")
+PAST = (*CAUSAL, "past_key_values.0.key", "past_key_values.0.value")
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        _sig("text-classification", TEXT),
+        _sig("causal-lm", CAUSAL),
+        _sig("causal-lm-with-past", PAST, past=1),
+        _sig("image-classification", ("pixel_values",), image=True),
+    ],
+    ids=["encoder", "decoder", "with-past", "image"],
+)
+def test_validation_shapes(sig: Signature) -> None:
+    example = export_case(sig)
+    cases = validation_cases(sig)
+    assert len(cases) >= 3 and example not in cases
+    assert example.batch >= 2 and (example.seq >= 2 or not sig.is_text)
+    if sig.is_text:
+        assert any(c.padding for c in cases)
+    if sig.past_layers:
+        assert {c.past == 0 for c in cases} == {True, False}
+
+
+def test_inputs_left_padding_and_positions() -> None:
+    sig = _sig("causal-lm-with-past", PAST, past=1)
+    case = Case(3, 2, 4, "left")
+    ids, mask, pos, key, value = make_inputs(sig, case, seed=3)
+    assert row_lengths(case) == [6, 3, 2]  # padding stays inside the past: every current token is real
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]]
+    assert pos.tolist() == [[4, 5], [1, 2], [0, 1]]
+    assert ids.shape == (3, 2) and key.shape == value.shape == (3, 2, 4, 4)
+    right = make_inputs(_sig("text-classification", TEXT), Case(2, 4, 0, "right"), seed=1)
+    assert right[1].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert right[0][1, 1:].tolist() == [1, 1, 1]  # pad_token_id at padded positions
+    assert torch.equal(make_inputs(sig, case, seed=3)[0], ids)  # deterministic
+
+
+def test_compare_uses_unmasked_positions_only() -> None:
+    sig = Signature("causal-lm", CAUSAL, ("logits",), CAUSAL, ("logits",), selection={"logits": "query"})
+    mask = np.array([[True, True, True], [False, True, True]])
+    ref = np.arange(18, dtype=np.float32).reshape(2, 3, 3)
+    got = ref.copy()
+    got[1, 0] = np.nan  # a padded position: ignored
+    check = compare_outputs(sig, "b2", {}, mask, [ref], [got + 1e-6], 1e-4, 1e-3)
+    assert check.passed and check.outputs[0].compared == 15 and check.outputs[0].top1_agreement == 1.0
+    got[0, 1, 2] += 0.1  # a real position: fails, and the arg-max of that row changes
+    got[0, 1, 0] += 10
+    bad = compare_outputs(sig, "b2", {}, mask, [ref], [got], 1e-4, 1e-3).outputs[0]
+    assert not bad.passed and math.isclose(bad.max_abs_diff, 10.0, rel_tol=1e-6)
+    assert bad.top1_agreement == pytest.approx(4 / 5)
+    got[0, 0, 0] = np.nan
+    assert compare_outputs(sig, "b2", {}, mask, [ref], [got], 1e-4, 1e-3).outputs[0].max_abs_diff == math.inf
+
+
+@pytest.mark.parametrize("name", list(TASK_OF))
+def test_unmerged_adapter_equals_peft(name: str, tmp_path: Path) -> None:
+    """The PEFT-free route of the merge proof (hooks with the closed form, biases, heads) is PEFT's forward."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    merged = tmp_path / "merged"
+    fc.merge(FIXTURES / name / "base", FIXTURES / name / "adapter", merged, device="cpu")
+    task = TASK_OF[name]
+    adapter = fc.read_adapter(str(FIXTURES / name / "adapter"))
+    unmerged = load_unmerged(FIXTURES / name / "base", task, AutoConfig.from_pretrained(merged), [adapter], [1.0])
+    sig = describe(unmerged.model, task)
+    x = make_inputs(sig, validation_cases(sig)[1], seed=7)
+    oracle = PeftModel.from_pretrained(
+        peft_task_model(name, FIXTURES / name / "base"), str(FIXTURES / name / "adapter")
+    )
+    kwargs: dict[str, Any] = dict(zip(sig.model_inputs, x, strict=True))
+    with torch.no_grad():
+        got = FlatModel(unmerged.model, sig)(*x)[0]
+        want = oracle.eval()(**kwargs).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert len(unmerged.hooked) == len(adapter.spectra)
+    if name in ("roberta", "bert_head"):
+        assert {"classifier.out_proj.weight", "classifier.weight"} & set(unmerged.replaced)
+    unmerged.remove()
+    with torch.no_grad():
+        without_hooks = FlatModel(unmerged.model, sig)(*x)[0]
+    assert not torch.allclose(without_hooks, got, atol=1e-4), "the hooks must carry the delta"
+
+
+def test_staged_copy_round_trip(tmp_path: Path) -> None:
+    ckpt = open_checkpoint(FIXTURES / "llama" / "base")
+    assert not needs_copy(ckpt, torch.float32) and needs_copy(ckpt, torch.float16)
+    out = write_copy(ckpt, tmp_path / "f16", torch.float16)
+    copy = open_checkpoint(out)
+    assert len(copy.shards) == len(ckpt.shards) == 3
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    from safetensors.torch import load_file
+
+    before = {
+        k: v for f in sorted((FIXTURES / "llama" / "base").glob("*.safetensors")) for k, v in load_file(f).items()
+    }
+    after = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert after[key].dtype == torch.float16
+        assert torch.equal(after[key], value.to(torch.float16)), key
+
+
+def _no_output(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        (
+            {"model": "fixtures/llama/base", "dtype": "bfloat16"},
+            fc.UsageError,
+            "--dtype: bfloat16 is not offered: onnxruntime has bfloat16 kernels for few ops (CPU and CUDA), so the "
+            "graph could neither be validated nor run reliably; use --dtype float16 or float32",
+        ),
+        (
+            {"model": "fixtures/llama/base", "base": "fixtures/llama/base"},
+            fc.UsageError,
+            "--model: given together with --base / --adapter; pass either a merged --model or --base with --adapter",
+        ),
+        (
+            {"base": "fixtures/llama/base"},
+            fc.UsageError,
+            "--base: an export needs --base with --adapter, or a merged --model; pass --base and --adapter, or --model",
+        ),
+        ({"model": "fixtures/llama/base", "task": "seq2seq"}, fc.UsageError, "--task: unknown task 'seq2seq'"),
+        ({"model": "fixtures/llama/base", "atol": -1.0}, fc.UsageError, "--atol: -1.0 is not a finite"),
+        ({"model": "fixtures/llama/base", "device": "tpu"}, fc.UsageError, "--device: unknown device 'tpu'"),
+        ({"model": "no/such/folder"}, fc.InputFileError, "no/such/folder: base model folder not found"),
+    ],
+)
+def test_argument_errors_before_any_work(
+    kwargs: dict[str, Any], exc: type[Exception], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(FIXTURES.parent)
+    out = tmp_path / "onnx"
+    with pytest.raises(exc) as e:
+        fc.export_onnx(out, **kwargs)
+    assert str(e.value).startswith(message)
+    _no_output(out)
+
+
+def test_cuda_without_cuda_provider_fails_early(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    out = tmp_path / "onnx"
+    with pytest.raises(fc.ExportError) as e:
+        fc.export_onnx(out, model=FIXTURES / "vit" / "base", device="cuda")
+    assert str(e.value).startswith(f"--device: cuda requested but this onnxruntime ({ort.__version__}) offers only")
+    _no_output(out)
+
+
+def test_task_needing_an_untrained_head_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    with pytest.raises(fc.ExportError) as e:
+        fc.export_onnx(out, model=FIXTURES / "gpt2" / "base", task="text-classification")
+    assert (
+        "GPT2ForSequenceClassification needs weights the checkpoint lacks: ['score.weight']; they would be random"
+        in (str(e.value))
+    )
+    _no_output(out)
