@@ -1,0 +1,123 @@
+"""``fourier-convert to-onnx`` end to end through click: success with --json, a failed validation that
+publishes nothing (and --keep-failed), and usage errors with their exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from fourier_convert.cli.main import cli
+from tests.conftest import FIXTURES
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_gpt2_causal_lm(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, report = tmp_path / "onnx", tmp_path / "report.json"
+    result = invoke(
+        "to-onnx", "--base", FIXTURES / "gpt2" / "base", "--adapter", FIXTURES / "gpt2" / "adapter",
+        "--out", out, "--task", "causal-lm", "--json", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "task: causal-lm (given with --task)"
+    assert lines[2].startswith("merge proof (merged PyTorch model vs the unmerged adapter, float32, 3 shapes): passed")
+    assert any(line.startswith("validation in onnxruntime on CPUExecutionProvider vs PyTorch") for line in lines)
+    assert lines[-1].startswith(f"published {out} (config.json, generation_config.json, model.onnx, onnx_export.json")
+    doc = json.loads(report.read_text())
+    assert doc["passed"] is True and doc["task"] == "causal-lm" and doc["out"] == str(out)
+    assert [c["case"] for c in doc["validation"]] == [
+        "batch 1, seq 9",
+        "batch 3, seq 11, left-padded",
+        "batch 4, seq 1",
+    ]
+    assert all(o["max_abs_diff"] < 1e-4 for c in doc["validation"] for o in c["outputs"])
+    ids = np.array([[10, 20, 30, 40, 50]])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(5)[None]})
+    base = AutoModelForCausalLM.from_pretrained(FIXTURES / "gpt2" / "base")
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, str(FIXTURES / "gpt2" / "adapter")).eval()(torch.from_numpy(ids)).logits
+    np.testing.assert_allclose(got[0], want.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_failed_validation_publishes_nothing_and_keep_failed(tmp_path: Path) -> None:
+    """Zero tolerances make onnxruntime's last-bit differences a failure: exit 1, nothing at --out; with
+    --keep-failed the attempt and its report are kept aside."""
+    out = tmp_path / "onnx"
+    args = ["to-onnx", "--model", FIXTURES / "vit" / "base", "--out", out, "--atol", "0", "--rtol", "0"]
+    result = invoke(*args, "--keep-failed")
+    assert result.exit_code == 1
+    kept = tmp_path / "onnx.failed"
+    assert "task: image-classification (inferred from config.json: architectures[0] is ViTForImageClassification)" in (
+        result.output
+    )
+    assert (
+        "validation in onnxruntime on CPUExecutionProvider vs PyTorch (atol 0, rtol 0, unmasked positions): FAILED"
+        in (result.output)
+    )
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: validation: onnxruntime differs from PyTorch at batch 1: logits max abs diff ")
+    assert last.endswith(f"(atol 0, rtol 0); nothing was published; the failed export is kept at {kept}")
+    assert not out.exists()
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "config.json", "model.onnx", "onnx_export.json", "preprocessor_config.json",
+    ]  # fmt: skip
+    assert json.loads((kept / "onnx_export.json").read_text())["passed"] is False
+    assert not list(tmp_path.glob(".onnx*"))  # no temporary folders left
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--model", "M", "--dtype", "bfloat16"],
+            "error: --dtype: bfloat16 is not offered: onnxruntime has bfloat16 kernels for few ops (CPU and CUDA), "
+            "so the graph could neither be validated nor run reliably; use --dtype float16 or float32",
+        ),
+        (
+            ["--model", "M", "--base", "M", "--adapter", "A"],
+            "error: --model: given together with --base / --adapter; pass either a merged --model or --base with "
+            "--adapter",
+        ),
+        (
+            ["--base", "M", "--adapter", "A", "--weight", "1", "--weight", "2"],
+            "error: --weight: given 2 time(s) for 1 adapter(s); give one --weight per --adapter",
+        ),
+    ],
+)
+def test_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    model = str(FIXTURES / "vit" / "base")
+    adapter = str(FIXTURES / "vit" / "adapter")
+    args = [model if a == "M" else adapter if a == "A" else a for a in args]
+    out = tmp_path / "onnx"
+    result = invoke("to-onnx", *args, "--out", out)
+    assert result.exit_code == 2
+    assert result.output.strip() == message
+    assert not out.exists()
+
+
+def test_json_folder_and_untrained_head(tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    result = invoke("to-onnx", "--model", FIXTURES / "vit" / "base", "--out", out, "--task", "feature-extraction",
+                    "--json", tmp_path / "missing" / "r.json")  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --json: cannot write ")
+    result = invoke("to-onnx", "--model", FIXTURES / "gpt2" / "base", "--out", out, "--task", "token-classification")
+    assert result.exit_code == 1
+    assert (
+        "GPT2ForTokenClassification needs weights the checkpoint lacks: ['classifier.bias', 'classifier.weight']"
+        in (result.output)
+    )
+    assert not out.exists()
