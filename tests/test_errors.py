@@ -143,8 +143,8 @@ def test_lora_adapter_is_refused_with_a_fix(llama: tuple[Path, Path], tmp_path: 
     assert err.where == str(adapter / "adapter_config.json")
     assert err.found == "peft_type is 'LORA', expected 'FOURIERFT'"
     assert (
-        err.fix
-        == "this is a LoRA adapter, which PEFT merges itself (merge_and_unload); fourier-convert merges FourierFT"
+        err.fix == "this is a LoRA adapter: PEFT merges it itself (merge_and_unload), and fourier-convert from-lora "
+        "converts it to FourierFT"
     )
     res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "merged")
     assert (res.exit_code, res.stderr) == (1, f"error: {err}\n")

@@ -217,7 +217,8 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
         fix = "pass a FourierFT adapter"
         if peft_type == "LORA":
             fix = (
-                "this is a LoRA adapter, which PEFT merges itself (merge_and_unload); fourier-convert merges FourierFT"
+                "this is a LoRA adapter: PEFT merges it itself (merge_and_unload), and fourier-convert from-lora "
+                "converts it to FourierFT"
             )
         raise AdapterError(where, f"peft_type is {peft_type!r}, expected 'FOURIERFT'", fix)
 
