@@ -12,12 +12,15 @@ What it does, in one run:
      ``.save()``; the call and the save are also timed inside the process (``call s``), without the
      interpreter start and imports;
    - ``fc-cli``: ``fourier-convert to-lora --rank 8 --quiet`` (what a user runs; wall time);
-   - ``peft``: what a PEFT user does today: ``AutoModelForCausalLM.from_pretrained`` (bf16),
+   - ``peft`` and ``peft-1t``: what a PEFT user does today: ``AutoModelForCausalLM.from_pretrained`` (bf16),
      ``PeftModel.from_pretrained``, ``peft.save_as_lora(out, model, rank=8)`` (peft >= 0.19: a dense
-     ``torch.linalg.svd`` of every layer's ``get_delta_weight``), each phase timed inside the process.
-     ``--peft-layers K`` converts only the first K decoder layers (an adapter restricted to them) and scales
-     the adapter-loading and conversion phases by ``layers / K``: the figures are then estimates, and the
-     output says so.
+     ``torch.linalg.svd`` of every layer's ``get_delta_weight``), each phase timed inside the process; with
+     torch's default thread count and with one thread (``--peft-threads``). On a loaded 2-core machine the
+     multi-threaded SVD is several times slower than the single-threaded one, and torch's multi-threaded
+     float32 ``ifft2`` returns a wrong 2048 x 2048 delta (docs/maths.md), so both are run and the speed-up
+     targets are judged against the faster. ``--peft-layers K`` converts only the first K decoder layers (an
+     adapter restricted to them) and scales the adapter-loading and conversion phases by ``layers / K``: the
+     figures are then estimates, and the output says so.
 
 3. Checks the singular values of both LoRAs against a dense float64 SVD oracle (bench_merge's float64
    reference delta, ``numpy.linalg.svd``) on the q_proj and v_proj of the first and last layer, and our rank-8
