@@ -32,7 +32,10 @@ def test_gpt2_causal_lm(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "task: causal-lm (given with --task)"
-    assert lines[2].startswith("merge proof (merged PyTorch model vs the unmerged adapter, float32, 3 shapes): passed")
+    assert lines[2] == (
+        "merge proof (merged PyTorch model vs base + unmerged adapter, float32, 1 shape(s); 12 other tensors equal "
+        "to the base): passed"
+    )
     assert any(line.startswith("validation in onnxruntime on CPUExecutionProvider vs PyTorch") for line in lines)
     assert lines[-1].startswith(f"published {out} (config.json, generation_config.json, model.onnx, onnx_export.json")
     doc = json.loads(report.read_text())

@@ -71,7 +71,8 @@ def test_llama_with_past_report(llama_past: tuple[Path, fc.OnnxReport]) -> None:
     assert report.task == "causal-lm-with-past"
     assert report.task_reason == "inferred from config.json: architectures[0] is LlamaForCausalLM"
     assert report.source == "base + adapter (merged here)" and report.merge["layers"] == 4
-    assert len(report.merge_proof) == 3 and report.proof_passed
+    assert [c.case for c in report.merge_proof] == ["batch 4, seq 3, past 5, left-padded"] and report.proof_passed
+    assert report.merge["tensors_equal_to_base"] == 17  # every tensor the merge copied, compared exactly
     assert [c.case for c in report.validation] == [
         "batch 2, seq 7, past 0, left-padded",
         "batch 3, seq 1, past 6",

@@ -17,7 +17,8 @@ from fourier_convert.io.checkpoint import open_checkpoint
 from fourier_convert.maths import spectral_indices
 from fourier_convert.onnx.compare import compare_outputs
 from fourier_convert.onnx.inputs import Case, export_case, make_inputs, row_lengths, validation_cases
-from fourier_convert.onnx.proof import closed_form_apply, load_unmerged
+from fourier_convert.onnx.models import load_task_model
+from fourier_convert.onnx.proof import apply_unmerged, closed_form_apply
 from fourier_convert.onnx.signature import FlatModel, Signature, describe
 from fourier_convert.onnx.staging import needs_copy, write_copy
 from fourier_convert.onnx.tasks import infer_task
@@ -146,34 +147,82 @@ def test_compare_uses_unmasked_positions_only() -> None:
     assert compare_outputs(sig, "b2", {}, mask, [ref], [got], 1e-4, 1e-3).outputs[0].max_abs_diff == math.inf
 
 
+def _merged_and_unmerged(name: str, folder: Path) -> tuple[Any, Any, Signature, list[torch.Tensor]]:
+    """Merge a fixture, load the merged model twice: as merged, and turned into base + unmerged adapter."""
+    merged = fc.merge(FIXTURES / name / "base", FIXTURES / name / "adapter", folder, device="cpu")
+    task = TASK_OF[name]
+    model = load_task_model(folder, task)
+    sig = describe(model, task)
+    x = make_inputs(sig, validation_cases(sig)[1], seed=7)
+    adapter = fc.read_adapter(str(FIXTURES / name / "adapter"))
+    layers = [(r.module, r.key) for r in merged.layers]
+    unmerged = load_task_model(folder, task)
+    done = apply_unmerged(unmerged, open_checkpoint(FIXTURES / name / "base"), layers, [adapter], [1.0])
+    return model, (unmerged, done), sig, x
+
+
 @pytest.mark.parametrize("name", list(TASK_OF))
 def test_unmerged_adapter_equals_peft(name: str, tmp_path: Path) -> None:
-    """The PEFT-free route of the merge proof (hooks with the closed form, biases, heads) is PEFT's forward."""
+    """The merge proof's PEFT-free route (base weights back, closed-form hooks, biases, heads) is PEFT's forward,
+    and every other tensor of the merged model equals the base's."""
     from peft import PeftModel
-    from transformers import AutoConfig
 
-    merged = tmp_path / "merged"
-    fc.merge(FIXTURES / name / "base", FIXTURES / name / "adapter", merged, device="cpu")
-    task = TASK_OF[name]
-    adapter = fc.read_adapter(str(FIXTURES / name / "adapter"))
-    unmerged = load_unmerged(FIXTURES / name / "base", task, AutoConfig.from_pretrained(merged), [adapter], [1.0])
-    sig = describe(unmerged.model, task)
-    x = make_inputs(sig, validation_cases(sig)[1], seed=7)
+    merged, (unmerged, done), sig, x = _merged_and_unmerged(name, tmp_path / "merged")
     oracle = PeftModel.from_pretrained(
         peft_task_model(name, FIXTURES / name / "base"), str(FIXTURES / name / "adapter")
-    )
+    ).eval()
     kwargs: dict[str, Any] = dict(zip(sig.model_inputs, x, strict=True))
     with torch.no_grad():
-        got = FlatModel(unmerged.model, sig)(*x)[0]
-        want = oracle.eval()(**kwargs).logits
+        got = FlatModel(unmerged, sig)(*x)[0]
+        want = oracle(**kwargs).logits
+        merged_out = FlatModel(merged, sig)(*x)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert len(unmerged.hooked) == len(adapter.spectra)
+    torch.testing.assert_close(merged_out, want, rtol=1e-4, atol=1e-5)
+    assert len(done.hooked) == len(fc.read_adapter(str(FIXTURES / name / "adapter")).spectra)
+    assert done.checked > 5 and not done.mismatched and not done.unchecked
     if name in ("roberta", "bert_head"):
-        assert {"classifier.out_proj.weight", "classifier.weight"} & set(unmerged.replaced)
-    unmerged.remove()
+        assert {"classifier.out_proj.weight", "classifier.weight"} & set(done.replaced)
+    done.remove()
     with torch.no_grad():
-        without_hooks = FlatModel(unmerged.model, sig)(*x)[0]
+        without_hooks = FlatModel(unmerged, sig)(*x)[0]
     assert not torch.allclose(without_hooks, got, atol=1e-4), "the hooks must carry the delta"
+
+
+def test_proof_catches_a_bad_merge(tmp_path: Path) -> None:
+    """A merged checkpoint with one copied tensor altered and one delta dropped: the untouched-tensor check names
+    the first, the outputs of merged vs unmerged expose the second."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "merged"
+    fc.merge(FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", folder, device="cpu")
+    base = open_checkpoint(FIXTURES / "llama" / "base")
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(shard)
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"][0] += 1e-3
+        if "model.layers.1.self_attn.q_proj.weight" in tensors:  # undo the merge of one layer
+            tensors["model.layers.1.self_attn.q_proj.weight"] = base_tensor(
+                base, "model.layers.1.self_attn.q_proj.weight"
+            )
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    model = load_task_model(folder, "causal-lm")
+    sig = describe(model, "causal-lm")
+    x = make_inputs(sig, validation_cases(sig)[1], seed=7)
+    with torch.no_grad():
+        merged_out = FlatModel(model, sig)(*x)[0]
+    adapter = fc.read_adapter(str(FIXTURES / "llama" / "adapter"))
+    keys = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")]
+    done = apply_unmerged(model, base, [(k[: -len(".weight")], k) for k in keys], [adapter], [1.0])
+    assert done.mismatched == ["model.norm.weight -> model.norm.weight"]
+    with torch.no_grad():
+        unmerged_out = FlatModel(model, sig)(*x)[0]
+    assert (merged_out - unmerged_out).abs().max() > 1e-3
+
+
+def base_tensor(base: Any, key: str) -> torch.Tensor:
+    from fourier_convert.io.safetensors_file import read_torch
+
+    return read_torch(base.tensors[key])
 
 
 def test_staged_copy_round_trip(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from fourier_convert.onnx.compare import TOLERANCES
 from fourier_convert.onnx.exporter import MODEL_FILE, export_graph, release_weights
 from fourier_convert.onnx.inputs import export_case, make_inputs
 from fourier_convert.onnx.models import load_task_model
-from fourier_convert.onnx.proof import load_unmerged
+from fourier_convert.onnx.proof import apply_unmerged
 from fourier_convert.onnx.report import REPORT_FILE, OnnxReport
 from fourier_convert.onnx.runtime import check_device, check_providers, optimize_graph, require_packages
 from fourier_convert.onnx.signature import FlatModel, describe
@@ -133,10 +133,14 @@ def export_onnx(
     refuse_input_as_output(out, [ckpt.folder] + [a.folder for a in adapters])
     onnx_bytes = _onnx_bytes(ckpt, export_dtype)
     aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
-    # scratch: the merged float32 checkpoint, plus a float32 copy of a 16-bit base for the merge proof (or a copy
-    # of the model in the export dtype); it is still mapped while the ONNX files are written
-    f32_bytes = _onnx_bytes(ckpt, "float32")
-    scratch_bytes = (f32_bytes * (2 if needs_copy(ckpt, torch.float32) else 1)) if specs else onnx_bytes
+    # scratch: the merged float32 checkpoint (and a float16 copy for --dtype float16), or a copy of the model in the
+    # export dtype; it is still mapped while the ONNX files are written
+    if specs:
+        scratch_bytes = _onnx_bytes(ckpt, "float32") + (onnx_bytes if export_dtype == "float16" else 0)
+    else:
+        scratch_bytes = (
+            onnx_bytes if needs_copy(ckpt, torch.float32 if export_dtype == "float32" else torch.float16) else 0
+        )
     _check_disk(out, onnx_bytes * (2 if optimize else 1) + aux_bytes + scratch_bytes)
     versions.update(torch=torch.__version__, transformers=_version("transformers"))
     report = OnnxReport(
@@ -179,7 +183,8 @@ def export_onnx(
             report.task, why = infer_task(config_dict)
             report.task_reason = f"inferred from config.json: {why}"
         aux = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and _is_aux(p.name)}
-        model_obj, refs, inputs = _prepare(report, folder, ckpt, adapters, [s.weight for s in specs], work)
+        layers = [(r.module, r.key) for r in merged.layers] if specs else []
+        model_obj, refs, inputs = _prepare(report, folder, ckpt, (layers, adapters, [s.weight for s in specs]), work)
         hf_config = model_obj.config
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -331,70 +336,74 @@ def _prepare(
     report: OnnxReport,
     folder: Path,
     ckpt: BaseCheckpoint,
-    adapters: list[FourierFTAdapter],
-    weights: list[float],
+    merge_inputs: tuple[list[tuple[str, str]], list[FourierFTAdapter], list[float]],
     work: Path,
 ) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
-    """Merge proof (with adapters), then the model to export and its reference outputs in the export dtype.
+    """Reference outputs of the merged model, the merge proof (with adapters), then the model to export.
 
-    Only one model is in memory at a time; a checkpoint in another dtype than the one it runs in is first
-    staged (:mod:`.staging`) so that transformers maps it instead of converting it in memory.
+    One model is in memory at a time. A checkpoint in another dtype than the one it runs in is first staged
+    (:mod:`.staging`), so that transformers maps it instead of converting it next to its source.
     """
-    from transformers import AutoConfig
-
-    proof_ref: list[list[np.ndarray]] | None = None
-    inputs: ValidationInputs | None = None
-    if adapters:
-        t = time.perf_counter()
-        config = AutoConfig.from_pretrained(str(folder))
-        base_dir = _staged(ckpt, torch.float32, work / "base-float32")
-        unmerged = load_unmerged(base_dir, report.task, config, adapters, weights)
-        inputs = validation_inputs(describe(unmerged.model, report.task))
-        flat = FlatModel(unmerged.model, inputs.sig).eval()
-        proof_ref = torch_outputs(flat, inputs)
-        if unmerged.skipped:
-            report.notes.append(
-                f"adapter tensors with no place in the {report.task} model were left out: {unmerged.skipped[:4]}"
-            )
-        del flat, unmerged
-        gc.collect()
-        shutil.rmtree(work / "base-float32", ignore_errors=True)
-        report.timings["prove_unmerged"] = time.perf_counter() - t
+    layers, adapters, weights = merge_inputs
     t = time.perf_counter()
-    run_dtype = torch.float32 if adapters or report.dtype == "float32" else torch.float16
-    model = load_task_model(_staged(open_checkpoint(folder), run_dtype, work / "model"), report.task, dtype=run_dtype)
-    sig = describe(model, report.task)
-    if inputs is not None and (sig.inputs, sig.outputs) != (inputs.sig.inputs, inputs.sig.outputs):
+    export_dtype = torch.float32 if report.dtype == "float32" else torch.float16
+    run_dtype = torch.float32 if adapters else export_dtype
+    model = _load(folder, report.task, run_dtype, work)
+    inputs = validation_inputs(describe(model, report.task))
+    flat = FlatModel(model, inputs.sig).eval()
+    outputs = torch_outputs(flat, inputs)
+    report.timings["reference"] = time.perf_counter() - t
+    if not adapters:
+        return model, outputs, inputs
+    t = time.perf_counter()
+    unmerged = apply_unmerged(model, ckpt, layers, adapters, weights)
+    if unmerged.skipped:
+        report.notes.append(
+            f"adapter tensors with no place in the {report.task} model were left out: {unmerged.skipped[:4]}"
+        )
+    if unmerged.unchecked:
+        report.notes.append(
+            f"merge proof: {len(unmerged.unchecked)} base tensor(s) have no 1:1 tensor in the model and were not "
+            f"compared: {unmerged.unchecked[:3]}"
+        )
+    report.merge["tensors_equal_to_base"] = unmerged.checked
+    if unmerged.mismatched:
         raise OnnxValidationError(
             "merge proof",
-            f"the merged model's signature {sig.inputs} -> {sig.outputs} differs from the base's "
-            f"{inputs.sig.inputs} -> {inputs.sig.outputs}",
-            "report this",
+            f"{len(unmerged.mismatched)} tensor(s) the merge should have copied differ from the base: "
+            f"{unmerged.mismatched[:3]}; nothing was published",
+            "report this with the base's config.json",
         )
-    inputs = inputs or validation_inputs(sig)
-    flat = FlatModel(model, sig).eval()
-    outputs = torch_outputs(flat, inputs)
+    # One validation shape through the hooked model: padded, with a past if any, the most tokens.
+    cases = inputs.cases
+    pick = max(
+        range(len(cases)), key=lambda i: (cases[i].padding is not None, cases[i].past, cases[i].batch * cases[i].seq)
+    )
+    one = ValidationInputs(inputs.sig, [inputs.cases[pick]], [inputs.tensors[pick]])
+    unmerged_out = torch_outputs(flat, one)
+    unmerged.remove()
+    report.merge_proof = compare_cases(one, [outputs[pick]], unmerged_out, *TOLERANCES["float32"])
+    if not report.proof_passed:
+        raise _validation_error(report)
+    # The model now holds base weights: load the merged model again (mapped, cheap), in the export dtype.
     del flat
-    report.timings["reference"] = time.perf_counter() - t
-    if proof_ref is not None:
-        report.merge_proof = compare_cases(inputs, proof_ref, outputs, *TOLERANCES["float32"])
-        if not report.proof_passed:
-            raise _validation_error(report)
-    if report.dtype == "float32" or not adapters:
-        return model, outputs, inputs
-    # float16 after a float32 proof: load the merged model as float16, as a user would, for the references
-    t = time.perf_counter()
     release_weights(model)
     del model
     gc.collect()
-    model = load_task_model(
-        _staged(open_checkpoint(folder), torch.float16, work / "model-float16"), report.task, dtype=torch.float16
-    )
-    inputs = validation_inputs(describe(model, report.task))
-    flat = FlatModel(model, inputs.sig).eval()
-    refs = torch_outputs(flat, inputs)
-    report.timings["reference_float16"] = time.perf_counter() - t
-    return model, refs, inputs
+    report.timings["prove"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model = _load(folder, report.task, export_dtype, work)
+    if export_dtype == torch.float16:
+        inputs = validation_inputs(describe(model, report.task))
+        outputs = torch_outputs(FlatModel(model, inputs.sig).eval(), inputs)
+    report.timings["reload"] = time.perf_counter() - t
+    return model, outputs, inputs
+
+
+def _load(folder: Path, task: str, dtype: torch.dtype, work: Path) -> Any:
+    """The task model of ``folder`` in ``dtype`` (staged to ``dtype`` first when stored otherwise)."""
+    name = "model-float32" if dtype == torch.float32 else "model-float16"
+    return load_task_model(_staged(open_checkpoint(folder), dtype, work / name), task, dtype=dtype)
 
 
 def _staged(ckpt: BaseCheckpoint, dtype: torch.dtype, dest: Path) -> Path:

@@ -1,15 +1,18 @@
-"""The merge proof: the unmerged adapter applied to the base model, without PEFT and without FFTs.
+"""The merge proof: the unmerged adapter applied to the base weights, without PEFT and without FFTs.
 
-:func:`load_unmerged` loads the base model and then does what PEFT's unmerged FourierFT forward does:
-trained biases and saved heads replace the base's, and each adapted Linear / Conv1D gets a forward hook
-that adds ``x @ dW^T``. The delta is never formed: :func:`closed_form_apply` evaluates the product from
-the coefficients through the exact factorisation (docs/maths.md, fact 3)
+:func:`apply_unmerged` turns the loaded *merged* model back into "base + unmerged adapter", the way PEFT's
+unmerged FourierFT forward computes: every adapted Linear / Conv1D gets its base weight back (read from
+the base checkpoint) and a forward hook that adds ``x @ dW^T``; trained biases and saved heads are set from
+the adapter files. The delta is never formed: :func:`closed_form_apply` evaluates the product from the
+coefficients through the exact factorisation (docs/maths.md, fact 3)
 
     x @ dW^T = s / (M N) * Re( ((x @ E_v) * c) @ E_u^T ),   E_v[q, k] = exp(2 pi i v_k q / N),
                                                            E_u[p, k] = exp(2 pi i u_k p / M)
 
-in float64, with phases reduced modulo M and N in integers. It shares no code with the merge's FFT path,
-so the outputs of the merged checkpoint (loaded by transformers) are checked against an independent route.
+in float64, with phases reduced modulo M and N in integers. It shares no code with the merge's FFT path.
+Every other tensor of the merged model is compared exactly with the base checkpoint's. Outputs of the
+model before (merged) and after (unmerged) are then compared by the caller. Working in place keeps one
+model in memory (plus the base copies of the adapted weights).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +27,10 @@ import torch
 
 from fourier_convert.errors import ExportError
 from fourier_convert.io.adapter import FourierFTAdapter
+from fourier_convert.io.checkpoint import BaseCheckpoint
+from fourier_convert.io.safetensors_file import read_torch
 from fourier_convert.maths.indices import spectral_indices
-from fourier_convert.onnx.models import load_task_model
+from fourier_convert.skeleton import build_skeleton
 
 
 def closed_form_apply(
@@ -75,22 +79,27 @@ class _Term:
 
 @dataclass
 class Unmerged:
-    """The base model with the adapters applied unmerged (hooks), and what was done.
+    """What :func:`apply_unmerged` did to the model.
 
     Attributes:
-        model: The model; call :meth:`remove` to take the hooks off.
-        hooked: Adapted modules (model names).
-        replaced: Parameters replaced by trained biases / saved heads (model names).
+        hooked: Adapted modules (model names) that got their base weight and a delta hook.
+        replaced: Parameters set from the adapters' trained biases / saved heads (model names).
         skipped: Adapter tensors with no place in this task's model (e.g. a head under feature-extraction).
+        checked: Other tensors found equal to the base checkpoint's.
+        mismatched: Other tensors that differ from the base checkpoint's (``"key -> name"``).
+        unchecked: Base tensors with no 1:1 counterpart in the model (fused on load, or unused).
     """
 
-    model: Any
     hooked: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    checked: int = 0
+    mismatched: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
 
     def remove(self) -> None:
+        """Take the hooks off (the weights stay the base's)."""
         for handle in self.handles:
             handle.remove()
         self.handles = []
@@ -107,86 +116,126 @@ def _lookup(names: dict[str, Any], key: str, prefix: str) -> str | None:
     return None
 
 
-def load_unmerged(
-    base_folder: Path,
-    task: str,
-    config: Any,
+def apply_unmerged(
+    model: Any,
+    base: BaseCheckpoint,
+    layers: Sequence[tuple[str, str]],
     adapters: Sequence[FourierFTAdapter],
     weights: Sequence[float],
 ) -> Unmerged:
-    """Load the base for ``task`` (with the merged ``config``, so heads have the trained shape) and apply the
-    adapters as PEFT's unmerged forward does.
+    """Turn a loaded merged model, in place, into the base model with the adapters applied unmerged.
 
     Args:
-        base_folder: The base model folder.
-        task: Export task (selects the model class).
-        config: transformers config of the merged model.
+        model: The merged model (float32), as transformers loaded it for the export task.
+        base: The base checkpoint the adapters were merged into.
+        layers: ``(module, checkpoint key)`` of every adapted weight (the merge report's layers).
         adapters: The adapters, in merge order.
         weights: Each adapter's multiplier.
 
     Returns:
-        The hooked model.
+        What was done; ``mismatched`` lists tensors that differ from the base (the merge is then wrong).
 
     Raises:
-        ExportError: An adapted module is not a Linear / Conv1D of the expected shape in this model, or the
-            base lacks weights that neither it nor the adapters provide.
+        ExportError: An adapted module is not a Linear / Conv1D of the base weight's shape in this model.
 
     Example:
-        >>> unmerged = load_unmerged(Path("base"), "causal-lm", config, [adapter], [1.0])  # doctest: +SKIP
+        >>> done = apply_unmerged(model, open_checkpoint("base"), [(l.module, l.key) for l in merged.layers],
+        ...                       [adapter], [1.0])  # doctest: +SKIP
+        >>> done.remove()  # doctest: +SKIP
     """
     from transformers.pytorch_utils import Conv1D
 
-    # Parameters the adapters set may be missing from the base (a head the adapter adds).
-    meta_params, prefix = _model_param_names(task, config)
-    provided: set[str] = set()
-    for a in adapters:
-        for key in [*a.biases, *a.head_tensors]:
-            found = _lookup(meta_params, key, prefix)
-            if found is not None:
-                provided.add(found)
-    model = load_task_model(base_folder, task, config=config, provided=provided)
-    result = Unmerged(model)
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
+    result = Unmerged()
     terms: dict[str, list[_Term]] = {}
+    adapted_keys = {key for _, key in layers}
     with torch.no_grad():
-        for a, weight in zip(adapters, weights, strict=True):
+        for module_name, key in layers:
+            name = _lookup(modules, module_name, prefix)
+            module = modules.get(name) if name is not None else None
+            if not isinstance(module, (torch.nn.Linear, Conv1D)):
+                raise ExportError(
+                    module_name,
+                    f"is {type(module).__name__ if module is not None else 'missing'} in {type(model).__name__}, "
+                    "expected a Linear or Conv1D",
+                    "check the --task and that the adapter belongs to this base",
+                )
+            weight = read_torch(base.tensors[key])
+            if tuple(weight.shape) != tuple(module.weight.shape):
+                raise ExportError(
+                    key,
+                    f"base shape {tuple(weight.shape)} differs from the model's {tuple(module.weight.shape)} "
+                    "(transformers transforms this weight on load)",
+                    "export without the merge proof is not offered",
+                )
+            module.weight.data = weight.to(module.weight.dtype)
+        for a, weight_mult in zip(adapters, weights, strict=True):
             for key, stored in [*a.biases.items(), *a.head_tensors.items()]:
-                name = _lookup(params, key, prefix)
-                if name is None:
+                found = _lookup(params, key, prefix)
+                if found is None:
                     result.skipped.append(key)
                     continue
                 value = stored.load()
-                if tuple(value.shape) != tuple(params[name].shape):
+                if tuple(value.shape) != tuple(params[found].shape):
                     raise ExportError(
                         f"{a.label}: {stored.key}",
-                        f"has shape {tuple(value.shape)}, the model's {name} has {tuple(params[name].shape)}",
+                        f"has shape {tuple(value.shape)}, the model's {found} has {tuple(params[found].shape)}",
                         "check that the adapter belongs to this base",
                     )
-                params[name].copy_(value.to(params[name].dtype))
-                result.replaced.append(name)
+                params[found].copy_(value.to(params[found].dtype))
+                result.replaced.append(found)
             seed = a.settings.random_loc_seed
             for module_name, spectrum in a.spectra.items():
                 name = _lookup(modules, module_name, prefix)
                 module = modules.get(name) if name is not None else None
-                if not isinstance(module, (torch.nn.Linear, Conv1D)):
+                if name is None or not isinstance(module, (torch.nn.Linear, Conv1D)):
                     raise ExportError(
                         f"{a.label}: {spectrum.key}",
-                        f"module {module_name} is {type(module).__name__ if module is not None else 'missing'} in "
-                        f"{type(model).__name__}, expected a Linear or Conv1D",
+                        f"module {module_name} is not a Linear / Conv1D in {type(model).__name__}",
                         "check the --task and that the adapter belongs to this base",
                     )
-                assert name is not None
                 rows, cols = module.weight.shape
                 out_f, in_f = (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
                 idx = spectral_indices(out_f, in_f, spectrum.n, seed).numpy()
-                scale = a.settings.scaling * weight
-                terms.setdefault(name, []).append(_Term(spectrum.values, idx, (out_f, in_f), scale))
+                terms.setdefault(name, []).append(
+                    _Term(spectrum.values, idx, (out_f, in_f), a.settings.scaling * weight_mult)
+                )
+        result.replaced = sorted(set(result.replaced))
+        _check_untouched(model, base, adapted_keys, set(result.replaced), prefix, result)
     for name, parts in terms.items():
         result.handles.append(modules[name].register_forward_hook(_hook(parts)))
         result.hooked.append(name)
-    result.replaced = sorted(set(result.replaced))
     return result
+
+
+def _check_untouched(
+    model: Any, base: BaseCheckpoint, adapted: set[str], replaced: set[str], prefix: str, result: Unmerged
+) -> None:
+    """Compare every tensor the merge should have copied with the base checkpoint's, exactly."""
+    state = model.state_dict(keep_vars=True)
+    mapping: dict[str, str] = {}
+    fused: set[str] = set()
+    if base.config is not None:
+        skeleton, _ = build_skeleton(base.config, base.tensors)
+        if skeleton is not None:
+            mapping, fused = skeleton.model_keys, skeleton.fused_keys
+    for key, info in base.tensors.items():
+        if key in adapted:
+            continue
+        name = None if key in fused else _lookup(state, mapping.get(key, key), prefix)
+        if name is None:
+            result.unchecked.append(key)
+            continue
+        if name in replaced:
+            continue
+        value = state[name]
+        stored = read_torch(info)
+        if tuple(stored.shape) != tuple(value.shape) or not torch.equal(stored.to(value.dtype), value.detach()):
+            result.mismatched.append(f"{key} -> {name}")
+        else:
+            result.checked += 1
 
 
 def _hook(parts: list[_Term]) -> Any:
@@ -197,15 +246,3 @@ def _hook(parts: list[_Term]) -> Any:
         return output + extra.to(output.dtype)
 
     return add_delta
-
-
-def _model_param_names(task: str, config: Any) -> tuple[dict[str, Any], str]:
-    """Parameter names and base-model prefix of the task's model, built on the meta device (no memory)."""
-    import transformers
-
-    from fourier_convert.onnx.tasks import AUTO_CLASSES
-
-    auto = getattr(transformers, AUTO_CLASSES[task])
-    with torch.device("meta"):
-        model = auto.from_config(config)
-    return dict(model.named_parameters()), str(getattr(model, "base_model_prefix", "") or "")

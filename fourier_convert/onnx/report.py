@@ -106,9 +106,10 @@ class OnnxReport:
             )
         if self.merge_proof:
             verdict = "passed" if self.proof_passed else "FAILED"
+            equal = self.merge.get("tensors_equal_to_base")
             lines.append(
-                f"merge proof (merged PyTorch model vs the unmerged adapter, float32, {len(self.merge_proof)} "
-                f"shapes): {verdict}"
+                f"merge proof (merged PyTorch model vs base + unmerged adapter, float32, {len(self.merge_proof)} "
+                f"shape(s){f'; {equal} other tensors equal to the base' if equal is not None else ''}): {verdict}"
             )
             lines += [f"  {line}" for c in self.merge_proof for line in _case_lines(c)]
         size = f"{self.weights_bytes / 1e6:.1f} MB of weights" + (" in model.onnx.data" if self.external_data else "")
