@@ -8,9 +8,9 @@ adapter without PEFT or FFTs), :mod:`.exporter` (``torch.onnx.export``, dynamo),
 :mod:`.pipeline` (:func:`export_onnx`, which ties them together).
 """
 
-from fourier_convert.onnx.compare import TOLERANCES, CaseCheck, OutputCheck
+from fourier_convert.onnx.compare import TOLERANCES, CaseCheck, OutputDiff
 from fourier_convert.onnx.pipeline import export_onnx
 from fourier_convert.onnx.report import OnnxReport
 from fourier_convert.onnx.tasks import TASKS
 
-__all__ = ["TASKS", "TOLERANCES", "CaseCheck", "OnnxReport", "OutputCheck", "export_onnx"]
+__all__ = ["TASKS", "TOLERANCES", "CaseCheck", "OnnxReport", "OutputDiff", "export_onnx"]

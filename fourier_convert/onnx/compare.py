@@ -20,7 +20,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {"float32": (1e-4, 1e-3), "float16"
 
 
 @dataclass
-class OutputCheck:
+class OutputDiff:
     """One output at one input shape.
 
     Attributes:
@@ -62,13 +62,13 @@ class CaseCheck:
 
     case: str
     shapes: dict[str, list[int]]
-    outputs: list[OutputCheck] = field(default_factory=list)
+    outputs: list[OutputDiff] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
 
-    def worst(self) -> OutputCheck:
+    def worst(self) -> OutputDiff:
         """The output with the largest absolute difference (failed ones first)."""
         return max(self.outputs, key=lambda o: (not o.passed, o.max_abs_diff))
 
@@ -139,7 +139,7 @@ def compare_outputs(
         ref = select(kind, np.asarray(ref_full), mask).astype(np.float64)
         out = select(kind, np.asarray(got_full), mask).astype(np.float64)
         if ref.shape != out.shape:
-            result.outputs.append(OutputCheck(name, 0, math.inf, math.inf, None, False))
+            result.outputs.append(OutputDiff(name, 0, math.inf, math.inf, None, False))
             continue
         finite = bool(np.isfinite(ref).all() and np.isfinite(out).all())
         diff = np.abs(out - ref)
@@ -152,5 +152,5 @@ def compare_outputs(
             r = ref.reshape(-1, ref.shape[-1]).argmax(-1)
             o = out.reshape(-1, out.shape[-1]).argmax(-1)
             top1 = float((r == o).mean())
-        result.outputs.append(OutputCheck(name, int(ref.size), max_abs, max_rel, top1, passed))
+        result.outputs.append(OutputDiff(name, int(ref.size), max_abs, max_rel, top1, passed))
     return result
