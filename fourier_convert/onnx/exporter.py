@@ -172,7 +172,7 @@ def _forget_matched_graphs() -> None:
     except ImportError:  # another onnxscript layout: nothing known to reset
         return
     for obj in gc.get_objects():
-        if isinstance(obj, PatternMatcher):
+        if issubclass(type(obj), PatternMatcher):  # type(): isinstance() would touch deprecated module proxies
             for attr in ("_graph", "_current_node", "_match", "_tracer"):  # per-call state, set again by match()
                 if getattr(obj, attr, None) is not None:
                     setattr(obj, attr, None)
