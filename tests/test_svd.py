@@ -8,7 +8,21 @@ import pytest
 from fourier_convert.maths.svd import spectral_svd
 from tests.reference import peft_indices, reference_delta
 
-SHAPES = [(1, 1), (2, 2), (1, 8), (8, 1), (6, 4), (7, 5), (16, 16), (32, 12), (12, 32), (33, 17), (64, 64)]
+SHAPES = [
+    (1, 1),
+    (2, 2),
+    (1, 8),
+    (8, 1),
+    (6, 4),
+    (7, 5),
+    (16, 16),
+    (32, 12),
+    (12, 32),
+    (33, 17),
+    (64, 64),
+    (4, 96),
+    (96, 5),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -48,3 +62,21 @@ def test_energy_equals_squared_frobenius_norm() -> None:
     idx = peft_indices(24, 20, 50, 777)
     dense = reference_delta(values, 24, 20, 3.0, 777)
     assert spectral_svd(values, idx, (24, 20), 3.0).energy == pytest.approx(float((dense**2).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(256, 2048), (2048, 256), (512, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_real_widths_against_dense_svd(shape: tuple[int, int]) -> None:
+    # big connected blocks (few row frequencies), many small ones, and the merged single-entry columns
+    m, n_cols = shape
+    values = np.random.default_rng(m + n_cols).standard_normal(1000)
+    idx = peft_indices(m, n_cols, 1000, 777)
+    dense = reference_delta(values, m, n_cols, 150.0, 777)
+    want = np.linalg.svd(dense, compute_uv=False)
+    svd = spectral_svd(values, idx, shape, 150.0)
+    got = np.zeros_like(want)
+    got[: len(svd.values)] = svd.values
+    assert np.allclose(got, want, rtol=1e-9, atol=1e-12 * want[0])
+    for r in (8, 64):
+        u, v = svd.vectors(r)
+        err = np.linalg.norm(dense - (u * svd.values[:r]) @ v.T)
+        assert err == pytest.approx(np.sqrt(np.sum(want[r:] ** 2)), rel=1e-9)
