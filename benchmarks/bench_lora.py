@@ -26,7 +26,10 @@ What it does, in one run:
    reference delta, ``numpy.linalg.svd``) on the q_proj and v_proj of the first and last layer, and our rank-8
    relative Frobenius error against the oracle's Eckart-Young optimum; prints ratios, peak RSS and
    PASS / FAIL for the issue's targets (to-lora <= 2 s for the whole adapter, >= 100x faster than PEFT,
-   singular values equal to the oracle to 1e-5 relative).
+   singular values equal to the oracle to 1e-5 relative, from-lora of a rank-16 LoRA <= 2 s).
+
+Also timed: ``from-call`` / ``from-cli``, ``fc.from_lora`` / ``fourier-convert from-lora`` (n_frequency 1000) of
+a rank-16 LoRA made from the benchmark adapter by ``fc.to_lora`` (untimed, cached under ``--work``).
 
 Usage (from the repository root)::
 
@@ -122,9 +125,32 @@ def call_to_lora(inputs: CallInputs) -> dict[str, float]:
     }
 
 
+FROM_LORA_RANK = 16  # from-lora is timed on a rank-16 LoRA of the benchmark adapter
+
+
+def call_from_lora(inputs: CallInputs) -> dict[str, float]:
+    """``fc.from_lora`` (n_frequency 1000, scaling 150) of the rank-16 LoRA, and ``.save()``, timed separately."""
+    import fourier_convert as fc
+
+    src = inputs.work / f"lora-r{FROM_LORA_RANK}"
+    t0 = time.perf_counter()
+    fft, report = fc.from_lora(src, base=inputs.base, n_frequency=1000, scaling=150.0)
+    t1 = time.perf_counter()
+    fft.save(inputs.out)
+    t2 = time.perf_counter()
+    return {
+        "call_s": t2 - t0,
+        "convert_s": t1 - t0,
+        "save_s": t2 - t1,
+        "retained_energy": report.retained_energy,
+        "layers": len(report.layers),
+    }
+
+
 #: Library calls timed in a worker process: stage name -> function doing the work (see module docstring).
 LIBRARY_CALLS: dict[str, Callable[[CallInputs], dict[str, float]]] = {
     "fc-call": call_to_lora,
+    "from-call": call_from_lora,
 }
 
 #: CLI stages: stage name -> command for the inputs (timed as a process, wall time).
@@ -138,6 +164,19 @@ CLI_STAGES: dict[str, Callable[[CallInputs], list[str]]] = {
         str(i.base),
         "--rank",
         str(RANK),
+        "--out",
+        str(i.out),
+        "--quiet",
+    ],
+    "from-cli": lambda i: [
+        *_fourier_convert_cmd(),
+        "from-lora",
+        "--adapter",
+        str(i.work / f"lora-r{FROM_LORA_RANK}"),
+        "--base",
+        str(i.base),
+        "--n-frequency",
+        "1000",
         "--out",
         str(i.out),
         "--quiet",
@@ -158,8 +197,8 @@ def prepare_lora_input(inputs: CallInputs, rank: int) -> Path:
 
 
 def prepare_inputs(inputs: CallInputs) -> None:
-    """Untimed inputs the registered stages need (nothing yet; a from-lora stage would call
-    ``prepare_lora_input(inputs, 16)`` here)."""
+    """Untimed inputs the registered stages need: the rank-16 LoRA that from-lora converts back."""
+    prepare_lora_input(inputs, FROM_LORA_RANK)
 
 
 def worker_call(argv: Sequence[str]) -> int:
@@ -466,6 +505,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
             f"{r.name:<8} {r.median('wall_s'):>8.2f} {spread:>13} {'' if call is None else f'{call:.2f}':>8} "
             f"{statistics.median(other) if other else float('nan'):>11.2f} {r.median('maxrss_mib'):>13.0f}"
         )
+    from_stage = results.get("from-call")
+    if from_stage is not None and from_stage.figures:
+        f = from_stage.figures[-1]
+        print(
+            f"from-call: to_lora's rank-{FROM_LORA_RANK} LoRA back to FourierFT (n=1000): from_lora "
+            f"{from_stage.figure('convert_s'):.2f} s, save {from_stage.figure('save_s'):.2f} s (medians); "
+            f"{f['layers']} layers, {f['retained_energy']:.2%} of the LoRA delta energy kept"
+        )
     fc_call = results["fc-call"]
     if fc_call.figures:
         f = fc_call.figures[-1]
@@ -544,6 +591,19 @@ def run_benchmark(args: argparse.Namespace) -> int:
         (f"to_lora + save <= {TARGET_SECONDS:.0f} s (library call)", call, call is not None and call <= TARGET_SECONDS)
     )
     targets.append((f"CLI process <= {TARGET_SECONDS:.0f} s", cli, cli is not None and cli <= TARGET_SECONDS))
+    from_call = results["from-call"].figure("call_s") if "from-call" in results else None
+    from_cli = results["from-cli"].median("wall_s") if "from-cli" in results else None
+    targets.append(
+        (f"from_lora (rank-{FROM_LORA_RANK} LoRA) + save <= {TARGET_SECONDS:.0f} s (library call)", from_call,
+         from_call is not None and from_call <= TARGET_SECONDS)
+    )  # fmt: skip
+    targets.append(
+        (
+            f"from-lora CLI process <= {TARGET_SECONDS:.0f} s",
+            from_cli,
+            from_cli is not None and from_cli <= TARGET_SECONDS,
+        )
+    )
     for k, v in ratios.items():
         if fastest is not None and k.startswith(f"{fastest} "):  # against PEFT's fastest setting only
             targets.append((f"{k} >= {TARGET_PEFT_SPEEDUP:.0f}x", v, v >= TARGET_PEFT_SPEEDUP))
