@@ -245,7 +245,18 @@ def _print(stages: list[bm.Stage], result: dict[str, Any], weights: int) -> None
         value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
         print(f"  {verdict}  {t['target']}  ({value})")
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"notes: peak RSS is each child's ru_maxrss (wait4); this process's own peak is {floor:.0f} MiB.")
+    print(
+        f"notes: peak RSS is each child's ru_maxrss (wait4); this process's own peak is {floor:.0f} MiB. 'other cpu' "
+        "is the CPU time every other process used during a stage."
+    )
+    shared = [
+        f"{s.name} run {i + 1} ({m.other_cpu_s:.0f} s other CPU in {m.wall_s:.0f} s)"
+        for s in stages
+        for i, m in enumerate(s.runs)
+        if m.other_cpu_s is not None and m.other_cpu_s > 0.25 * m.wall_s
+    ]
+    if shared:
+        print("WARNING: the machine was shared while timing; those wall times are inflated: " + "; ".join(shared))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
