@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +157,49 @@ def export_onnx(
         tolerances={"atol": tol[0], "rtol": tol[1]},
         versions=versions,
     )
+    options = _Options(opset, optimize, device, validate, tol, keep_failed, overwrite, external_data)
+    model_obj, refs, inputs, aux = _merge_and_prove(report, out, ckpt, specs, adapters, allow_pickle)
+    _export_and_publish(report, out, model_obj, refs, inputs, aux, options, (onnx_bytes, t0))
+    report.out = str(out)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The export options that matter after the inputs are read."""
+
+    opset: int | None
+    optimize: bool
+    device: str
+    validate: bool
+    tol: tuple[float, float]
+    keep_failed: bool
+    overwrite: bool
+    external_data: bool | None
+
+
+def _merge_and_prove(
+    report: OnnxReport,
+    out: Path,
+    ckpt: BaseCheckpoint,
+    specs: list[AdapterSpec],
+    adapters: list[FourierFTAdapter],
+    allow_pickle: bool,
+) -> tuple[Any, list[list[np.ndarray]], ValidationInputs, dict[str, bytes]]:
+    """Merge into a scratch folder (with adapters), choose the task, prove the merge, and return the model to
+    export, its reference outputs, the validation inputs and the small files to carry."""
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=_existing_ancestor(out)))
     try:
         folder = ckpt.folder
+        layers: list[tuple[str, str]] = []
         if specs:
             t = time.perf_counter()
             merged = merge_checkpoint(
                 ckpt.folder,
                 specs,
                 work / "merged",
-                device="cpu" if device == "cpu" else "auto",
+                device="cpu" if report.device == "cpu" else "auto",
                 dtype="float32",
                 allow_pickle=allow_pickle,
             )
@@ -178,58 +212,75 @@ def export_onnx(
             }
             report.warnings += merged.warnings
             folder = work / "merged"
+            layers = [(r.module, r.key) for r in merged.layers]
         config_dict = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        if task == "auto":
+        if report.task == "auto":
             report.task, why = infer_task(config_dict)
             report.task_reason = f"inferred from config.json: {why}"
         aux = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and _is_aux(p.name)}
-        layers = [(r.module, r.key) for r in merged.layers] if specs else []
-        model_obj, refs, inputs = _prepare(report, folder, ckpt, (layers, adapters, [s.weight for s in specs]), work)
-        hf_config = model_obj.config
+        model, refs, inputs = _prepare(report, folder, ckpt, (layers, adapters, [s.weight for s in specs]), work)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # a mapped model keeps its files until it is freed
+    return model, refs, inputs, aux
+
+
+def _export_and_publish(
+    report: OnnxReport,
+    out: Path,
+    model: Any,
+    refs: list[list[np.ndarray]],
+    inputs: ValidationInputs,
+    aux: dict[str, bytes],
+    options: _Options,
+    sizes: tuple[int, float],
+) -> None:
+    """Export into the atomic writer's temporary folder, optimise, validate, and publish or keep aside.
+
+    ``sizes`` is the ONNX weights' byte count and the start time of the whole run.
+    """
+    onnx_bytes, started = sizes
+    t0 = time.perf_counter()
     sig = inputs.sig
     example = make_inputs(sig, export_case(sig), seed=0)
     report.export_shape = export_case(sig).label(bool(sig.past_layers))
-    need = onnx_bytes * (2 if optimize else 1) + sum(len(b) for b in aux.values())
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
+    hf_config = model.config
+    need = onnx_bytes * (2 if options.optimize else 1) + sum(len(b) for b in aux.values())
+    with CheckpointWriter(out, overwrite=options.overwrite) as writer:
         writer.begin([], extra_bytes=need)
         temp = writer.temp
         assert temp is not None
-        t = time.perf_counter()
-        flat = FlatModel(model_obj, sig).eval()
-        info = export_graph(flat, example, temp, opset=opset, external_data=external_data)
-        release_weights(model_obj)
-        del flat, model_obj, example
+        flat = FlatModel(model, sig).eval()
+        info = export_graph(flat, example, temp, opset=options.opset, external_data=options.external_data)
+        release_weights(model)
+        del flat, model, example
         gc.collect()
-        report.timings["export"] = time.perf_counter() - t
+        report.timings["export"] = time.perf_counter() - t0
         report.opset, report.external_data, report.weights_bytes = info.opset, info.external_data, info.weights_bytes
         report.inputs, report.outputs = info.inputs, info.outputs
-        if optimize:
+        if options.optimize:
             t = time.perf_counter()
             report.optimized = optimize_graph(
-                temp, hf_config, use_gpu=device.startswith("cuda"), external_data=info.external_data
+                temp, hf_config, use_gpu=options.device.startswith("cuda"), external_data=info.external_data
             )
             report.timings["optimize"] = time.perf_counter() - t
         for name, data in aux.items():
             writer.write_file(name, data)
-        if validate:
+        if options.validate:
             t = time.perf_counter()
-            report.validation, report.providers, notes = validate_graph(temp / MODEL_FILE, device, inputs, refs, *tol)
+            report.validation, report.providers, notes = validate_graph(
+                temp / MODEL_FILE, options.device, inputs, refs, *options.tol
+            )
             report.notes += notes
             report.validated = True
             report.timings["validate"] = time.perf_counter() - t
         report.files = sorted([p.name for p in temp.iterdir() if p.is_file()] + [REPORT_FILE])
-        report.seconds = time.perf_counter() - t0
+        report.seconds = time.perf_counter() - started
         if not report.passed:
-            if keep_failed:
+            if options.keep_failed:
                 report.kept_failed = str(_keep_aside(temp, out, report))
             raise _validation_error(report)
         writer.write_file(REPORT_FILE, _json(report, out))
         writer.commit()
-    report.out = str(out)
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _check_args(
