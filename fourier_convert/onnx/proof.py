@@ -168,7 +168,7 @@ def apply_unmerged(
                     key,
                     f"base shape {tuple(weight.shape)} differs from the model's {tuple(module.weight.shape)} "
                     "(transformers transforms this weight on load)",
-                    "export without the merge proof is not offered",
+                    "merge with fourier-convert merge and export the merged folder with --model (no merge proof)",
                 )
             module.weight.data = weight.to(module.weight.dtype)
         for a, weight_mult in zip(adapters, weights, strict=True):
