@@ -163,17 +163,25 @@ def spectral_svd(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int]
     local_col = _local_index(member, cols)
     n_r = np.maximum.reduceat(local_row, starts) + 1
     n_c = np.maximum.reduceat(local_col, starts) + 1
-    small = blocks & (n_r * n_c <= _SMALL_BLOCK)
-    for shape_rc in sorted(set(zip(n_r[small].tolist(), n_c[small].tolist(), strict=True))):
-        group = np.flatnonzero(small & (n_r == shape_rc[0]) & (n_c == shape_rc[1]))
+    # zero rows / columns change no singular value (zero ones are dropped), so small blocks are padded to
+    # power-of-two shapes and decomposed a few batched calls for all of them
+    pad_r, pad_c = _pow2(n_r), _pow2(n_c)
+    small = blocks & (pad_r <= _SMALL_SIDE) & (pad_c <= _SMALL_SIDE)
+    for shape_rc in sorted(set(zip(pad_r[small].tolist(), pad_c[small].tolist(), strict=True))):
+        group = np.flatnonzero(small & (pad_r == shape_rc[0]) & (pad_c == shape_rc[1]))
         _add_small_blocks(triplets, group, shape_rc, starts, ends, rows, cols, vals, local_row, local_col)
     for s0, e0 in zip(starts[blocks & ~small], ends[blocks & ~small], strict=True):
         _add_block(triplets, rows[s0:e0], cols[s0:e0], vals[s0:e0])
     return triplets.result()
 
 
-#: Blocks with at most this many dense entries are decomposed together, in batches of one shape.
-_SMALL_BLOCK = 64
+#: Blocks with at most this many rows and columns (after padding to powers of two) are decomposed in batches.
+_SMALL_SIDE = 32
+
+
+def _pow2(x: np.ndarray) -> np.ndarray:
+    out: np.ndarray = 1 << np.ceil(np.log2(np.maximum(x, 1))).astype(np.int64)
+    return out
 
 
 def _local_index(member: np.ndarray, nodes: np.ndarray) -> np.ndarray:
@@ -215,6 +223,12 @@ def _add_small_blocks(
     row_nodes[slot, local_row[at]] = rows[at]
     col_nodes[slot, local_col[at]] = cols[at]
     uu, ss_, vt = np.linalg.svd(dense, full_matrices=False)  # (G, R, k), (G, k), (G, k, C)
+    real_rows = np.zeros((len(group), n_rows), dtype=bool)
+    real_cols = np.zeros((len(group), n_cols), dtype=bool)
+    real_rows[slot, local_row[at]] = True
+    real_cols[slot, local_col[at]] = True
+    uu *= real_rows[:, :, None]  # padding rows / columns carry exactly nothing
+    vt *= real_cols[:, None, :]
     k = ss_.shape[1]
     triplets.add_batch(
         ss_.reshape(-1),
