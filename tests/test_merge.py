@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,29 @@ def test_leftover_partial_folder_is_reported(tmp_path: Path) -> None:
     report = fc.merge(FIXTURES / "gpt2" / "base", FIXTURES / "gpt2" / "adapter", tmp_path / "merged", device="cpu")
     assert any(str(leftover) in w for w in report.warnings)
     assert leftover.exists()  # never deleted: another run may own it
+
+
+def test_single_shard_with_an_index_keeps_its_index(tmp_path: Path) -> None:
+    # save_pretrained writes model-00001-of-00001.safetensors plus an index when asked to shard a small model;
+    # transformers finds such a shard only through the index, so the output must have one too
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(FIXTURES / "gpt2" / "base", base)
+    (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")
+    keys = load_model_tensors(FIXTURES / "gpt2" / "base")
+    index = {
+        "metadata": {"total_size": 0},
+        "weight_map": dict.fromkeys(sorted(keys), "model-00001-of-00001.safetensors"),
+    }
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "merged"
+    fc.merge(base, FIXTURES / "gpt2" / "adapter", out, device="cpu")
+    assert (out / "model.safetensors.index.json").is_file()
+    written = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(written["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    want = load_model_tensors(tmp_path / "merged")
+    for key, value in merged.state_dict().items():
+        if key in want:
+            torch.testing.assert_close(value, want[key])
