@@ -150,6 +150,7 @@ def merge(
     progress: bool = False,
     revision: str | None = None,
     threads: int | None = None,
+    durable: bool = True,
 ) -> MergeReport:
     """Merge one or more FourierFT adapters into a base model and write a Hugging Face model folder.
 
@@ -169,6 +170,8 @@ def merge(
         revision: Hub revision of the base.
         threads: torch CPU threads while merging (default: all cores but one, which the background byte
             copy uses; the previous setting is restored afterwards).
+        durable: fsync the output before publishing it (default). False skips the fsync, for scratch
+            outputs that are read back at once (``export_onnx`` uses it); the publish stays atomic.
 
     Returns:
         A :class:`~fourier_convert.report.MergeReport`.
@@ -246,7 +249,10 @@ def merge(
         warm.join()
     report.timings["validate_and_plan"] = time.perf_counter() - t0
     bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
-    with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar) as writer, _torch_threads(threads):
+    with (
+        CheckpointWriter(Path(out), overwrite=overwrite, progress=bar, durable=durable) as writer,
+        _torch_threads(threads),
+    ):
         _write_output(writer, report, ckpt, adapters, plan, layouts, (skeleton, why, job), dev, compute, t0)
     bar.close()
     report.seconds = time.perf_counter() - t0

@@ -301,3 +301,17 @@ def test_single_shard_with_an_index_keeps_its_index(tmp_path: Path) -> None:
     for key, value in merged.state_dict().items():
         if key in want:
             torch.testing.assert_close(value, want[key])
+
+
+def test_durable_false_skips_fsync_and_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+    fc.merge(FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", tmp_path / "a", device="cpu")
+    durable_calls = len(calls)
+    fc.merge(FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", tmp_path / "b", device="cpu", durable=False)
+    assert durable_calls >= 3 and len(calls) == durable_calls  # one per shard before, none now
+    for f in sorted((tmp_path / "a").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()

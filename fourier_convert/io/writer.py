@@ -227,6 +227,9 @@ class CheckpointWriter:
         out: Target folder. It must not exist, be empty, or ``overwrite`` must be True.
         overwrite: Replace an existing non-empty target (only once the new output is complete).
         progress: Byte progress sink (None for silence).
+        durable: fsync every file before publishing (default). False suits scratch outputs that are read
+            back at once and deleted: the rename still publishes only complete files, but a power cut may lose
+            them.
 
     Example:
         >>> with CheckpointWriter(Path("merged")) as w:  # doctest: +SKIP
@@ -237,9 +240,12 @@ class CheckpointWriter:
         ...     w.commit(index_metadata={})
     """
 
-    def __init__(self, out: Path, *, overwrite: bool = False, progress: ByteProgress | None = None) -> None:
+    def __init__(
+        self, out: Path, *, overwrite: bool = False, progress: ByteProgress | None = None, durable: bool = True
+    ) -> None:
         self.out = Path(out)
         self.overwrite = overwrite
+        self.durable = durable
         self.progress = progress
         self.temp: Path | None = None
         self._layouts: dict[str, ShardLayout] = {}
@@ -362,7 +368,8 @@ class CheckpointWriter:
                 f"{filename}:{name}", f"{len(self._pending)} planned tensors were not written", "report this bug"
             )
         for filename, fd in self._fds.items():
-            os.fsync(fd)
+            if self.durable:  # on disk before the rename publishes them; skipped for scratch outputs
+                os.fsync(fd)
             size = os.fstat(fd).st_size
             if size != self._layouts[filename].size:
                 raise OutputError(

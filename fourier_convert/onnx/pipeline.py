@@ -202,6 +202,7 @@ def _merge_and_prove(
                 device="cpu" if report.device == "cpu" else "auto",
                 dtype="float32",
                 allow_pickle=allow_pickle,
+                durable=False,  # a scratch folder, loaded at once and deleted: no fsync of gigabytes
             )
             report.timings["merge"] = time.perf_counter() - t
             report.merge = {
