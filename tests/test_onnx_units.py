@@ -15,10 +15,11 @@ import torch
 import fourier_convert as fc
 from fourier_convert.io.checkpoint import open_checkpoint
 from fourier_convert.maths import spectral_indices
+from fourier_convert.maths.delta import delta_apply
 from fourier_convert.onnx.compare import compare_outputs
 from fourier_convert.onnx.inputs import Case, export_case, make_inputs, row_lengths, validation_cases
 from fourier_convert.onnx.models import load_task_model
-from fourier_convert.onnx.proof import apply_unmerged, closed_form_apply
+from fourier_convert.onnx.proof import apply_unmerged
 from fourier_convert.onnx.signature import FlatModel, Signature, describe
 from fourier_convert.onnx.staging import needs_copy, write_copy
 from fourier_convert.onnx.tasks import infer_task
@@ -63,13 +64,13 @@ def test_infer_task_errors() -> None:
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(12, 8, 20), (7, 10, 15), (16, 16, 256)])
-def test_closed_form_apply_equals_dense_delta(m: int, n: int, k: int) -> None:
+def test_delta_apply_equals_dense_delta(m: int, n: int, k: int) -> None:
     rng = np.random.default_rng(m * n)
     values = rng.standard_normal(k)
     dense = reference_delta(values, m, n, 150.0, 777)  # PEFT's definition, float64, shares no code
     idx = spectral_indices(m, n, k, 777).numpy()
     x = torch.from_numpy(rng.standard_normal((3, 5, n)))
-    got = closed_form_apply(x, values, idx, (m, n), 150.0)
+    got = delta_apply(x, values, idx, (m, n), 150.0)
     assert got.shape == (3, 5, m) and got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), x.numpy() @ dense.T, rtol=1e-10, atol=1e-12)
 

@@ -3,6 +3,7 @@
 from fourier_convert.maths.delta import (
     DeltaCheck,
     check_delta,
+    delta_apply,
     delta_at,
     delta_sq_norm,
     delta_weights,
@@ -17,6 +18,7 @@ __all__ = [
     "IndexCache",
     "SpectralSVD",
     "check_delta",
+    "delta_apply",
     "delta_at",
     "delta_sq_norm",
     "delta_weights",

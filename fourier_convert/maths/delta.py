@@ -227,3 +227,42 @@ def delta_sq_norm(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int
     sums = np.zeros(uniq.shape[0])
     np.add.at(sums, inv, vals)
     return float(scaling**2 * np.dot(sums, sums) / (m * n_cols))
+
+
+def delta_apply(
+    x: torch.Tensor, values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float
+) -> torch.Tensor:
+    """``x @ dW^T`` for a FourierFT delta ``dW`` of shape ``(M, N) = shape``, without forming ``dW``, in float64.
+
+    Through the exact low-rank factorisation (docs/maths.md fact 3): ``dW = Re(E_u diag(c) E_v^T) * s / (M N)``
+    with ``E_u[p, k] = exp(2 pi i u_k p / M)``, so ``x @ dW^T`` costs O(batch (M + N) n) and shares no code with
+    the FFT reconstruction (an independent route, used to prove merges).
+
+    Args:
+        x: ``(..., N)`` inputs.
+        values: The ``n`` coefficients.
+        indices: ``(2, n)`` row / column frequencies.
+        shape: ``(M, N)``.
+        scaling: The delta's scale.
+
+    Returns:
+        ``(..., M)`` float64.
+
+    Example:
+        >>> idx = np.array([[1, 2], [0, 3]]); c = np.array([1.0, -2.0]); x = torch.randn(3, 4, dtype=torch.float64)
+        >>> dense = torch.from_numpy(delta_weights_numpy(c, idx, 5, 4, 7.0))
+        >>> torch.allclose(delta_apply(x, c, idx, (5, 4), 7.0), x @ dense.T)
+        True
+    """
+    m, n = shape
+    u = torch.from_numpy(np.asarray(indices[0], dtype=np.int64))
+    v = torch.from_numpy(np.asarray(indices[1], dtype=np.int64))
+    two_pi = 2.0 * math.pi
+    phase_v = ((torch.arange(n)[:, None] * v[None, :]) % n).double() * (two_pi / n)  # (N, k)
+    phase_u = ((torch.arange(m)[:, None] * u[None, :]) % m).double() * (two_pi / m)  # (M, k)
+    e_v = torch.polar(torch.ones_like(phase_v), phase_v)
+    e_u = torch.polar(torch.ones_like(phase_u), phase_u)
+    flat = x.reshape(-1, n).to(torch.float64).to(torch.complex128)
+    coeffs = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(torch.complex128)
+    y = ((flat @ e_v) * coeffs) @ e_u.T
+    return (y.real * (scaling / (m * n))).reshape(*x.shape[:-1], m)

@@ -3,7 +3,7 @@
 :func:`apply_unmerged` turns the loaded *merged* model back into "base + unmerged adapter", the way PEFT's
 unmerged FourierFT forward computes: every adapted Linear / Conv1D gets its base weight back (read from
 the base checkpoint) and a forward hook that adds ``x @ dW^T``; trained biases and saved heads are set from
-the adapter files. The delta is never formed: :func:`closed_form_apply` evaluates the product from the
+the adapter files. The delta is never formed: :func:`delta_apply` evaluates the product from the
 coefficients through the exact factorisation (docs/maths.md, fact 3)
 
     x @ dW^T = s / (M N) * Re( ((x @ E_v) * c) @ E_u^T ),   E_v[q, k] = exp(2 pi i v_k q / N),
@@ -17,7 +17,6 @@ model in memory (plus the base copies of the adapted weights).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,44 +28,9 @@ from fourier_convert.errors import ExportError
 from fourier_convert.io.adapter import FourierFTAdapter
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import read_torch
+from fourier_convert.maths.delta import delta_apply
 from fourier_convert.maths.indices import spectral_indices
 from fourier_convert.skeleton import build_skeleton
-
-
-def closed_form_apply(
-    x: torch.Tensor, values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float
-) -> torch.Tensor:
-    """``x @ dW^T`` for a FourierFT delta ``dW`` of shape ``(M, N) = shape``, without forming ``dW``, in float64.
-
-    Args:
-        x: ``(..., N)`` inputs.
-        values: The ``n`` coefficients.
-        indices: ``(2, n)`` row / column frequencies.
-        shape: ``(M, N)``.
-        scaling: The delta's scale.
-
-    Returns:
-        ``(..., M)`` float64.
-
-    Example:
-        >>> from fourier_convert.maths import delta_weights_numpy
-        >>> idx = np.array([[1, 2], [0, 3]]); c = np.array([1.0, -2.0]); x = torch.randn(3, 4, dtype=torch.float64)
-        >>> dense = torch.from_numpy(delta_weights_numpy(c, idx, 5, 4, 7.0))
-        >>> torch.allclose(closed_form_apply(x, c, idx, (5, 4), 7.0), x @ dense.T)
-        True
-    """
-    m, n = shape
-    u = torch.from_numpy(np.asarray(indices[0], dtype=np.int64))
-    v = torch.from_numpy(np.asarray(indices[1], dtype=np.int64))
-    two_pi = 2.0 * math.pi
-    phase_v = ((torch.arange(n)[:, None] * v[None, :]) % n).double() * (two_pi / n)  # (N, k)
-    phase_u = ((torch.arange(m)[:, None] * u[None, :]) % m).double() * (two_pi / m)  # (M, k)
-    e_v = torch.polar(torch.ones_like(phase_v), phase_v)
-    e_u = torch.polar(torch.ones_like(phase_u), phase_u)
-    flat = x.reshape(-1, n).to(torch.float64).to(torch.complex128)
-    coeffs = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(torch.complex128)
-    y = ((flat @ e_v) * coeffs) @ e_u.T
-    return (y.real * (scaling / (m * n))).reshape(*x.shape[:-1], m)
 
 
 @dataclass
@@ -241,7 +205,7 @@ def _check_untouched(
 def _hook(parts: list[_Term]) -> Any:
     def add_delta(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        extra = sum(closed_form_apply(x, t.values, t.indices, t.shape, t.scaling) for t in parts)
+        extra = sum(delta_apply(x, t.values, t.indices, t.shape, t.scaling) for t in parts)
         assert isinstance(extra, torch.Tensor)
         return output + extra.to(output.dtype)
 
