@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path, print_conversion
 from fourier_convert.from_lora import from_lora, parse_pattern
 from fourier_convert.io.writer import check_output_target
@@ -29,12 +30,10 @@ from fourier_convert.io.writer import check_output_target
 @click.option("--seed", type=int, default=777, show_default=True, help="random_loc_seed of the output.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output FourierFT adapter folder.")
 @click.option("--adapter-subfolder", "subfolder", default=None, help="Named adapter inside --adapter.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin through torch's weights-only loader.")
-@click.option(
-    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here."
-)
-@click.option("--quiet", "-q", is_flag=True, help="No table (warnings still go to stderr).")
+@options.overwrite()
+@options.allow_pickle
+@options.json_report
+@options.quiet()
 def from_lora_cmd(
     adapter: str,
     base: str | None,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path
 from fourier_convert.inspect import inspect_adapter
 
@@ -15,10 +16,8 @@ from fourier_convert.inspect import inspect_adapter
 @click.argument("adapter")
 @click.option("--base", default=None, help="Base model folder or hub id: adds shapes, delta norms and energy.")
 @click.option("--adapter-subfolder", "subfolder", default=None, help="Named adapter inside ADAPTER.")
-@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin through torch's weights-only loader.")
-@click.option(
-    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here."
-)
+@options.allow_pickle
+@options.json_report
 def inspect_cmd(
     adapter: str, base: str | None, subfolder: str | None, allow_pickle: bool, json_path: Path | None
 ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from fourier_convert.cli import options
 from fourier_convert.errors import UsageError
 from fourier_convert.merge import AdapterSpec, merge
 from fourier_convert.report import MergeReport
@@ -112,14 +113,12 @@ def print_report(report: MergeReport, quiet: bool) -> None:
 @click.option(
     "--max-shard-size", default=None, help="Re-shard the output (e.g. 2GB); default mirrors the base's shards."
 )
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new output is complete.")
+@options.overwrite("Replace a non-empty --out once the new output is complete.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
-@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin through torch's weights-only loader.")
+@options.allow_pickle
 @click.option("--revision", default=None, help="Hub revision of the base.")
-@click.option(
-    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here."
-)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (warnings still go to stderr).")
+@options.json_report
+@options.quiet("No progress bar and no summary (warnings still go to stderr).")
 def merge_cmd(
     base: str,
     adapters: tuple[str, ...],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path
 from fourier_convert.errors import OnnxValidationError, UsageError
 from fourier_convert.merge import AdapterSpec
@@ -51,18 +52,16 @@ def _write_json(path: Path | None, report: OnnxReport) -> None:
 @click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-4 float32, 1e-2 float16].")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance [default: 1e-3].")
 @click.option("--keep-failed", is_flag=True, help="Keep a failed export at <out>.failed for inspection.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new export has passed.")
+@options.overwrite("Replace a non-empty --out once the new export has passed.")
 @click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Weights in model.onnx.data [default: when they exceed 1 GiB].",
 )
-@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin through torch's weights-only loader.")
+@options.allow_pickle
 @click.option("--revision", default=None, help="Hub revision of --base / --model.")
-@click.option(
-    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here."
-)
-@click.option("--quiet", "-q", is_flag=True, help="No summary (warnings and failures still go to stderr).")
+@options.json_report
+@options.quiet("No summary (warnings and failures still go to stderr).")
 def to_onnx_cmd(
     base: str | None,
     adapters: tuple[str, ...],
