@@ -171,9 +171,13 @@ def test_roberta_bias_all_optimized(tmp_path: Path) -> None:
     assert report.optimized is not None and report.optimized.startswith(
         "--optimize: onnxruntime optimiser (bert, CPU): "
     )
-    assert "SkipLayerNormalization" in report.optimized
+    # which fusions apply depends on the onnxruntime version (1.32: SkipLayerNormalization; 1.30 on the GPU host:
+    # LayerNormalization and BiasGelu only); some must, and validation must have run on the fused graph
+    fused = {"SkipLayerNormalization", "LayerNormalization", "BiasGelu", "FastGelu", "Attention"}
+    named = {op for op in fused if f"{op} x" in report.optimized}
+    assert named
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert "SkipLayerNormalization" in ops  # validation ran on the optimised graph
+    assert named <= ops  # the published (and validated) graph is the optimised one
     ids = torch.tensor([[0, 40, 41, 42, 2, 1, 1], [0, 50, 51, 52, 53, 54, 2]])
     mask = (ids != 1).long()
     got = _session(out).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
