@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from fourier_convert.errors import FourierConvertError, UsageError
-from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, StoredTensor, parse_settings
+from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, extra_tensor_keys, parse_settings
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
-from fourier_convert.io.dtypes import st_dtype
 from fourier_convert.io.lora_adapter import LoraAdapterIn, read_lora_adapter
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.project import Projection, project_lowrank
@@ -189,20 +188,20 @@ def from_lora(
         values32 = torch.from_numpy(fit.values).float()
         key = f"{KEY_PREFIX}{module}.fourierft_spectrum"
         tensors[key] = values32
-        spectra[module] = Spectrum(module, values32.double().numpy(), "F32", key)
+        # checked against the base under the input's key, so that a mismatch names a tensor the user has
+        spectra[module] = Spectrum(module, values32.double().numpy(), "F32", f"{KEY_PREFIX}{module}.lora_A.weight")
         layers.append(_layer_report(module, (m, n_in), mod.rank, n, fit))
         if fit.retained < LOW_ENERGY:
             warnings.append(
                 f"{module}: n={n} keeps {fit.retained:.1%} of the LoRA delta's energy "
                 f"(every frequency would keep {fit.ceiling:.1%})"
             )
-    biases = _carry_biases(lora, tensors)
-    for clean, t in lora.head_tensors.items():
-        tensors[f"{KEY_PREFIX}{clean}"] = t.load()
+    extras = extra_tensor_keys(lora.biases, lora.head_tensors, lora.modules)
+    tensors.update({key: t.load() for key, t in extras.items()})
 
     if ckpt is not None:
         out_adapter = FourierFTAdapter(
-            lora.folder, f"{lora.label} (converted)", settings, spectra, biases, dict(lora.head_tensors), []
+            lora.folder, lora.label, settings, spectra, dict(lora.biases), dict(lora.head_tensors), []
         )
         plan = plan_with_orientation(ckpt, [out_adapter])  # the output must fit the base as merge would use it
         conv1d = any(layer.conv1d for layer in plan.layers)
@@ -260,17 +259,6 @@ def _fourier_config(
         "init_weights": False,
         "inference_mode": True,
     }
-
-
-def _carry_biases(lora: LoraAdapterIn, tensors: dict[str, torch.Tensor]) -> dict[str, StoredTensor]:
-    carried: dict[str, StoredTensor] = {}
-    for clean, t in lora.biases.items():
-        module = clean[: -len(".bias")]
-        value = t.load()
-        key = f"{KEY_PREFIX}{module}.base_layer.bias" if module in lora.modules else f"{KEY_PREFIX}{clean}"
-        tensors[key] = value
-        carried[clean] = StoredTensor(key, st_dtype(value.dtype), tuple(value.shape), value=value)
-    return carried
 
 
 def _layer_report(module: str, shape: tuple[int, int], rank: int, n: int, fit: Projection) -> FromLoraLayerReport:

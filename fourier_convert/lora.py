@@ -24,7 +24,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fourier_convert.errors import UsageError
-from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, read_adapter
+from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, extra_tensor_keys, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import open_checkpoint
 from fourier_convert.maths.indices import IndexCache
@@ -225,12 +225,8 @@ def to_lora(
             "raise the rank or the budget",
         )
     if not dropped:
-        for clean, t in fourier.biases.items():
-            module = clean[: -len(".bias")]
-            key = f"{KEY_PREFIX}{module}.base_layer.bias" if module in fourier.spectra else f"{KEY_PREFIX}{clean}"
-            tensors[key] = t.load()
-        for clean, t in fourier.head_tensors.items():
-            tensors[f"{KEY_PREFIX}{clean}"] = t.load()
+        extras = extra_tensor_keys(fourier.biases, fourier.head_tensors, fourier.spectra)
+        tensors.update({key: t.load() for key, t in extras.items()})
     else:
         warnings.append(
             f"{len(dropped)} trained tensor(s) the {target} target cannot carry were left out (first: {dropped[0]}): "

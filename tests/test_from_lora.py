@@ -314,3 +314,14 @@ def test_cli_from_lora_writes_a_loadable_adapter_and_json(tmp_path: Path) -> Non
     again = CliRunner().invoke(cli, [*args, "--out", str(out)])
     assert again.exit_code == 1
     assert again.stderr == f"error: {out}: exists and is not empty; choose another --out or pass --overwrite\n"
+
+
+def test_wrong_base_names_the_lora_key(tmp_path: Path) -> None:
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj"])
+    with pytest.raises(fc.BaseMismatchError) as info:
+        from_lora(src, base=FIXTURES / "gpt2" / "base")
+    assert str(info.value) == (
+        f"{src}: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight: module "
+        "'model.layers.0.self_attn.q_proj' has no weight in the base checkpoint; is this the base model the adapter "
+        "was trained on?"
+    )

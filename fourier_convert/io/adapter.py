@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -324,6 +324,36 @@ class TensorGroups:
     method: dict[str, StoredTensor]
     biases: dict[str, StoredTensor]
     heads: dict[str, StoredTensor]
+
+
+def extra_tensor_keys(
+    biases: dict[str, StoredTensor], heads: dict[str, StoredTensor], adapted: Collection[str]
+) -> dict[str, StoredTensor]:
+    """The PEFT keys under which trained biases and ``modules_to_save`` tensors are saved in another adapter.
+
+    An adapted module's bias is ``<module>.base_layer.bias`` (the layer is wrapped); any other bias and every
+    head tensor keep their path; all get the ``base_model.model.`` prefix.
+
+    Args:
+        biases: Clean ``<module>.bias`` -> trained bias.
+        heads: Clean key -> head tensor.
+        adapted: The adapted modules (clean paths).
+
+    Returns:
+        PEFT key -> tensor, biases first.
+
+    Example:
+        >>> t = StoredTensor("k", "F32", (2,))
+        >>> sorted(extra_tensor_keys({"a.bias": t, "b.bias": t}, {"head.weight": t}, {"a"}))
+        ['base_model.model.a.base_layer.bias', 'base_model.model.b.bias', 'base_model.model.head.weight']
+    """
+    out: dict[str, StoredTensor] = {}
+    for clean, t in biases.items():
+        module = clean[: -len(".bias")]
+        out[f"{KEY_PREFIX}{module}.base_layer.bias" if module in adapted else f"{KEY_PREFIX}{clean}"] = t
+    for clean, t in heads.items():
+        out[f"{KEY_PREFIX}{clean}"] = t
+    return out
 
 
 def classify_tensors(
