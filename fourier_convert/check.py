@@ -22,7 +22,7 @@ import torch
 from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import KEY_PREFIX, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
-from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
+from fourier_convert.io.checkpoint import BaseCheckpoint, open_adapter_base
 from fourier_convert.io.lora_adapter import parse_lora_settings
 from fourier_convert.io.safetensors_file import read_torch
 from fourier_convert.maths.delta import delta_weights
@@ -126,10 +126,7 @@ def check_lora_outputs(
     if samples < 1:
         raise UsageError("--check", f"{samples} samples requested", "use at least 1")
     fourier = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
-    base_spec = base if base is not None else fourier.settings.base_model_name_or_path
-    if not base_spec:
-        raise UsageError("--base", "not given and the adapter names no base_model_name_or_path", "pass --base")
-    ckpt = open_checkpoint(base_spec)
+    ckpt = open_adapter_base(base, fourier.settings.base_model_name_or_path)
     plan = plan_with_orientation(ckpt, [fourier])
     settings = parse_lora_settings(lora.config, Path("adapter_config.json (converted)"))
     rng = np.random.default_rng(seed)

@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, extra_tensor_keys, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
-from fourier_convert.io.checkpoint import open_checkpoint
+from fourier_convert.io.checkpoint import open_adapter_base
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.ranks import VLLM_RANKS, allocate_budget, choose_rank
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
@@ -177,10 +177,7 @@ def to_lora(
         rank = 8
     fourier = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     dropped = _extras(fourier, target, drop_extras)
-    base_spec = base if base is not None else fourier.settings.base_model_name_or_path
-    if not base_spec:
-        raise UsageError("--base", "not given and the adapter names no base_model_name_or_path", "pass --base")
-    ckpt = open_checkpoint(base_spec)
+    ckpt = open_adapter_base(base, fourier.settings.base_model_name_or_path)
     plan = plan_with_orientation(ckpt, [fourier])
 
     cache = IndexCache()

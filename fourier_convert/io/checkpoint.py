@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fourier_convert.errors import InputFileError
+from fourier_convert.errors import InputFileError, UsageError
 from fourier_convert.io.adapter import load_json
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
@@ -134,3 +134,20 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
         and p.name not in _WEIGHT_INDEXES
     )
     return BaseCheckpoint(folder, config, shards, tensors, index_metadata, aux)
+
+
+def open_adapter_base(base: str | Path | None, named_by_adapter: str | None) -> BaseCheckpoint:
+    """The base to convert against: ``base`` when given, else the adapter's ``base_model_name_or_path``.
+
+    Raises:
+        UsageError: Neither is there.
+        FourierConvertError: The base cannot be opened (as :func:`open_checkpoint`).
+
+    Example:
+        >>> open_adapter_base(None, "fixtures/llama/base").folder.name  # doctest: +SKIP
+        'base'
+    """
+    spec = base if base is not None else named_by_adapter
+    if not spec:
+        raise UsageError("--base", "not given and the adapter names no base_model_name_or_path", "pass --base")
+    return open_checkpoint(spec)
