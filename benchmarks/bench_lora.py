@@ -107,14 +107,12 @@ class CallInputs:
 # --------------------------------------------------------------------------------------------------------
 # Timed library calls (run inside the ``_call`` worker) and CLI stages
 # --------------------------------------------------------------------------------------------------------
-def call_to_lora(inputs: CallInputs) -> dict[str, float]:
-    """``fc.to_lora(rank=8)`` and ``.save()``, timed separately."""
-    import fourier_convert as fc
-
+def _timed_conversion(convert: Callable[[], tuple[Any, Any]], out: Path) -> dict[str, float]:
+    """Time ``convert()`` (returning an adapter with ``.save`` and a report) and the save, separately."""
     t0 = time.perf_counter()
-    lora, report = fc.to_lora(inputs.adapter, base=inputs.base, rank=RANK)
+    files, report = convert()
     t1 = time.perf_counter()
-    lora.save(inputs.out)
+    files.save(out)
     t2 = time.perf_counter()
     return {
         "call_s": t2 - t0,
@@ -123,6 +121,13 @@ def call_to_lora(inputs: CallInputs) -> dict[str, float]:
         "retained_energy": report.retained_energy,
         "layers": len(report.layers),
     }
+
+
+def call_to_lora(inputs: CallInputs) -> dict[str, float]:
+    """``fc.to_lora(rank=8)`` and ``.save()``, timed separately."""
+    import fourier_convert as fc
+
+    return _timed_conversion(lambda: fc.to_lora(inputs.adapter, base=inputs.base, rank=RANK), inputs.out)
 
 
 FROM_LORA_RANK = 16  # from-lora is timed on a rank-16 LoRA of the benchmark adapter
@@ -133,18 +138,7 @@ def call_from_lora(inputs: CallInputs) -> dict[str, float]:
     import fourier_convert as fc
 
     src = inputs.work / f"lora-r{FROM_LORA_RANK}"
-    t0 = time.perf_counter()
-    fft, report = fc.from_lora(src, base=inputs.base, n_frequency=1000, scaling=150.0)
-    t1 = time.perf_counter()
-    fft.save(inputs.out)
-    t2 = time.perf_counter()
-    return {
-        "call_s": t2 - t0,
-        "convert_s": t1 - t0,
-        "save_s": t2 - t1,
-        "retained_energy": report.retained_energy,
-        "layers": len(report.layers),
-    }
+    return _timed_conversion(lambda: fc.from_lora(src, base=inputs.base, n_frequency=1000, scaling=150.0), inputs.out)
 
 
 #: Library calls timed in a worker process: stage name -> function doing the work (see module docstring).
