@@ -66,7 +66,7 @@ def write_copy(ckpt: BaseCheckpoint, dest: Path, dtype: torch.dtype) -> Path:
         for shard in ckpt.shards
     ]
     layouts = layout_shards(groups)
-    with CheckpointWriter(dest) as writer:
+    with CheckpointWriter(dest, durable=False) as writer:  # scratch, loaded at once and deleted: no fsync
         writer.begin(layouts, extra_bytes=sum(p.stat().st_size for p in ckpt.aux_files))
         for layout in layouts:
             for spec in layout.specs:
