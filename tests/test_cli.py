@@ -490,6 +490,26 @@ def test_console_entry_exit_codes_and_tracebacks(tmp_path: Path) -> None:
 
 
 # -- interruption ---------------------------------------------------------------------------------
+@pytest.fixture
+def slow(tmp_path: Path) -> tuple[Path, Path]:
+    """A base of six 4096 x 2048 float32 layers (192 MB) and a FourierFT adapter on all of them: a merge that
+    takes seconds, so that a signal reliably arrives mid-write (the tiny fixtures merge in milliseconds)."""
+    from safetensors.torch import save_file
+
+    base, adapter = tmp_path / "slow" / "base", tmp_path / "slow" / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    save_file(
+        {f"layers.{i}.q.weight": torch.randn(4096, 2048, generator=gen) for i in range(6)}, base / "model.safetensors"
+    )
+    spectra = {f"base_model.model.layers.{i}.q.fourierft_spectrum": torch.randn(100, generator=gen) for i in range(6)}
+    save_file(spectra, adapter / "adapter_model.safetensors")
+    config = {"peft_type": "FOURIERFT", "n_frequency": 100, "scaling": 150.0, "target_modules": ["q"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return base, adapter
+
+
 def _start_and_wait_for_partial(base: Path, adapter: Path, out: Path) -> tuple[subprocess.Popen[str], Path]:
     p = run_module("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu")
     deadline = time.monotonic() + 30
@@ -505,23 +525,23 @@ def _start_and_wait_for_partial(base: Path, adapter: Path, out: Path) -> tuple[s
     pytest.fail(f"no partial folder appeared (exit {p.returncode}): {stdout} {stderr}")
 
 
-def test_sigkill_mid_merge_publishes_nothing_and_keeps_inputs(llama: tuple[Path, Path], tmp_path: Path) -> None:
-    base, adapter = llama
-    before = tree_hash(tmp_path / "llama")
+def test_sigkill_mid_merge_publishes_nothing_and_keeps_inputs(slow: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = slow
+    before = tree_hash(tmp_path / "slow")
     out = tmp_path / "merged"
     p, _partial = _start_and_wait_for_partial(base, adapter, out)
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
     assert not out.exists()
-    assert tree_hash(tmp_path / "llama") == before
+    assert tree_hash(tmp_path / "slow") == before
     # only the hidden temp folder may remain after a SIGKILL (nothing can clean it up)
-    assert {p.name for p in tmp_path.iterdir()} - {"llama"} <= {x.name for x in partials(tmp_path)}
+    assert {p.name for p in tmp_path.iterdir()} - {"slow"} <= {x.name for x in partials(tmp_path)}
 
 
-def test_sigint_mid_merge_cleans_up_and_exits_130(llama: tuple[Path, Path], tmp_path: Path) -> None:
-    base, adapter = llama
-    before = tree_hash(tmp_path / "llama")
+def test_sigint_mid_merge_cleans_up_and_exits_130(slow: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = slow
+    before = tree_hash(tmp_path / "slow")
     out = tmp_path / "merged"
     p, partial = _start_and_wait_for_partial(base, adapter, out)
     p.send_signal(signal.SIGINT)
@@ -531,8 +551,8 @@ def test_sigint_mid_merge_cleans_up_and_exits_130(llama: tuple[Path, Path], tmp_
     assert "Traceback" not in stdout
     assert not out.exists()
     assert not partial.exists() and partials(tmp_path) == []
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["llama"]
-    assert tree_hash(tmp_path / "llama") == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["slow"]
+    assert tree_hash(tmp_path / "slow") == before
 
 
 # -- bugs -----------------------------------------------------------------------------------------
@@ -568,7 +588,8 @@ def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     assert proc.stdout.startswith("adapter:") and proc.stderr == ""
 
 
-def test_sigterm_publishes_nothing(tmp_path: Path) -> None:
+def test_sigterm_publishes_nothing(slow: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = slow
     out = tmp_path / "merged"
     cmd = [
         sys.executable,
@@ -576,9 +597,9 @@ def test_sigterm_publishes_nothing(tmp_path: Path) -> None:
         "fourier_convert",
         "merge",
         "--base",
-        str(FIXTURES / "llama" / "base"),
+        str(base),
         "--adapter",
-        str(FIXTURES / "llama" / "adapter"),
+        str(adapter),
         "--out",
         str(out),
         "--device",
