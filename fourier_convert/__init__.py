@@ -29,6 +29,7 @@ from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
 from fourier_convert.merge import AdapterSpec, merge
+from fourier_convert.merge_memory import MergedState, merge_in_memory
 from fourier_convert.onnx import OnnxReport, export_onnx
 from fourier_convert.report import LayerReport, MergeReport
 
@@ -48,6 +49,7 @@ __all__ = [
     "LoraAdapter",
     "LoraReport",
     "MergeReport",
+    "MergedState",
     "OnnxReport",
     "OnnxValidationError",
     "OutputCheck",
@@ -61,6 +63,7 @@ __all__ = [
     "from_lora",
     "inspect_adapter",
     "merge",
+    "merge_in_memory",
     "read_adapter",
     "to_lora",
 ]

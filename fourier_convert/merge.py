@@ -9,30 +9,22 @@ round once, and publish the folder only when every tensor is in place.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import queue
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
 from fourier_convert import __version__
-from fourier_convert.errors import UsageError, VerificationError
+from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
-from fourier_convert.io.dtypes import parse_user_dtype, torch_dtype
+from fourier_convert.io.dtypes import parse_user_dtype
 from fourier_convert.io.progress import ByteProgress
-from fourier_convert.io.safetensors_file import read_torch
 from fourier_convert.io.writer import (
     CheckpointWriter,
     RangeCopy,
@@ -44,61 +36,25 @@ from fourier_convert.io.writer import (
     plan_groups,
     refuse_input_as_output,
 )
-from fourier_convert.maths.delta import DeltaCheck, check_delta, delta_weights, delta_weights_numpy
-from fourier_convert.maths.indices import IndexCache
-from fourier_convert.plan import (
-    LayerPlan,
-    MergePlan,
-    OutputTensor,
-    build_plan,
-    guess_orientation,
-    resolve_names,
-    set_orientation,
+from fourier_convert.merge_core import (
+    AdapterSpec,
+    TensorSink,
+    adapter_specs,
+    change_row,
+    config_json,
+    converted_value,
+    layer_stub,
+    merge_layers,
+    resolve_device,
+    torch_threads,
 )
-from fourier_convert.report import LayerReport, MergeReport
+from fourier_convert.plan import MergePlan, build_plan, guess_orientation, resolve_names, set_orientation
+from fourier_convert.report import MergeReport
 from fourier_convert.skeleton import Skeleton, SkeletonJob, build_skeleton, scan_linear_only
 
+__all__ = ["PROVENANCE_NAME", "AdapterSpec", "merge", "parse_size", "resolve_device"]
+
 PROVENANCE_NAME = "fourier_convert.json"
-#: Upper bound on the working set of one batch of equal-shape deltas, per device type. Batching pays on a
-#: GPU (fewer, larger kernels); on a CPU it only raises peak memory, so one layer at a time.
-BATCH_BYTES = {"cpu": 0, "cuda": 2 * 1024**3}
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One adapter to merge: where it is, which named sub-adapter, and the weight of its delta."""
-
-    path: str
-    subfolder: str | None = None
-    weight: float = 1.0
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available else ``cpu``; validate explicit devices.
-
-    Raises:
-        UsageError: CUDA requested but not available, or an unknown device string.
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError("--device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device", f"{device} requested but no CUDA GPU is available", "use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(
-                "--device", f"{device} requested but only {torch.cuda.device_count()} GPU(s) exist", "pick another"
-            )
-    elif dev.type != "cpu":
-        raise UsageError("--device", f"unsupported device {device!r}", "use auto, cpu, cuda or cuda:N")
-    return dev
 
 
 def parse_size(text: str) -> int:
@@ -198,10 +154,7 @@ def merge(
         warm = threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": dev}, daemon=True)
         warm.start()
     check_output_target(Path(out), overwrite)
-    specs = _adapter_specs(adapter)
-    for s in specs:
-        if not math.isfinite(s.weight):
-            raise UsageError("--weight", f"{s.weight} is not a finite number", "pass a multiplier such as 1.0 or 0.5")
+    specs = adapter_specs(adapter)
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
     ckpt = open_checkpoint(base, revision=revision)
     refuse_input_as_output(Path(out), [ckpt.folder] + [a.folder for a in adapters])
@@ -239,8 +192,8 @@ def merge(
         if job is not None:
             skeleton, why = job.result()
         set_orientation(plan, skeleton, adapters, why)
-        report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
-        report.layers = [_layer_stub(layer) for layer in plan.layers]
+        report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
+        report.layers = [layer_stub(layer) for layer in plan.layers]
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -251,7 +204,7 @@ def merge(
     bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
     with (
         CheckpointWriter(Path(out), overwrite=overwrite, progress=bar, durable=durable) as writer,
-        _torch_threads(threads),
+        torch_threads(threads),
     ):
         _write_output(writer, report, ckpt, adapters, plan, layouts, (skeleton, why, job), dev, compute, t0)
     bar.close()
@@ -290,7 +243,7 @@ def _write_output(
     else:
         guess_orientation(plan, adapters)
     t1 = time.perf_counter()
-    done, report.fallbacks = _merge_layers(plan.layers, plan, writer, where, dev, compute)
+    done, report.fallbacks = merge_layers(plan.layers, plan, _sink(writer, where), dev, compute)
     report.timings["deltas_and_merge"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     if job is not None:
@@ -298,17 +251,17 @@ def _write_output(
         skeleton, why = job.result()
         flipped = set_orientation(plan, skeleton, adapters, why)
         if flipped:
-            redone, more = _merge_layers(flipped, plan, writer, where, dev, compute)
+            redone, more = merge_layers(flipped, plan, _sink(writer, where), dev, compute)
             done.update(redone)
             report.fallbacks += more
         for layer in plan.layers:
             done[layer.key].orientation = layer.orientation_source
     report.timings["skeleton_wait"] = time.perf_counter() - t1
     report.layers = [done[layer.key] for layer in plan.layers]
-    report.changes = [_change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
+    report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
     for o in plan.outputs:
         if o.raw_source is None and o.kind != "merge":
-            _write_converted(o, writer, where)
+            _sink(writer, where)(o.name, converted_value(o))
     _write_small_files(writer, ckpt, plan)
     t1 = time.perf_counter()
     writer.wait()
@@ -318,23 +271,6 @@ def _write_output(
     t1 = time.perf_counter()
     writer.commit(index_metadata=ckpt.index_metadata)
     report.timings["fsync_and_publish"] = time.perf_counter() - t1
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads if threads else max(1, (os.cpu_count() or 2) - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _adapter_specs(adapter: Any) -> list[AdapterSpec]:
-    items = adapter if isinstance(adapter, (list, tuple)) else [adapter]
-    if not items:
-        raise UsageError("--adapter", "no adapter given", "pass at least one --adapter")
-    return [a if isinstance(a, AdapterSpec) else AdapterSpec(str(a)) for a in items]
 
 
 def _layouts(ckpt: BaseCheckpoint, plan: MergePlan, shard_bytes: int | None) -> list[ShardLayout]:
@@ -361,195 +297,11 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy().data)
 
 
-def _write_converted(o: OutputTensor, writer: CheckpointWriter, where: dict[str, ShardLayout]) -> None:
-    if o.replacement is not None:
-        value = o.replacement.load()
-    else:
-        assert o.base is not None
-        value = read_torch(o.base)
-    writer.write_tensor(where[o.name].filename, o.name, _tensor_bytes(value.to(torch_dtype(o.dtype))))
+def _sink(writer: CheckpointWriter, where: dict[str, ShardLayout]) -> TensorSink:
+    def put(name: str, value: torch.Tensor) -> None:
+        writer.write_tensor(where[name].filename, name, _tensor_bytes(value))
 
-
-def _change_row(o: OutputTensor, adapters: list[FourierFTAdapter]) -> dict[str, Any]:
-    if o.layer is not None:
-        parts = [
-            f"{'delta^T (Conv1D)' if o.layer.conv1d else 'delta'} of {adapters[c.adapter_index].label} "
-            f"(n={c.spectrum.n}, scaling={c.scaling:g})"
-            for c in o.layer.contributions
-        ]
-        how = "base + " + " + ".join(parts)
-    elif o.replacement is not None:
-        how = f"{o.replacement.key} ({o.replacement.dtype})"
-    else:
-        how = f"cast from {o.base.dtype if o.base else '?'}"
-    return {"name": o.name, "action": o.kind, "dtype": o.dtype, "shape": list(o.shape), "bytes": o.nbytes, "how": how}
-
-
-def _layer_stub(layer: LayerPlan) -> LayerReport:
-    return LayerReport(
-        layer.module,
-        layer.key,
-        layer.delta_shape,
-        layer.conv1d,
-        layer.orientation_source,
-        [c.spectrum.n for c in layer.contributions],
-    )
-
-
-def _merge_layers(
-    layers: list[LayerPlan],
-    plan: MergePlan,
-    writer: CheckpointWriter,
-    where: dict[str, ShardLayout],
-    dev: torch.device,
-    compute: torch.dtype,
-) -> tuple[dict[str, LayerReport], list[str]]:
-    """Rebuild, check, add and write ``layers``; returns each layer's report by key, and fallbacks used."""
-    cache = IndexCache()
-    for layer in layers:
-        m, n = layer.delta_shape
-        for c in layer.contributions:
-            cache.reserve(m, n, c.seed, c.spectrum.n)
-    cache.prefetch()
-    by_shape: dict[tuple[int, int], list[LayerPlan]] = defaultdict(list)
-    for layer in layers:
-        by_shape[layer.delta_shape].append(layer)
-    chunks: list[list[LayerPlan]] = []
-    for (m, n), group in by_shape.items():
-        per_batch = max(1, BATCH_BYTES.get(dev.type, 0) // (m * n * 4 * (3 if compute == torch.float32 else 6)))
-        chunks += [group[start : start + per_batch] for start in range(0, len(group), per_batch)]
-    outputs = {o.name: o for o in plan.outputs}
-    reports: dict[str, LayerReport] = {}
-    fallbacks: list[str] = []
-    rng = np.random.default_rng(0)
-
-    def rebuilt() -> Iterator[tuple[list[LayerPlan], dict[str, list[torch.Tensor]], dict[str, list[Any]]]]:
-        for chunk in chunks:
-            deltas, checks = _chunk_deltas(chunk, cache, dev, compute, rng, fallbacks)
-            yield chunk, deltas, checks
-
-    # Deltas of the next chunk are rebuilt and checked in a worker thread while this thread reads, adds and
-    # writes the current one (the FFTs and the I/O release the GIL): on two cores this nearly halves the time.
-    for chunk, deltas, checks in _ahead(rebuilt()):
-        for layer in chunk:
-            o = outputs[layer.key]
-            base = read_torch(layer.weight)
-            acc_dtype = torch.float64 if torch.float64 in (compute, base.dtype) else torch.float32
-            total = base.to(device=dev, dtype=acc_dtype)  # widen once, then add every delta in place
-            for d in deltas[layer.key]:
-                total.add_(d.T if layer.conv1d else d)
-            writer.write_tensor(where[o.name].filename, o.name, _tensor_bytes(total.to(torch_dtype(o.dtype))))
-            worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
-            rep = _layer_stub(layer)
-            rep.backend, rep.checked_entries = worst[0], worst[1].entries
-            rep.max_abs_error, rep.tolerance = worst[1].max_abs_error, worst[1].tolerance
-            parts = deltas[layer.key]
-            summed = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-            rep.delta_norm = float(torch.linalg.vector_norm(summed).item())
-            reports[layer.key] = rep
-        del deltas
-    return reports, fallbacks
-
-
-_T = TypeVar("_T")
-
-
-def _ahead(items: Iterator[_T]) -> Iterator[_T]:
-    """Run ``items`` one element ahead in a daemon thread; errors (and their types) reach the consumer."""
-    slot: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                slot.put((True, item))
-            slot.put((False, None))
-        except BaseException as exc:  # handed to the consumer, which raises it
-            slot.put((False, exc))
-
-    worker = threading.Thread(target=run, name="fourier-convert-deltas", daemon=True)
-    worker.start()
-    try:
-        while True:
-            ok, value = slot.get()
-            if not ok:
-                if value is not None:
-                    raise value
-                return
-            yield value
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            slot.get_nowait()  # let a worker blocked on a full slot see the stop flag
-
-
-def _chunk_deltas(
-    chunk: list[LayerPlan],
-    cache: IndexCache,
-    dev: torch.device,
-    compute: torch.dtype,
-    rng: np.random.Generator,
-    fallbacks: list[str],
-) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[tuple[str, DeltaCheck]]]]:
-    """Rebuild every contribution of a chunk of equal-shape layers, batched per (seed, n, scaling)."""
-    m, n = chunk[0].delta_shape
-    jobs: dict[tuple[int, int, float], list[tuple[LayerPlan, int]]] = defaultdict(list)
-    for layer in chunk:
-        for j, c in enumerate(layer.contributions):
-            jobs[(c.seed, c.spectrum.n, c.scaling)].append((layer, j))
-    deltas: dict[str, list[torch.Tensor]] = {layer.key: [] for layer in chunk}
-    checks: dict[str, list[tuple[str, DeltaCheck]]] = {layer.key: [] for layer in chunk}
-    backend = f"torch-{dev}" if compute == torch.float32 else f"torch-{dev}-float64"
-    for (seed, k, scaling), members in jobs.items():
-        idx = cache.get(m, n, seed, k)
-        idx_np = idx.numpy()
-        spectra = torch.from_numpy(np.stack([layer.contributions[j].spectrum.values for layer, j in members]))
-        batch = delta_weights(spectra, idx, m, n, scaling, dtype=compute, device=dev)
-        for b, (layer, j) in enumerate(members):
-            values = layer.contributions[j].spectrum.values
-            d = batch[b]
-            result = check_delta(d, values, idx_np, scaling, rng=rng)
-            used = backend
-            if not result.passed:
-                d, used, result = _fallback(layer, values, idx, m, n, scaling, rng, result)
-                fallbacks.append(f"{layer.module}: {backend} failed its check; used {used}")
-            deltas[layer.key].append(d)
-            checks[layer.key].append((used, result))
-    return deltas, checks
-
-
-def _fallback(
-    layer: LayerPlan,
-    values: np.ndarray,
-    idx: torch.Tensor,
-    m: int,
-    n: int,
-    scaling: float,
-    rng: np.random.Generator,
-    first: DeltaCheck,
-) -> tuple[torch.Tensor, str, DeltaCheck]:
-    """Recompute a delta that failed its check: single-threaded torch float64, then numpy float64."""
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        d = delta_weights(torch.from_numpy(values), idx, m, n, scaling, dtype=torch.float64, device="cpu")
-    finally:
-        torch.set_num_threads(threads)
-    result = check_delta(d, values, idx.numpy(), scaling, rng=rng)
-    if result.passed:
-        return d, "torch-cpu-float64-1thread", result
-    d = torch.from_numpy(delta_weights_numpy(values, idx.numpy(), m, n, scaling))
-    result = check_delta(d, values, idx.numpy(), scaling, rng=rng)
-    if result.passed:
-        return d, "numpy-float64", result
-    raise VerificationError(
-        layer.key,
-        f"reconstructed delta differs from the float64 closed form by {first.max_abs_error:.3e} "
-        f"(tolerance {first.tolerance:.3e}) on every backend; nothing was written",
-        "report this with the layer shape and your torch version",
-    )
+    return put
 
 
 def _write_small_files(writer: CheckpointWriter, ckpt: BaseCheckpoint, plan: MergePlan) -> None:
@@ -558,7 +310,7 @@ def _write_small_files(writer: CheckpointWriter, ckpt: BaseCheckpoint, plan: Mer
             continue
         writer.copy_file(path)
     if plan.config_changed and plan.config is not None:
-        writer.write_file("config.json", (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())
+        writer.write_file("config.json", config_json(plan.config))
 
 
 def _sha256(path: Path) -> str:

@@ -473,11 +473,18 @@ def set_orientation(
     return flipped
 
 
-def plan_with_orientation(ckpt: BaseCheckpoint, adapters: Sequence[FourierFTAdapter]) -> MergePlan:
+def plan_with_orientation(
+    ckpt: BaseCheckpoint,
+    adapters: Sequence[FourierFTAdapter],
+    *,
+    weights: Sequence[float] | None = None,
+    out_dtype: str | None = None,
+) -> MergePlan:
     """Validate and plan ``adapters`` against ``ckpt`` with every layer's orientation decided.
 
-    For callers that need shapes and module types before doing anything (``inspect``, ``to-lora``): the
-    model skeleton is built at once (``merge`` builds it in the background instead).
+    For callers that need shapes and module types before doing anything (``inspect``, ``to-lora``,
+    ``merge_in_memory``): the model skeleton is built at once (``merge`` builds it in the background
+    instead). ``weights`` and ``out_dtype`` are passed to :func:`build_plan`.
 
     Example:
         >>> plan = plan_with_orientation(open_checkpoint("fixtures/gpt2/base"), [adapter])  # doctest: +SKIP
@@ -492,6 +499,6 @@ def plan_with_orientation(ckpt: BaseCheckpoint, adapters: Sequence[FourierFTAdap
             skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
         if missing:
             names, missing = resolve_names(ckpt, adapters, skeleton)
-    plan = build_plan(ckpt, adapters, names)
+    plan = build_plan(ckpt, adapters, names, weights=weights, out_dtype=out_dtype)
     set_orientation(plan, skeleton, adapters, why)
     return plan

@@ -1,9 +1,8 @@
 """to-onnx building blocks without an export: tasks, inputs, comparisons, the PEFT-free unmerged adapter
-(against PEFT), dtype staging, and argument errors raised before any work."""
+(against PEFT), loading in another dtype from memory, and argument errors raised before any work."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,9 @@ from fourier_convert.maths import spectral_indices
 from fourier_convert.maths.delta import delta_apply
 from fourier_convert.onnx.compare import compare_outputs
 from fourier_convert.onnx.inputs import Case, export_case, make_inputs, row_lengths, validation_cases
-from fourier_convert.onnx.models import load_task_model
+from fourier_convert.onnx.models import load_checkpoint_model, load_task_model, stored_in
 from fourier_convert.onnx.proof import apply_unmerged
 from fourier_convert.onnx.signature import FlatModel, Signature, describe
-from fourier_convert.onnx.staging import needs_copy, write_copy
 from fourier_convert.onnx.tasks import infer_task
 from tests.conftest import FIXTURES
 from tests.reference import reference_delta
@@ -183,10 +181,17 @@ def test_unmerged_adapter_equals_peft(name: str, tmp_path: Path) -> None:
     assert done.checked > 5 and not done.mismatched and not done.unchecked
     if name in ("roberta", "bert_head"):
         assert {"classifier.out_proj.weight", "classifier.weight"} & set(done.replaced)
-    done.remove()
+    modules = dict(unmerged.named_modules())
+    hooked = {id(modules[name].weight) for name in done.hooked}
+    swapped = [(p, data) for p, data in done.saved if id(p) in hooked]
+    assert swapped and all(not torch.equal(p.data, data) for p, data in swapped), "base weights must be in place"
+    done.restore()
     with torch.no_grad():
-        without_hooks = FlatModel(unmerged, sig)(*x)[0]
-    assert not torch.allclose(without_hooks, got, atol=1e-4), "the hooks must carry the delta"
+        restored = FlatModel(unmerged, sig)(*x)[0]
+    assert torch.equal(restored, merged_out), "restore() must give the merged model back, bit for bit"
+    mine, theirs = unmerged.state_dict(), merged.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert not done.handles and not done.saved
 
 
 def test_proof_catches_a_bad_merge(tmp_path: Path) -> None:
@@ -226,24 +231,20 @@ def base_tensor(base: Any, key: str) -> torch.Tensor:
     return read_torch(base.tensors[key])
 
 
-def test_staged_copy_round_trip(tmp_path: Path) -> None:
+def test_load_in_another_dtype_from_memory() -> None:
+    """A checkpoint not stored in the export dtype is converted tensor by tensor in memory and handed to
+    transformers: the same parameters as transformers' own conversion on load, and no file written."""
     ckpt = open_checkpoint(FIXTURES / "llama" / "base")
-    assert not needs_copy(ckpt, torch.float32) and needs_copy(ckpt, torch.float16)
-    out = write_copy(ckpt, tmp_path / "f16", torch.float16)
-    copy = open_checkpoint(out)
-    assert len(copy.shards) == len(ckpt.shards) == 3
-    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
-    from safetensors.torch import load_file
-
-    before = {
-        k: v for f in sorted((FIXTURES / "llama" / "base").glob("*.safetensors")) for k, v in load_file(f).items()
-    }
-    after = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        assert after[key].dtype == torch.float16
-        assert torch.equal(after[key], value.to(torch.float16)), key
+    assert stored_in(ckpt, torch.float32) and not stored_in(ckpt, torch.float16)
+    before = sorted(p.name for p in ckpt.folder.iterdir())
+    mine = load_checkpoint_model(ckpt, "causal-lm", torch.float16)
+    theirs = load_task_model(ckpt.folder, "causal-lm", dtype=torch.float16)
+    assert sorted(p.name for p in ckpt.folder.iterdir()) == before
+    a, b = mine.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert next(mine.parameters()).dtype == torch.float16
 
 
 def _no_output(out: Path) -> None:

@@ -2,8 +2,8 @@
 
 Modules, one job each: :mod:`.tasks` (task names, inference from ``config.architectures``),
 :mod:`.signature` (graph inputs / outputs of a loaded model, the flat-input wrapper), :mod:`.inputs`
-(example and validation inputs), :mod:`.models` (loading with transformers), :mod:`.staging` (dtype copies
-written tensor by tensor), :mod:`.proof` (base + unmerged adapter without PEFT or FFTs), :mod:`.exporter`
+(example and validation inputs), :mod:`.models` (loading with transformers, from files or from tensors in
+memory), :mod:`.proof` (base + unmerged adapter without PEFT or FFTs), :mod:`.exporter`
 (``torch.onnx.export``, dynamo), :mod:`.runtime` (onnxruntime sessions, providers, optimiser),
 :mod:`.compare` (masked comparisons), :mod:`.validate` (references and onnxruntime runs), :mod:`.quiet`,
 :mod:`.report`, and :mod:`.pipeline` (:func:`export_onnx`, which ties them together).

@@ -4,12 +4,14 @@ in onnxruntime, and publish atomically.
 Order of work, chosen so that peak memory stays near one copy of the weights:
 
 1. Check every argument, the packages, the output folder and free disk space (nothing written yet).
-2. Base + adapter: merge with :func:`fourier_convert.merge` into a scratch folder beside ``out`` (float32).
-3. Merge proof: load the base with the adapter applied unmerged (:mod:`.proof`, no PEFT, no FFT), run it
-   on the validation inputs, free it; load the merged model, run the same inputs, compare.
-4. Reference outputs for validation in PyTorch (eval mode, export dtype) before exporting.
-5. Export into the atomic writer's temporary folder; free the PyTorch model; ``--optimize``.
-6. Validate in onnxruntime at >= 3 shapes unlike the export shape; publish only if every output of every
+2. Base + adapter: merge in memory with the merge core (:func:`fourier_convert.merge_in_memory`, float32);
+   transformers takes the merged tensors as the model's parameters (no copy, nothing written to disk).
+3. Reference outputs in PyTorch (eval mode) on the validation inputs.
+4. Merge proof: the same model turned, in place, into base + unmerged adapter (:mod:`.proof`, no PEFT, no
+   FFT) runs one validation shape and is compared with the references; then it is the merged model again.
+5. float16: the merged tensors are converted and loaded again in float16, and the references recomputed.
+6. Export into the atomic writer's temporary folder; free the PyTorch model; ``--optimize``.
+7. Validate in onnxruntime at >= 3 shapes unlike the export shape; publish only if every output of every
    shape is within tolerance. On failure nothing appears at ``out`` (``keep_failed`` moves the attempt aside).
 """
 
@@ -20,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -36,17 +37,17 @@ from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES
 from fourier_convert.io.writer import CheckpointWriter, check_output_target, refuse_input_as_output
-from fourier_convert.merge import PROVENANCE_NAME, AdapterSpec
-from fourier_convert.merge import merge as merge_checkpoint
+from fourier_convert.merge import PROVENANCE_NAME
+from fourier_convert.merge_core import AdapterSpec, adapter_specs, config_json
+from fourier_convert.merge_memory import MergedState, merge_in_memory
 from fourier_convert.onnx.compare import TOLERANCES
 from fourier_convert.onnx.exporter import MODEL_FILE, export_graph, release_weights
 from fourier_convert.onnx.inputs import export_case, make_inputs
-from fourier_convert.onnx.models import load_task_model
+from fourier_convert.onnx.models import config_from_dict, load_checkpoint_model, load_task_model
 from fourier_convert.onnx.proof import apply_unmerged
 from fourier_convert.onnx.report import REPORT_FILE, OnnxReport
 from fourier_convert.onnx.runtime import check_device, check_providers, optimize_graph, require_packages
 from fourier_convert.onnx.signature import FlatModel, describe
-from fourier_convert.onnx.staging import needs_copy, write_copy
 from fourier_convert.onnx.tasks import check_task, infer_task
 from fourier_convert.onnx.validate import (
     ValidationInputs,
@@ -128,21 +129,13 @@ def export_onnx(
     if validate:
         check_providers(device)
     check_output_target(out, overwrite)
-    specs = _specs(adapter) if model is None else []
+    specs = adapter_specs(adapter) if model is None else []
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
     ckpt = open_checkpoint(model if model is not None else str(base), revision=revision)
     refuse_input_as_output(out, [ckpt.folder] + [a.folder for a in adapters])
     onnx_bytes = _onnx_bytes(ckpt, export_dtype)
     aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
-    # scratch: the merged float32 checkpoint (and a float16 copy for --dtype float16), or a copy of the model in the
-    # export dtype; it is still mapped while the ONNX files are written
-    if specs:
-        scratch_bytes = _onnx_bytes(ckpt, "float32") + (onnx_bytes if export_dtype == "float16" else 0)
-    else:
-        scratch_bytes = (
-            onnx_bytes if needs_copy(ckpt, torch.float32 if export_dtype == "float32" else torch.float16) else 0
-        )
-    _check_disk(out, onnx_bytes * (2 if optimize else 1) + aux_bytes + scratch_bytes)
+    _check_disk(out, onnx_bytes * (2 if optimize else 1) + aux_bytes)  # the merge and dtype changes are in memory
     versions.update(torch=torch.__version__, transformers=_version("transformers"))
     report = OnnxReport(
         out=None,
@@ -158,7 +151,7 @@ def export_onnx(
         versions=versions,
     )
     options = _Options(opset, optimize, device, validate, tol, keep_failed, overwrite, external_data)
-    model_obj, refs, inputs, aux = _merge_and_prove(report, out, ckpt, specs, adapters, allow_pickle)
+    model_obj, refs, inputs, aux = _merge_and_prove(report, ckpt, specs, adapters, allow_pickle)
     _export_and_publish(report, out, model_obj, refs, inputs, aux, options, (onnx_bytes, t0))
     report.out = str(out)
     report.seconds = time.perf_counter() - t0
@@ -181,47 +174,43 @@ class _Options:
 
 def _merge_and_prove(
     report: OnnxReport,
-    out: Path,
     ckpt: BaseCheckpoint,
     specs: list[AdapterSpec],
     adapters: list[FourierFTAdapter],
     allow_pickle: bool,
 ) -> tuple[Any, list[list[np.ndarray]], ValidationInputs, dict[str, bytes]]:
-    """Merge into a scratch folder (with adapters), choose the task, prove the merge, and return the model to
-    export, its reference outputs, the validation inputs and the small files to carry."""
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=_existing_ancestor(out)))
-    try:
-        folder = ckpt.folder
-        layers: list[tuple[str, str]] = []
-        if specs:
-            t = time.perf_counter()
-            merged = merge_checkpoint(
-                ckpt.folder,
-                specs,
-                work / "merged",
-                device="cpu" if report.device == "cpu" else "auto",
-                dtype="float32",
-                allow_pickle=allow_pickle,
-                durable=False,  # a scratch folder, loaded at once and deleted: no fsync of gigabytes
-            )
-            report.timings["merge"] = time.perf_counter() - t
-            report.merge = {
-                "layers": len(merged.layers),
-                "tensors": merged.tensors,
-                "worst_spot_check": max((r.max_abs_error for r in merged.layers), default=0.0),
-                "seconds": merged.seconds,
-            }
-            report.warnings += merged.warnings
-            folder = work / "merged"
-            layers = [(r.module, r.key) for r in merged.layers]
-        config_dict = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        if report.task == "auto":
-            report.task, why = infer_task(config_dict)
-            report.task_reason = f"inferred from config.json: {why}"
-        aux = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and _is_aux(p.name)}
-        model, refs, inputs = _prepare(report, folder, ckpt, (layers, adapters, [s.weight for s in specs]), work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # a mapped model keeps its files until it is freed
+    """Merge in memory (with adapters), choose the task, prove the merge, and return the model to export, its
+    reference outputs, the validation inputs and the small files to carry."""
+    merged: MergedState | None = None
+    config_dict = ckpt.config or {}
+    aux = {p.name: p.read_bytes() for p in ckpt.aux_files if _is_aux(p.name)}
+    if specs:
+        t = time.perf_counter()
+        merged = merge_in_memory(
+            ckpt.folder,
+            specs,
+            device="cpu" if report.device == "cpu" else "auto",
+            dtype="float32",
+            allow_pickle=allow_pickle,
+        )
+        report.timings["merge"] = time.perf_counter() - t
+        report.merge = {
+            "layers": len(merged.report.layers),
+            "tensors": merged.report.tensors,
+            "worst_spot_check": max((r.max_abs_error for r in merged.report.layers), default=0.0),
+            "seconds": merged.report.seconds,
+        }
+        report.warnings += merged.report.warnings
+        if merged.config is not None:
+            config_dict = merged.config
+            if merged.config_changed:
+                aux["config.json"] = config_json(merged.config)
+    if report.task == "auto":
+        report.task, why = infer_task(config_dict)
+        report.task_reason = f"inferred from config.json: {why}"
+    if merged is None:
+        return (*_reference(report, ckpt), aux)
+    model, refs, inputs = _prove(report, ckpt, merged, adapters, [s.weight for s in specs])
     return model, refs, inputs, aux
 
 
@@ -328,17 +317,6 @@ def _check_args(
     return export_dtype, tol
 
 
-def _specs(adapter: Any) -> list[AdapterSpec]:
-    items = adapter if isinstance(adapter, (list, tuple)) else [adapter]
-    if not items:
-        raise UsageError("--adapter", "no adapter given", "pass at least one --adapter")
-    specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(str(a)) for a in items]
-    for s in specs:
-        if not math.isfinite(s.weight):
-            raise UsageError("--weight", f"{s.weight} is not a finite number", "pass a multiplier such as 1.0 or 0.5")
-    return specs
-
-
 def _onnx_bytes(ckpt: BaseCheckpoint, dtype: str) -> int:
     """Bytes of the weights in ``dtype`` (floating tensors converted, others as stored)."""
     total = 0
@@ -384,30 +362,38 @@ def _is_aux(name: str) -> bool:
     )
 
 
-def _prepare(
-    report: OnnxReport,
-    folder: Path,
-    ckpt: BaseCheckpoint,
-    merge_inputs: tuple[list[tuple[str, str]], list[FourierFTAdapter], list[float]],
-    work: Path,
-) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
-    """Reference outputs of the merged model, the merge proof (with adapters), then the model to export.
-
-    One model is in memory at a time. A checkpoint in another dtype than the one it runs in is first staged
-    (:mod:`.staging`), so that transformers maps it instead of converting it next to its source.
-    """
-    layers, adapters, weights = merge_inputs
+def _reference(report: OnnxReport, ckpt: BaseCheckpoint) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
+    """An already merged model in the export dtype, its validation inputs and reference outputs."""
     t = time.perf_counter()
-    export_dtype = torch.float32 if report.dtype == "float32" else torch.float16
-    run_dtype = torch.float32 if adapters else export_dtype
-    model = _load(folder, report.task, run_dtype, work)
+    model = load_checkpoint_model(ckpt, report.task, _torch_dtype(report.dtype))
+    inputs = validation_inputs(describe(model, report.task))
+    outputs = torch_outputs(FlatModel(model, inputs.sig).eval(), inputs)
+    report.timings["reference"] = time.perf_counter() - t
+    return model, outputs, inputs
+
+
+def _prove(
+    report: OnnxReport,
+    ckpt: BaseCheckpoint,
+    merged: MergedState,
+    adapters: list[FourierFTAdapter],
+    weights: list[float],
+) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
+    """Reference outputs of the merged model (float32), the merge proof on the same model, then the model to
+    export in the export dtype with its references.
+
+    One model is in memory at a time: transformers takes the merged tensors as its parameters, the proof
+    swaps base weights in and back out, and a float16 export converts the tensors one at a time.
+    """
+    t = time.perf_counter()
+    config = config_from_dict(merged.config or {})
+    model = load_task_model(ckpt.folder, report.task, dtype=torch.float32, config=config, state_dict=merged.tensors)
     inputs = validation_inputs(describe(model, report.task))
     flat = FlatModel(model, inputs.sig).eval()
     outputs = torch_outputs(flat, inputs)
     report.timings["reference"] = time.perf_counter() - t
-    if not adapters:
-        return model, outputs, inputs
     t = time.perf_counter()
+    layers = [(r.module, r.key) for r in merged.report.layers]
     unmerged = apply_unmerged(model, ckpt, layers, adapters, weights)
     if unmerged.skipped:
         report.notes.append(
@@ -433,34 +419,34 @@ def _prepare(
     )
     one = ValidationInputs(inputs.sig, [inputs.cases[pick]], [inputs.tensors[pick]])
     unmerged_out = torch_outputs(flat, one)
-    unmerged.remove()
+    unmerged.restore()  # the merged model again, bit for bit
     report.merge_proof = compare_cases(one, [outputs[pick]], unmerged_out, *TOLERANCES["float32"])
     if not report.proof_passed:
         raise _validation_error(report)
-    # The model now holds base weights: load the merged model again (mapped, cheap), in the export dtype.
+    report.timings["prove"] = time.perf_counter() - t
+    if report.dtype == "float32":
+        merged.tensors.clear()  # the model holds them; freeing the model frees them
+        return model, outputs, inputs
+    t = time.perf_counter()
     del flat
     release_weights(model)
     del model
     gc.collect()
-    report.timings["prove"] = time.perf_counter() - t
-    t = time.perf_counter()
-    model = _load(folder, report.task, export_dtype, work)
-    if export_dtype == torch.float16:
-        inputs = validation_inputs(describe(model, report.task))
-        outputs = torch_outputs(FlatModel(model, inputs.sig).eval(), inputs)
+    export_dtype = _torch_dtype(report.dtype)
+    for key, value in merged.tensors.items():  # one float32 tensor freed per float16 one made
+        if value.is_floating_point():
+            merged.tensors[key] = value.to(export_dtype)
+        del value
+    model = load_task_model(ckpt.folder, report.task, dtype=export_dtype, config=config, state_dict=merged.tensors)
+    merged.tensors.clear()
+    inputs = validation_inputs(describe(model, report.task))
+    outputs = torch_outputs(FlatModel(model, inputs.sig).eval(), inputs)
     report.timings["reload"] = time.perf_counter() - t
     return model, outputs, inputs
 
 
-def _load(folder: Path, task: str, dtype: torch.dtype, work: Path) -> Any:
-    """The task model of ``folder`` in ``dtype`` (staged to ``dtype`` first when stored otherwise)."""
-    name = "model-float32" if dtype == torch.float32 else "model-float16"
-    return load_task_model(_staged(open_checkpoint(folder), dtype, work / name), task, dtype=dtype)
-
-
-def _staged(ckpt: BaseCheckpoint, dtype: torch.dtype, dest: Path) -> Path:
-    """``ckpt``'s folder, or a copy of it in ``dtype`` written to ``dest`` when it holds other float dtypes."""
-    return write_copy(ckpt, dest, dtype) if needs_copy(ckpt, dtype) else ckpt.folder
+def _torch_dtype(name: str) -> torch.dtype:
+    return torch.float32 if name == "float32" else torch.float16
 
 
 def _existing_ancestor(out: Path) -> Path:

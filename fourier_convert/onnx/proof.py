@@ -12,7 +12,8 @@ coefficients through the exact factorisation (docs/maths.md, fact 3)
 in float64, with phases reduced modulo M and N in integers. It shares no code with the merge's FFT path.
 Every other tensor of the merged model is compared exactly with the base checkpoint's. Outputs of the
 model before (merged) and after (unmerged) are then compared by the caller. Working in place keeps one
-model in memory (plus the base copies of the adapted weights).
+model in memory (plus the base copies of the adapted weights): the merged tensors are set aside, not
+copied, and :meth:`Unmerged.restore` puts them back, so the same model is exported afterwards.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Unmerged:
         checked: Other tensors found equal to the base checkpoint's.
         mismatched: Other tensors that differ from the base checkpoint's (``"key -> name"``).
         unchecked: Base tensors with no 1:1 counterpart in the model (fused on load, or unused).
+        handles: The forward hooks.
+        saved: ``(parameter, merged data)`` for every parameter whose data was replaced.
     """
 
     hooked: list[str] = field(default_factory=list)
@@ -61,12 +64,17 @@ class Unmerged:
     mismatched: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
-    def remove(self) -> None:
-        """Take the hooks off (the weights stay the base's)."""
+    def restore(self) -> None:
+        """Take the hooks off and give every replaced parameter its merged data back (the model is the
+        merged model again, bit for bit)."""
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        for param, data in reversed(self.saved):
+            param.data = data
+        self.saved = []
 
 
 def _lookup(names: dict[str, Any], key: str, prefix: str) -> str | None:
@@ -105,7 +113,7 @@ def apply_unmerged(
     Example:
         >>> done = apply_unmerged(model, open_checkpoint("base"), [(l.module, l.key) for l in merged.layers],
         ...                       [adapter], [1.0])  # doctest: +SKIP
-        >>> done.remove()  # doctest: +SKIP
+        >>> done.restore()  # doctest: +SKIP
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -134,6 +142,7 @@ def apply_unmerged(
                     "(transformers transforms this weight on load)",
                     "merge with fourier-convert merge and export the merged folder with --model (no merge proof)",
                 )
+            result.saved.append((module.weight, module.weight.data))
             module.weight.data = weight.to(module.weight.dtype)
         for a, weight_mult in zip(adapters, weights, strict=True):
             for key, stored in [*a.biases.items(), *a.head_tensors.items()]:
@@ -148,7 +157,8 @@ def apply_unmerged(
                         f"has shape {tuple(value.shape)}, the model's {found} has {tuple(params[found].shape)}",
                         "check that the adapter belongs to this base",
                     )
-                params[found].copy_(value.to(params[found].dtype))
+                result.saved.append((params[found], params[found].data))
+                params[found].data = value.to(params[found].dtype)
                 result.replaced.append(found)
             seed = a.settings.random_loc_seed
             for module_name, spectrum in a.spectra.items():

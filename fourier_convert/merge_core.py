@@ -1,0 +1,321 @@
+"""The merge's core, shared by :func:`fourier_convert.merge` (to a folder) and
+:func:`fourier_convert.merge_in_memory`: adapter specs, the device, and the rebuilding, checking and adding of
+deltas, handing every finished tensor to a sink (a writer, or a dict).
+
+Deltas are rebuilt batched per shape, spot-checked against the float64 closed form (falling back to slower
+backends when a check fails), added to the widened base weight in place and rounded once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from fourier_convert.errors import UsageError, VerificationError
+from fourier_convert.io.adapter import FourierFTAdapter
+from fourier_convert.io.dtypes import torch_dtype
+from fourier_convert.io.safetensors_file import read_torch
+from fourier_convert.maths.delta import DeltaCheck, check_delta, delta_weights, delta_weights_numpy
+from fourier_convert.maths.indices import IndexCache
+from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
+from fourier_convert.report import LayerReport
+
+#: Upper bound on the working set of one batch of equal-shape deltas, per device type. Batching pays on a
+#: GPU (fewer, larger kernels); on a CPU it only raises peak memory, so one layer at a time.
+BATCH_BYTES = {"cpu": 0, "cuda": 2 * 1024**3}
+
+#: Receives each finished output tensor by name: a checkpoint writer, or a dict of tensors.
+TensorSink = Callable[[str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter to merge: where it is, which named sub-adapter, and the weight of its delta."""
+
+    path: str
+    subfolder: str | None = None
+    weight: float = 1.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available else ``cpu``; validate explicit devices.
+
+    Raises:
+        UsageError: CUDA requested but not available, or an unknown device string.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError("--device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device", f"{device} requested but no CUDA GPU is available", "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                "--device", f"{device} requested but only {torch.cuda.device_count()} GPU(s) exist", "pick another"
+            )
+    elif dev.type != "cpu":
+        raise UsageError("--device", f"unsupported device {device!r}", "use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def adapter_specs(adapter: Any) -> list[AdapterSpec]:
+    """``adapter`` (one path / spec or a sequence of them) as a list of :class:`AdapterSpec`.
+
+    Raises:
+        UsageError: No adapter, or a weight that is not a finite number.
+
+    Example:
+        >>> [s.path for s in adapter_specs(["a", AdapterSpec("b", weight=0.5)])]
+        ['a', 'b']
+    """
+    items = adapter if isinstance(adapter, (list, tuple)) else [adapter]
+    if not items:
+        raise UsageError("--adapter", "no adapter given", "pass at least one --adapter")
+    specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(str(a)) for a in items]
+    for s in specs:
+        if not math.isfinite(s.weight):
+            raise UsageError("--weight", f"{s.weight} is not a finite number", "pass a multiplier such as 1.0 or 0.5")
+    return specs
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch CPU threads for a merge (default: all cores but one, which background I/O uses), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads if threads else max(1, (os.cpu_count() or 2) - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def change_row(o: OutputTensor, adapters: Sequence[FourierFTAdapter]) -> dict[str, Any]:
+    """One row of the report's ``changes``: what the merge does to an output tensor that is not a byte copy."""
+    if o.layer is not None:
+        parts = [
+            f"{'delta^T (Conv1D)' if o.layer.conv1d else 'delta'} of {adapters[c.adapter_index].label} "
+            f"(n={c.spectrum.n}, scaling={c.scaling:g})"
+            for c in o.layer.contributions
+        ]
+        how = "base + " + " + ".join(parts)
+    elif o.replacement is not None:
+        how = f"{o.replacement.key} ({o.replacement.dtype})"
+    else:
+        how = f"cast from {o.base.dtype if o.base else '?'}"
+    return {"name": o.name, "action": o.kind, "dtype": o.dtype, "shape": list(o.shape), "bytes": o.nbytes, "how": how}
+
+
+def layer_stub(layer: LayerPlan) -> LayerReport:
+    """A layer's report before its delta is rebuilt (what a dry run shows)."""
+    return LayerReport(
+        layer.module,
+        layer.key,
+        layer.delta_shape,
+        layer.conv1d,
+        layer.orientation_source,
+        [c.spectrum.n for c in layer.contributions],
+    )
+
+
+def config_json(config: dict[str, Any]) -> bytes:
+    """A merged ``config.json`` that differs from the base's, as written (sorted keys, indented)."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def converted_value(o: OutputTensor) -> torch.Tensor:
+    """The value of an output tensor that is neither merged nor a byte copy: a replacement from an adapter
+    or a base tensor, cast to the output dtype."""
+    if o.replacement is not None:
+        value = o.replacement.load()
+    else:
+        assert o.base is not None
+        value = read_torch(o.base)
+    return value.to(torch_dtype(o.dtype))
+
+
+def merge_layers(
+    layers: list[LayerPlan],
+    plan: MergePlan,
+    put: TensorSink,
+    dev: torch.device,
+    compute: torch.dtype,
+) -> tuple[dict[str, LayerReport], list[str]]:
+    """Rebuild, check and add the deltas of ``layers``, and hand each merged weight to ``put`` (in its output
+    dtype, on ``dev``).
+
+    Args:
+        layers: The layers to merge (all of ``plan.layers``, or those a late orientation flipped).
+        plan: The merge plan.
+        put: Receives ``(output name, merged tensor)``.
+        dev: Where deltas are rebuilt and added.
+        compute: ``torch.float32`` or ``torch.float64``.
+
+    Returns:
+        Each layer's report by checkpoint key, and the fallbacks used (one line each).
+
+    Raises:
+        VerificationError: A delta failed its float64 spot check on every backend.
+    """
+    cache = IndexCache()
+    for layer in layers:
+        m, n = layer.delta_shape
+        for c in layer.contributions:
+            cache.reserve(m, n, c.seed, c.spectrum.n)
+    cache.prefetch()
+    by_shape: dict[tuple[int, int], list[LayerPlan]] = defaultdict(list)
+    for layer in layers:
+        by_shape[layer.delta_shape].append(layer)
+    chunks: list[list[LayerPlan]] = []
+    for (m, n), group in by_shape.items():
+        per_batch = max(1, BATCH_BYTES.get(dev.type, 0) // (m * n * 4 * (3 if compute == torch.float32 else 6)))
+        chunks += [group[start : start + per_batch] for start in range(0, len(group), per_batch)]
+    outputs = {o.name: o for o in plan.outputs}
+    reports: dict[str, LayerReport] = {}
+    fallbacks: list[str] = []
+    rng = np.random.default_rng(0)
+
+    def rebuilt() -> Iterator[tuple[list[LayerPlan], dict[str, list[torch.Tensor]], dict[str, list[Any]]]]:
+        for chunk in chunks:
+            deltas, checks = _chunk_deltas(chunk, cache, dev, compute, rng, fallbacks)
+            yield chunk, deltas, checks
+
+    # Deltas of the next chunk are rebuilt and checked in a worker thread while this thread reads, adds and
+    # writes the current one (the FFTs and the I/O release the GIL): on two cores this nearly halves the time.
+    for chunk, deltas, checks in _ahead(rebuilt()):
+        for layer in chunk:
+            o = outputs[layer.key]
+            base = read_torch(layer.weight)
+            acc_dtype = torch.float64 if torch.float64 in (compute, base.dtype) else torch.float32
+            total = base.to(device=dev, dtype=acc_dtype)  # widen once, then add every delta in place
+            for d in deltas[layer.key]:
+                total.add_(d.T if layer.conv1d else d)
+            put(o.name, total.to(torch_dtype(o.dtype)))
+            worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
+            rep = layer_stub(layer)
+            rep.backend, rep.checked_entries = worst[0], worst[1].entries
+            rep.max_abs_error, rep.tolerance = worst[1].max_abs_error, worst[1].tolerance
+            parts = deltas[layer.key]
+            summed = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            rep.delta_norm = float(torch.linalg.vector_norm(summed).item())
+            reports[layer.key] = rep
+        del deltas
+    return reports, fallbacks
+
+
+_T = TypeVar("_T")
+
+
+def _ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """Run ``items`` one element ahead in a daemon thread; errors (and their types) reach the consumer."""
+    slot: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slot.put((True, item))
+            slot.put((False, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            slot.put((False, exc))
+
+    worker = threading.Thread(target=run, name="fourier-convert-deltas", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, value = slot.get()
+            if not ok:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            slot.get_nowait()  # let a worker blocked on a full slot see the stop flag
+
+
+def _chunk_deltas(
+    chunk: list[LayerPlan],
+    cache: IndexCache,
+    dev: torch.device,
+    compute: torch.dtype,
+    rng: np.random.Generator,
+    fallbacks: list[str],
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[tuple[str, DeltaCheck]]]]:
+    """Rebuild every contribution of a chunk of equal-shape layers, batched per (seed, n, scaling)."""
+    m, n = chunk[0].delta_shape
+    jobs: dict[tuple[int, int, float], list[tuple[LayerPlan, int]]] = defaultdict(list)
+    for layer in chunk:
+        for j, c in enumerate(layer.contributions):
+            jobs[(c.seed, c.spectrum.n, c.scaling)].append((layer, j))
+    deltas: dict[str, list[torch.Tensor]] = {layer.key: [] for layer in chunk}
+    checks: dict[str, list[tuple[str, DeltaCheck]]] = {layer.key: [] for layer in chunk}
+    backend = f"torch-{dev}" if compute == torch.float32 else f"torch-{dev}-float64"
+    for (seed, k, scaling), members in jobs.items():
+        idx = cache.get(m, n, seed, k)
+        idx_np = idx.numpy()
+        spectra = torch.from_numpy(np.stack([layer.contributions[j].spectrum.values for layer, j in members]))
+        batch = delta_weights(spectra, idx, m, n, scaling, dtype=compute, device=dev)
+        for b, (layer, j) in enumerate(members):
+            values = layer.contributions[j].spectrum.values
+            d = batch[b]
+            result = check_delta(d, values, idx_np, scaling, rng=rng)
+            used = backend
+            if not result.passed:
+                d, used, result = _fallback(layer, values, idx, m, n, scaling, rng, result)
+                fallbacks.append(f"{layer.module}: {backend} failed its check; used {used}")
+            deltas[layer.key].append(d)
+            checks[layer.key].append((used, result))
+    return deltas, checks
+
+
+def _fallback(
+    layer: LayerPlan,
+    values: np.ndarray,
+    idx: torch.Tensor,
+    m: int,
+    n: int,
+    scaling: float,
+    rng: np.random.Generator,
+    first: DeltaCheck,
+) -> tuple[torch.Tensor, str, DeltaCheck]:
+    """Recompute a delta that failed its check: single-threaded torch float64, then numpy float64."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        d = delta_weights(torch.from_numpy(values), idx, m, n, scaling, dtype=torch.float64, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    result = check_delta(d, values, idx.numpy(), scaling, rng=rng)
+    if result.passed:
+        return d, "torch-cpu-float64-1thread", result
+    d = torch.from_numpy(delta_weights_numpy(values, idx.numpy(), m, n, scaling))
+    result = check_delta(d, values, idx.numpy(), scaling, rng=rng)
+    if result.passed:
+        return d, "numpy-float64", result
+    raise VerificationError(
+        layer.key,
+        f"reconstructed delta differs from the float64 closed form by {first.max_abs_error:.3e} "
+        f"(tolerance {first.tolerance:.3e}) on every backend; nothing was written",
+        "report this with the layer shape and your torch version",
+    )

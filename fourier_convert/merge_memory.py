@@ -1,0 +1,137 @@
+"""``merge_in_memory``: the merge core with a dict of tensors as its sink.
+
+For callers that use the merged model at once (``export_onnx``, a pipeline that loads it into transformers):
+no checkpoint is written and read back. The tensors are the ones :func:`fourier_convert.merge` would write,
+bit for bit (same plan, same delta rebuilding, checks and rounding).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fourier_convert.errors import UsageError
+from fourier_convert.io.adapter import read_adapter
+from fourier_convert.io.checkpoint import open_checkpoint
+from fourier_convert.io.dtypes import parse_user_dtype
+from fourier_convert.merge_core import (
+    AdapterSpec,
+    adapter_specs,
+    change_row,
+    converted_value,
+    merge_layers,
+    resolve_device,
+    torch_threads,
+)
+from fourier_convert.plan import plan_with_orientation
+from fourier_convert.report import MergeReport
+
+
+@dataclass
+class MergedState:
+    """A merged checkpoint held in memory.
+
+    Attributes:
+        tensors: Checkpoint key -> merged tensor (CPU, contiguous), in the base's order, new tensors last.
+        config: The merged ``config.json`` content (the base's, or changed for a head the adapter adds);
+            None when the base has none.
+        config_changed: Whether ``config`` differs from the base's (write it with
+            :func:`~fourier_convert.merge_core.config_json`; else copy the base's file).
+        files: The base's small files (config, tokenizer, generation and preprocessor configs).
+        report: What was done, as :func:`fourier_convert.merge` reports it (``out`` is None).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any] | None
+    config_changed: bool
+    files: list[Path]
+    report: MergeReport
+
+
+def merge_in_memory(
+    base: str | Path,
+    adapter: str | Path | AdapterSpec | Sequence[str | Path | AdapterSpec],
+    *,
+    device: str = "auto",
+    precision: str = "float32",
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    threads: int | None = None,
+) -> MergedState:
+    """Merge FourierFT adapter(s) into a base model and return the merged tensors instead of writing them.
+
+    Needs memory for the whole merged model (in ``dtype``); nothing is written to disk.
+
+    Args:
+        base: Base model folder or hub id (safetensors weights).
+        adapter: Adapter folder / hub id / ``PATH:NAME`` / :class:`AdapterSpec`, or a list, applied in order.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where deltas are rebuilt and added (results come
+            back to the CPU).
+        precision: ``float32`` (default) or ``float64`` reconstruction and addition.
+        dtype: Dtype of every floating tensor (``float16``, ``bfloat16``, ``float32``); None keeps each.
+        allow_pickle: Accept ``adapter_model.bin`` through torch's weights-only loader.
+        revision: Hub revision of the base.
+        threads: torch CPU threads while merging (default: all cores but one).
+
+    Returns:
+        A :class:`MergedState`.
+
+    Raises:
+        FourierConvertError: Any invalid input (the same checks as :func:`fourier_convert.merge`).
+
+    Example:
+        >>> import fourier_convert as fc
+        >>> state = fc.merge_in_memory("fixtures/llama/base", "fixtures/llama/adapter", dtype="float32")
+        >>> state.tensors["model.layers.0.self_attn.q_proj.weight"].dtype
+        torch.float32
+    """
+    t0 = time.perf_counter()
+    if precision not in ("float32", "float64"):
+        raise UsageError("--precision", f"unknown precision {precision!r}", "use float32 or float64")
+    compute = torch.float32 if precision == "float32" else torch.float64
+    out_dtype = parse_user_dtype(dtype) if dtype else None
+    dev = resolve_device(device)
+    specs = adapter_specs(adapter)
+    adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
+    ckpt = open_checkpoint(base, revision=revision)
+    plan = plan_with_orientation(ckpt, adapters, weights=[s.weight for s in specs], out_dtype=out_dtype)
+    report = MergeReport(
+        out=None,
+        dry_run=False,
+        device=str(dev),
+        precision=precision,
+        tensors=plan.counts(),
+        bytes_total=plan.bytes_total,
+        bytes_changed=sum(o.nbytes for o in plan.outputs if o.raw_source is None),
+        shards=[],
+        warnings=plan.warnings,
+        notes=plan.notes,
+        adapters=[a.label for a in adapters],
+        base=str(base),
+    )
+    report.timings["validate_and_plan"] = time.perf_counter() - t0
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(name: str, value: torch.Tensor) -> None:
+        tensors[name] = value.to("cpu").contiguous()
+
+    t1 = time.perf_counter()
+    with torch_threads(threads):
+        done, report.fallbacks = merge_layers(plan.layers, plan, put, dev, compute)
+    report.timings["deltas_and_merge"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    for o in plan.outputs:
+        if o.kind != "merge":
+            put(o.name, converted_value(o))
+    report.timings["read_and_cast"] = time.perf_counter() - t1
+    report.layers = [done[layer.key] for layer in plan.layers]
+    report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
+    report.seconds = time.perf_counter() - t0
+    ordered = {o.name: tensors[o.name] for o in plan.outputs}
+    return MergedState(ordered, plan.config, plan.config_changed, list(ckpt.aux_files), report)
