@@ -127,7 +127,7 @@ def merge(
         threads: torch CPU threads while merging (default: all cores but one, which the background byte
             copy uses; the previous setting is restored afterwards).
         durable: fsync the output before publishing it (default). False skips the fsync, for scratch
-            outputs that are read back at once (``export_onnx`` uses it); the publish stays atomic.
+            outputs that are read back at once; the publish stays atomic.
 
     Returns:
         A :class:`~fourier_convert.report.MergeReport`.

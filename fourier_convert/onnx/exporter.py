@@ -9,6 +9,7 @@ they exceed :data:`EXTERNAL_DATA_THRESHOLD` (or when asked).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import re
 from dataclasses import dataclass, field
@@ -163,6 +164,23 @@ def release_weights(module: torch.nn.Module) -> None:
         for tensor in [*module.parameters(), *module.buffers()]:
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     _forget_matched_graphs()
+    gc.collect()
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the operating system (glibc only; elsewhere nothing to do).
+
+    Weights merged in memory are many separate allocations; glibc serves those below its mmap threshold
+    (which grows to 32 MiB as large blocks are freed) from the heap and keeps them resident after they are
+    freed: about 0.8 GB of a 1.1B float32 Llama, which onnxruntime's own copy of the weights would stack on.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _forget_matched_graphs() -> None:
