@@ -37,3 +37,28 @@ def test_cuda_delta_passes_float64_check_at_real_widths(shape: tuple[int, int]) 
     assert check_delta(got, values, idx.numpy(), 150.0, rng=np.random.default_rng(1)).passed
     scale = 150.0 * np.linalg.norm(values) / (m * n)
     assert float((got.cpu() - cpu).abs().max()) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_cuda_merge_in_memory_equals_merge_on_disk(name: str, tmp_path: Path) -> None:
+    """Deltas rebuilt on the GPU, tensors returned on the CPU: what merge writes with the same device."""
+    base, adapter = FIXTURES / name / "base", FIXTURES / name / "adapter"
+    fc.merge(base, adapter, tmp_path / "gpu", device="cuda", dtype="float32")
+    state = fc.merge_in_memory(base, adapter, device="cuda", dtype="float32")
+    assert state.report.device.startswith("cuda") and not state.report.fallbacks
+    written = load_model_tensors(tmp_path / "gpu")
+    assert written.keys() == state.tensors.keys()
+    for key, value in written.items():
+        got = state.tensors[key]
+        assert got.device.type == "cpu" and torch.equal(got, value), key
+
+
+def test_to_onnx_merges_on_the_gpu(tmp_path: Path) -> None:
+    """export_onnx rebuilds the deltas on the GPU (device auto); onnxruntime validates on whatever provider
+    is active and the merge proof passes."""
+    pytest.importorskip("onnxruntime")
+    report = fc.export_onnx(
+        tmp_path / "onnx", base=FIXTURES / "llama" / "base", adapter=FIXTURES / "llama" / "adapter", task="causal-lm"
+    )
+    assert report.merge["device"].startswith("cuda")
+    assert report.passed and report.proof_passed and (tmp_path / "onnx" / "model.onnx").is_file()

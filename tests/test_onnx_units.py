@@ -309,3 +309,21 @@ def test_task_needing_an_untrained_head_is_refused(tmp_path: Path) -> None:
         in (str(e.value))
     )
     _no_output(out)
+
+
+def test_same_values_is_exact_and_bitwise() -> None:
+    from fourier_convert.onnx.proof import same_values
+
+    bf16 = torch.tensor([1.5, -2.0, 0.0, -0.0, float("inf"), float("nan")], dtype=torch.bfloat16)
+    f32 = bf16.to(torch.float32)
+    assert same_values(bf16, f32) and same_values(f32, f32.clone())
+    assert not same_values(bf16, torch.nextafter(f32, torch.full_like(f32, 10.0)))  # one float32 ulp off
+    assert not same_values(bf16, -f32)
+    signed_zero = f32.clone()
+    signed_zero[2] = -0.0
+    assert not same_values(bf16, signed_zero), "bitwise: -0.0 is not 0.0"
+    assert not same_values(bf16[:3], f32)
+    f16 = torch.tensor([0.1, 65504.0], dtype=torch.float16)
+    assert same_values(f16, f16.to(torch.float32)) and not same_values(f16, torch.tensor([0.1, 65504.0]))
+    ints = torch.tensor([1, 2, 3])
+    assert same_values(ints, ints.clone()) and not same_values(ints, torch.tensor([1, 2, 4]))

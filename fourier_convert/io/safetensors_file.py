@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -242,3 +243,29 @@ def read_torch(info: TensorInfo) -> torch.Tensor:
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
     return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def map_torch(info: TensorInfo, maps: dict[Path, mmap.mmap]) -> torch.Tensor:
+    """A CPU tensor that views ``info``'s bytes in a map of its file: no read, no copy.
+
+    The map is private (copy-on-write): writing to the tensor never changes the file. ``maps`` holds one map
+    per file across calls (the caller's cache); a map is released once the cache and every tensor viewing it
+    are gone.
+
+    Example:
+        >>> maps = {}
+        >>> w = map_torch(open_checkpoint("fixtures/llama/base").tensors["model.norm.weight"], maps)  # doctest: +SKIP
+    """
+    import torch
+
+    from fourier_convert.io.dtypes import torch_dtype
+
+    dtype = torch_dtype(info.dtype)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    view = maps.get(info.path)
+    if view is None:
+        with open(info.path, "rb") as f:
+            view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        maps[info.path] = view
+    return torch.frombuffer(view, dtype=dtype, count=info.numel, offset=info.start).reshape(info.shape)

@@ -229,6 +229,12 @@ def delta_sq_norm(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int
     return float(scaling**2 * np.dot(sums, sums) / (m * n_cols))
 
 
+def _roots_of_unity(size: int) -> torch.Tensor:
+    """``exp(2 pi i j / size)`` for ``j = 0 .. size - 1``, complex128."""
+    phase = torch.arange(size, dtype=torch.float64) * (2.0 * math.pi / size)
+    return torch.polar(torch.ones_like(phase), phase)
+
+
 def delta_apply(
     x: torch.Tensor, values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float
 ) -> torch.Tensor:
@@ -257,11 +263,10 @@ def delta_apply(
     m, n = shape
     u = torch.from_numpy(np.asarray(indices[0], dtype=np.int64))
     v = torch.from_numpy(np.asarray(indices[1], dtype=np.int64))
-    two_pi = 2.0 * math.pi
-    phase_v = ((torch.arange(n)[:, None] * v[None, :]) % n).double() * (two_pi / n)  # (N, k)
-    phase_u = ((torch.arange(m)[:, None] * u[None, :]) % m).double() * (two_pi / m)  # (M, k)
-    e_v = torch.polar(torch.ones_like(phase_v), phase_v)
-    e_u = torch.polar(torch.ones_like(phase_u), phase_u)
+    # Phases reduced modulo the size in integers, then looked up among the size's roots of unity (the same
+    # values as evaluating exp at each reduced phase, without 2 (M + N) n sines and cosines).
+    e_v = _roots_of_unity(n)[(torch.arange(n)[:, None] * v[None, :]) % n]  # (N, k)
+    e_u = _roots_of_unity(m)[(torch.arange(m)[:, None] * u[None, :]) % m]  # (M, k)
     flat = x.reshape(-1, n).to(torch.float64).to(torch.complex128)
     coeffs = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(torch.complex128)
     y = ((flat @ e_v) * coeffs) @ e_u.T

@@ -199,6 +199,7 @@ def _merge_and_prove(
             "tensors": merged.report.tensors,
             "worst_spot_check": max((r.max_abs_error for r in merged.report.layers), default=0.0),
             "seconds": merged.report.seconds,
+            "device": merged.report.device,
         }
         report.warnings += merged.report.warnings
         if merged.config is not None:

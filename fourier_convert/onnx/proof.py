@@ -18,8 +18,11 @@ copied, and :meth:`Unmerged.restore` puts them back, so the same model is export
 
 from __future__ import annotations
 
+import mmap
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +31,7 @@ import torch
 from fourier_convert.errors import ExportError
 from fourier_convert.io.adapter import FourierFTAdapter
 from fourier_convert.io.checkpoint import BaseCheckpoint
-from fourier_convert.io.safetensors_file import read_torch
+from fourier_convert.io.safetensors_file import map_torch, read_torch
 from fourier_convert.maths.delta import delta_apply
 from fourier_convert.maths.indices import spectral_indices
 from fourier_convert.skeleton import build_skeleton
@@ -187,7 +190,7 @@ def apply_unmerged(
 def _check_untouched(
     model: Any, base: BaseCheckpoint, adapted: set[str], replaced: set[str], prefix: str, result: Unmerged
 ) -> None:
-    """Compare every tensor the merge should have copied with the base checkpoint's, exactly."""
+    """Compare every tensor the merge should have copied with the base checkpoint's, bit for bit."""
     state = model.state_dict(keep_vars=True)
     mapping: dict[str, str] = {}
     fused: set[str] = set()
@@ -195,6 +198,7 @@ def _check_untouched(
         skeleton, _ = build_skeleton(base.config, base.tensors)
         if skeleton is not None:
             mapping, fused = skeleton.model_keys, skeleton.fused_keys
+    maps: dict[Path, mmap.mmap] = {}  # the base's files, mapped once: read in place, not copied
     for key, info in base.tensors.items():
         if key in adapted:
             continue
@@ -204,12 +208,38 @@ def _check_untouched(
             continue
         if name in replaced:
             continue
-        value = state[name]
-        stored = read_torch(info)
-        if tuple(stored.shape) != tuple(value.shape) or not torch.equal(stored.to(value.dtype), value.detach()):
-            result.mismatched.append(f"{key} -> {name}")
-        else:
+        if same_values(map_torch(info, maps), state[name].detach()):
             result.checked += 1
+        else:
+            result.mismatched.append(f"{key} -> {name}")
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_values(stored: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``value`` is exactly ``stored`` converted to ``value``'s dtype, compared bit for bit (NaNs too).
+
+    bfloat16 -> float32 is a 16-bit shift, so that pair is compared without converting: the float32 high
+    halves must be the bfloat16 bits and the low halves zero.
+
+    Example:
+        >>> same_values(torch.tensor([1.5, -2.0], dtype=torch.bfloat16), torch.tensor([1.5, -2.0]))
+        True
+        >>> same_values(torch.tensor([1.5], dtype=torch.bfloat16), torch.tensor([1.5 + 2**-20]))
+        False
+    """
+    if tuple(stored.shape) != tuple(value.shape):
+        return False
+    if not (stored.is_floating_point() and value.is_floating_point()):
+        return torch.equal(stored.to(value.dtype), value)
+    if stored.dtype != value.dtype:
+        if stored.dtype == torch.bfloat16 and value.dtype == torch.float32 and sys.byteorder == "little":
+            halves = value.contiguous().view(torch.int16).reshape(-1, 2)  # [low, high] per float32
+            return torch.equal(halves[:, 1], stored.reshape(-1).view(torch.int16)) and not bool(halves[:, 0].any())
+        stored = stored.to(value.dtype)
+    bits = _BITS[value.element_size()]
+    return torch.equal(stored.contiguous().view(bits), value.contiguous().view(bits))
 
 
 def _hook(parts: list[_Term]) -> Any:
