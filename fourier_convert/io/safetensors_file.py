@@ -245,16 +245,14 @@ def read_torch(info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
-def map_torch(info: TensorInfo, maps: dict[Path, mmap.mmap]) -> torch.Tensor:
+def map_torch(info: TensorInfo) -> torch.Tensor:
     """A CPU tensor that views ``info``'s bytes in a map of its file: no read, no copy.
 
-    The map is private (copy-on-write): writing to the tensor never changes the file. ``maps`` holds one map
-    per file across calls (the caller's cache); a map is released once the cache and every tensor viewing it
-    are gone.
+    The map covers this tensor only and is private (copy-on-write: writing to the tensor never changes the
+    file); it is unmapped when the tensor is freed, so pages it touched stop counting as the process's memory.
 
     Example:
-        >>> maps = {}
-        >>> w = map_torch(open_checkpoint("fixtures/llama/base").tensors["model.norm.weight"], maps)  # doctest: +SKIP
+        >>> w = map_torch(open_checkpoint("fixtures/llama/base").tensors["model.norm.weight"])  # doctest: +SKIP
     """
     import torch
 
@@ -263,9 +261,7 @@ def map_torch(info: TensorInfo, maps: dict[Path, mmap.mmap]) -> torch.Tensor:
     dtype = torch_dtype(info.dtype)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    view = maps.get(info.path)
-    if view is None:
-        with open(info.path, "rb") as f:
-            view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        maps[info.path] = view
-    return torch.frombuffer(view, dtype=dtype, count=info.numel, offset=info.start).reshape(info.shape)
+    first = info.start - info.start % mmap.ALLOCATIONGRANULARITY  # maps start at a granularity boundary
+    with open(info.path, "rb") as f:
+        view = mmap.mmap(f.fileno(), info.start + info.nbytes - first, access=mmap.ACCESS_COPY, offset=first)
+    return torch.frombuffer(view, dtype=dtype, count=info.numel, offset=info.start - first).reshape(info.shape)

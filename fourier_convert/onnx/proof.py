@@ -18,11 +18,9 @@ copied, and :meth:`Unmerged.restore` puts them back, so the same model is export
 
 from __future__ import annotations
 
-import mmap
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -198,7 +196,6 @@ def _check_untouched(
         skeleton, _ = build_skeleton(base.config, base.tensors)
         if skeleton is not None:
             mapping, fused = skeleton.model_keys, skeleton.fused_keys
-    maps: dict[Path, mmap.mmap] = {}  # the base's files, mapped once: read in place, not copied
     for key, info in base.tensors.items():
         if key in adapted:
             continue
@@ -208,7 +205,7 @@ def _check_untouched(
             continue
         if name in replaced:
             continue
-        if same_values(map_torch(info, maps), state[name].detach()):
+        if same_values(map_torch(info), state[name].detach()):  # read in place, not copied
             result.checked += 1
         else:
             result.mismatched.append(f"{key} -> {name}")
