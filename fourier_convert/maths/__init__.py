@@ -8,6 +8,7 @@ from fourier_convert.maths.delta import (
     delta_sq_norm,
     delta_weights,
     delta_weights_numpy,
+    spectral_basis,
 )
 from fourier_convert.maths.indices import RANDPERM_THRESHOLD, IndexCache, spectral_indices
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
@@ -23,6 +24,7 @@ __all__ = [
     "delta_sq_norm",
     "delta_weights",
     "delta_weights_numpy",
+    "spectral_basis",
     "spectral_indices",
     "spectral_svd",
 ]

@@ -235,8 +235,35 @@ def _roots_of_unity(size: int) -> torch.Tensor:
     return torch.polar(torch.ones_like(phase), phase)
 
 
+def spectral_basis(indices: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors ``(E_u, E_v)`` of a FourierFT delta's exact low-rank form (docs/maths.md, fact 3), complex128.
+
+    ``E_u[p, k] = exp(2 pi i u_k p / M)`` is ``(M, n)``, ``E_v[q, k] = exp(2 pi i v_k q / N)`` is ``(N, n)``. They
+    depend only on the positions and the shape, so layers that share both (FourierFT draws every layer of a
+    shape from one seed) can share one basis in :func:`delta_apply`.
+
+    Example:
+        >>> e_u, e_v = spectral_basis(np.array([[1, 2], [0, 3]]), (5, 4))
+        >>> tuple(e_u.shape), tuple(e_v.shape), e_v.dtype
+        ((5, 2), (4, 2), torch.complex128)
+    """
+    m, n = shape
+    u = torch.from_numpy(np.asarray(indices[0], dtype=np.int64))
+    v = torch.from_numpy(np.asarray(indices[1], dtype=np.int64))
+    # Phases reduced modulo the size in integers, then looked up among the size's roots of unity (the same
+    # values as evaluating exp at each reduced phase, without 2 (M + N) n sines and cosines).
+    e_u = _roots_of_unity(m)[(torch.arange(m)[:, None] * u[None, :]) % m]
+    e_v = _roots_of_unity(n)[(torch.arange(n)[:, None] * v[None, :]) % n]
+    return e_u, e_v
+
+
 def delta_apply(
-    x: torch.Tensor, values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float
+    x: torch.Tensor,
+    values: np.ndarray,
+    indices: np.ndarray,
+    shape: tuple[int, int],
+    scaling: float,
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x @ dW^T`` for a FourierFT delta ``dW`` of shape ``(M, N) = shape``, without forming ``dW``, in float64.
 
@@ -250,6 +277,8 @@ def delta_apply(
         indices: ``(2, n)`` row / column frequencies.
         shape: ``(M, N)``.
         scaling: The delta's scale.
+        basis: :func:`spectral_basis` of ``indices`` and ``shape``, when the caller keeps it for several calls;
+            None computes it.
 
     Returns:
         ``(..., M)`` float64.
@@ -261,12 +290,7 @@ def delta_apply(
         True
     """
     m, n = shape
-    u = torch.from_numpy(np.asarray(indices[0], dtype=np.int64))
-    v = torch.from_numpy(np.asarray(indices[1], dtype=np.int64))
-    # Phases reduced modulo the size in integers, then looked up among the size's roots of unity (the same
-    # values as evaluating exp at each reduced phase, without 2 (M + N) n sines and cosines).
-    e_v = _roots_of_unity(n)[(torch.arange(n)[:, None] * v[None, :]) % n]  # (N, k)
-    e_u = _roots_of_unity(m)[(torch.arange(m)[:, None] * u[None, :]) % m]  # (M, k)
+    e_u, e_v = spectral_basis(indices, shape) if basis is None else basis
     flat = x.reshape(-1, n).to(torch.float64).to(torch.complex128)
     coeffs = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(torch.complex128)
     y = ((flat @ e_v) * coeffs) @ e_u.T

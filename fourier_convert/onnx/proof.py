@@ -30,7 +30,7 @@ from fourier_convert.errors import ExportError
 from fourier_convert.io.adapter import FourierFTAdapter
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import map_torch, read_torch
-from fourier_convert.maths.delta import delta_apply
+from fourier_convert.maths.delta import delta_apply, spectral_basis
 from fourier_convert.maths.indices import spectral_indices
 from fourier_convert.skeleton import build_skeleton
 
@@ -41,6 +41,7 @@ class _Term:
     indices: np.ndarray
     shape: tuple[int, int]
     scaling: float
+    basis: tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -123,6 +124,7 @@ def apply_unmerged(
     modules = dict(model.named_modules())
     result = Unmerged()
     terms: dict[str, list[_Term]] = {}
+    bases: dict[tuple[int, int, int, int], tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor]]] = {}
     adapted_keys = {key for _, key in layers}
     with torch.no_grad():
         for module_name, key in layers:
@@ -173,9 +175,13 @@ def apply_unmerged(
                     )
                 rows, cols = module.weight.shape
                 out_f, in_f = (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
-                idx = spectral_indices(out_f, in_f, spectrum.n, seed).numpy()
+                where = (out_f, in_f, spectrum.n, seed)
+                if where not in bases:  # layers of one shape share their positions, hence their basis
+                    idx = spectral_indices(out_f, in_f, spectrum.n, seed).numpy()
+                    bases[where] = (idx, spectral_basis(idx, (out_f, in_f)))
+                idx, basis = bases[where]
                 terms.setdefault(name, []).append(
-                    _Term(spectrum.values, idx, (out_f, in_f), a.settings.scaling * weight_mult)
+                    _Term(spectrum.values, idx, (out_f, in_f), a.settings.scaling * weight_mult, basis)
                 )
         result.replaced = sorted(set(result.replaced))
         _check_untouched(model, base, adapted_keys, set(result.replaced), prefix, result)
@@ -242,7 +248,7 @@ def same_values(stored: torch.Tensor, value: torch.Tensor) -> bool:
 def _hook(parts: list[_Term]) -> Any:
     def add_delta(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        extra = sum(delta_apply(x, t.values, t.indices, t.shape, t.scaling) for t in parts)
+        extra = sum(delta_apply(x, t.values, t.indices, t.shape, t.scaling, t.basis) for t in parts)
         assert isinstance(extra, torch.Tensor)
         return output + extra.to(output.dtype)
 
