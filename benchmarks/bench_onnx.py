@@ -203,6 +203,12 @@ def _evaluate(stages: list[bm.Stage], weights: int, runs: Path) -> dict[str, Any
         ratios["to-onnx / bare"] = full / bare
     if bare and model:
         ratios["to-onnx --model / bare"] = model / bare
+    # Per repeat, each stage against the bare export timed just before it: less exposed to the machine's drift.
+    paired = {
+        name: [m.wall_s / b.wall_s for m, b in zip(by[name].runs, by["bare"].runs, strict=False)]
+        for name in ("to-onnx", "to-onnx --model")
+    }
+    cpu_ratio = (by["to-onnx"].median("cpu_s") or 0.0) / (by["bare"].median("cpu_s") or float("inf"))
     rss = {s.name: s.median("maxrss_mib") for s in stages}
     full_rss = rss.get("to-onnx")
     targets = [
@@ -222,7 +228,14 @@ def _evaluate(stages: list[bm.Stage], weights: int, runs: Path) -> dict[str, Any
         path = runs / f"{name}.json"
         if path.exists():
             phases[name] = json.loads(path.read_text()).get("timings", {})
-    return {"ratios": ratios, "peak_rss_mib": rss, "targets": targets, "phases": phases}
+    return {
+        "ratios": ratios,
+        "paired_ratios": paired,
+        "cpu_ratio": cpu_ratio,
+        "peak_rss_mib": rss,
+        "targets": targets,
+        "phases": phases,
+    }
 
 
 def _print(stages: list[bm.Stage], result: dict[str, Any], weights: int) -> None:
@@ -237,6 +250,9 @@ def _print(stages: list[bm.Stage], result: dict[str, Any], weights: int) -> None
             f"{rss * bm.MIB / weights:14.2f}"
         )
     print("ratios (of medians): " + ", ".join(f"{k} = {v:.2f}x" for k, v in result["ratios"].items()))
+    for name, values in result["paired_ratios"].items():
+        print(f"{name} / bare of the same repeat: " + ", ".join(f"{v:.2f}x" for v in values))
+    print(f"to-onnx / bare in CPU time (medians): {result['cpu_ratio']:.2f}x")
     for name, timings in result["phases"].items():
         print(f"{name} phases (last run): " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     print("targets:")

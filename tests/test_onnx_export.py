@@ -16,7 +16,7 @@ import torch
 
 import fourier_convert as fc
 from fourier_convert.io.writer import CheckpointWriter
-from fourier_convert.onnx.exporter import export_graph
+from fourier_convert.onnx.exporter import EXTERNAL_DATA_THRESHOLD, export_graph
 from fourier_convert.onnx.inputs import export_case, make_inputs
 from fourier_convert.onnx.models import load_task_model
 from fourier_convert.onnx.signature import FlatModel, describe
@@ -298,12 +298,12 @@ def test_minilm_feature_extraction_with_its_tokenizer(tmp_path: Path) -> None:
 # -- large weights ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_large_model_uses_one_external_data_file(tmp_path: Path) -> None:
-    """A generated Llama whose 1.2 GB of float32 weights exceed the 1 GiB limit: one model.onnx.data."""
+    """A generated Llama whose 295 MB of float32 weights exceed the 256 MiB limit: one model.onnx.data."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=288_000,
+        vocab_size=72_000,
         hidden_size=1024,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -328,7 +328,7 @@ def test_large_model_uses_one_external_data_file(tmp_path: Path) -> None:
     del tensors
     out = tmp_path / "onnx"
     report = fc.export_onnx(out, model=folder, task="causal-lm")
-    assert report.passed and report.external_data and report.weights_bytes > 1 << 30
+    assert report.passed and report.external_data and report.weights_bytes > EXTERNAL_DATA_THRESHOLD
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "model.onnx",
@@ -336,7 +336,7 @@ def test_large_model_uses_one_external_data_file(tmp_path: Path) -> None:
         "onnx_export.json",
     ]
     assert (out / "model.onnx").stat().st_size < 10_000_000
-    assert (out / "model.onnx.data").stat().st_size > 1 << 30  # all large tensors; a few tiny ones stay inline
+    assert (out / "model.onnx.data").stat().st_size > EXTERNAL_DATA_THRESHOLD  # a few tiny tensors stay inline
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data"}

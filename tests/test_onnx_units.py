@@ -14,7 +14,7 @@ import torch
 import fourier_convert as fc
 from fourier_convert.io.checkpoint import open_checkpoint
 from fourier_convert.maths import spectral_indices
-from fourier_convert.maths.delta import delta_apply
+from fourier_convert.maths.delta import delta_apply, spectral_basis
 from fourier_convert.onnx.compare import compare_outputs
 from fourier_convert.onnx.inputs import Case, export_case, make_inputs, row_lengths, validation_cases
 from fourier_convert.onnx.models import load_checkpoint_model, load_task_model, stored_in
@@ -71,6 +71,13 @@ def test_delta_apply_equals_dense_delta(m: int, n: int, k: int) -> None:
     got = delta_apply(x, values, idx, (m, n), 150.0)
     assert got.shape == (3, 5, m) and got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), x.numpy() @ dense.T, rtol=1e-10, atol=1e-12)
+    e_u, e_v = spectral_basis(idx, (m, n))
+    assert e_u.shape == (m, k) and e_v.shape == (n, k) and e_u.dtype == torch.complex128
+    p, q = np.arange(m)[:, None], np.arange(n)[:, None]  # exp evaluated directly, unreduced phases
+    np.testing.assert_allclose(e_u.numpy(), np.exp(2j * np.pi * idx[0] * p / m), atol=1e-12)
+    np.testing.assert_allclose(e_v.numpy(), np.exp(2j * np.pi * idx[1] * q / n), atol=1e-12)
+    shared = delta_apply(x, 2 * values, idx, (m, n), 150.0, (e_u, e_v))  # another layer, same positions
+    np.testing.assert_allclose(shared.numpy(), 2 * got.numpy(), rtol=1e-12, atol=1e-14)
 
 
 def _sig(task: str, inputs: tuple[str, ...], past: int = 0, image: bool = False) -> Signature:

@@ -56,7 +56,7 @@ def _write_json(path: Path | None, report: OnnxReport) -> None:
 @click.option(
     "--external-data/--no-external-data",
     default=None,
-    help="Weights in model.onnx.data [default: when they exceed 1 GiB].",
+    help="Weights in model.onnx.data [default: when they exceed 256 MiB].",
 )
 @options.allow_pickle
 @click.option("--revision", default=None, help="Hub revision of --base / --model.")

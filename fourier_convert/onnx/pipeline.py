@@ -100,7 +100,7 @@ def export_onnx(
         rtol: Relative tolerance (default 1e-3).
         keep_failed: On a failed validation, keep the attempt at ``<out>.failed`` instead of deleting it.
         overwrite: Replace a non-empty ``out`` (only once the new export has passed).
-        external_data: Force or forbid ``model.onnx.data``; None: when the weights exceed 1 GiB.
+        external_data: Force or forbid ``model.onnx.data``; None: when the weights exceed 256 MiB.
         allow_pickle: Accept an ``adapter_model.bin`` adapter.
         revision: Hub revision of ``base`` / ``model``.
 
