@@ -23,7 +23,7 @@ import fourier_convert.io.writer as writer_module
 from fourier_convert.cli.main import cli
 from fourier_convert.maths.delta import DeltaCheck
 
-merge_module = importlib.import_module("fourier_convert.merge")  # `fourier_convert.merge` is also the function
+merge_core = importlib.import_module("fourier_convert.merge_core")  # where merge and merge_in_memory check deltas
 
 SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
 Q0 = SPECTRUM.format(i=0, m="q_proj")
@@ -595,7 +595,7 @@ def test_verification_failure_publishes_nothing(
     llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base, adapter = llama
-    monkeypatch.setattr(merge_module, "check_delta", lambda *a, **k: DeltaCheck(10, 1.0, 1e-6, False))
+    monkeypatch.setattr(merge_core, "check_delta", lambda *a, **k: DeltaCheck(10, 1.0, 1e-6, False))
     msg = (
         "model.layers.0.self_attn.q_proj.weight: reconstructed delta differs from the float64 closed form by "
         "1.000e+00 (tolerance 1.000e-06) on every backend; nothing was written; report this with the layer shape "
@@ -603,6 +603,9 @@ def test_verification_failure_publishes_nothing(
     )
     fails(tmp_path, fc.VerificationError, msg, base, adapter)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+    with pytest.raises(fc.VerificationError) as e:
+        fc.merge_in_memory(base, adapter, device="cpu")
+    assert str(e.value) == msg
 
 
 def test_fallback_backend_is_reported(
@@ -617,7 +620,7 @@ def test_fallback_backend_is_reported(
         result = delta.check_delta(*args, **kwargs)
         return DeltaCheck(result.entries, 1.0, result.tolerance, False) if calls["n"] == 1 else result
 
-    monkeypatch.setattr(merge_module, "check_delta", first_fails)
+    monkeypatch.setattr(merge_core, "check_delta", first_fails)
     base, adapter = llama
     res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--device", "cpu", "-q")
     assert res.exit_code == 0, res.output
