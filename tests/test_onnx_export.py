@@ -159,6 +159,23 @@ def test_gpt2_with_past_float16(tmp_path: Path) -> None:
     assert report.inputs["past_key_values.1.value"]["dtype"] == "float16"
 
 
+def test_in_memory_merge_exports_the_merged_checkpoint(tmp_path: Path) -> None:
+    """Base + adapter (merged in memory) and the folder `merge` writes give graphs with the same weights, bit
+    for bit, in float32 and float16."""
+    base, adapter = FIXTURES / "roberta" / "base", FIXTURES / "roberta" / "adapter"
+    fc.merge(base, adapter, tmp_path / "merged", device="cpu", dtype="float32")
+    for dtype in ("float32", "float16"):
+        a = fc.export_onnx(tmp_path / f"a-{dtype}", base=base, adapter=adapter, dtype=dtype)
+        b = fc.export_onnx(tmp_path / f"b-{dtype}", model=tmp_path / "merged", dtype=dtype)
+        assert a.passed and b.passed and a.merge["tensors_equal_to_base"] > 0
+        first, second = (onnx.load(str(tmp_path / f"{x}-{dtype}" / "model.onnx")) for x in "ab")
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in first.graph.initializer}
+        other = {t.name: onnx.numpy_helper.to_array(t) for t in second.graph.initializer}
+        assert weights.keys() == other.keys() and len(weights) > 10
+        for name, value in weights.items():
+            assert value.dtype == other[name].dtype and value.tobytes() == other[name].tobytes(), (dtype, name)
+
+
 # -- encoders and vision -----------------------------------------------------------------------------------
 def test_roberta_bias_all_optimized(tmp_path: Path) -> None:
     """bias="all" and a composite modules_to_save head (PEFT's own merge cannot do it), --optimize."""
