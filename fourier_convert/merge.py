@@ -41,10 +41,12 @@ from fourier_convert.merge_core import (
     TensorSink,
     adapter_specs,
     change_row,
+    compute_dtype,
     config_json,
     converted_value,
     layer_stub,
     merge_layers,
+    plan_report,
     resolve_device,
     torch_threads,
 )
@@ -143,9 +145,7 @@ def merge(
         {'copy': 13, 'merge': 4}
     """
     t0 = time.perf_counter()
-    if precision not in ("float32", "float64"):
-        raise UsageError("--precision", f"unknown precision {precision!r}", "use float32 or float64")
-    compute = torch.float32 if precision == "float32" else torch.float64
+    compute = compute_dtype(precision)
     out_dtype = parse_user_dtype(dtype) if dtype else None
     shard_bytes = parse_size(str(max_shard_size)) if max_shard_size is not None else None
     dev = resolve_device(device)
@@ -174,19 +174,15 @@ def merge(
         if skeleton is None:
             job = SkeletonJob(ckpt.config, ckpt.tensors)
     layouts = _layouts(ckpt, plan, shard_bytes)
-    report = MergeReport(
+    report = plan_report(
+        plan,
+        adapters,
+        str(base),
+        dev,
+        precision,
         out=None if dry_run else str(out),
         dry_run=dry_run,
-        device=str(dev),
-        precision=precision,
-        tensors=plan.counts(),
-        bytes_total=plan.bytes_total,
-        bytes_changed=sum(o.nbytes for o in plan.outputs if o.raw_source is None),
         shards=[lay.filename for lay in layouts],
-        warnings=plan.warnings,
-        notes=plan.notes,
-        adapters=[a.label for a in adapters],
-        base=str(base),
     )
     if dry_run:
         if job is not None:

@@ -29,7 +29,7 @@ from fourier_convert.io.safetensors_file import read_torch
 from fourier_convert.maths.delta import DeltaCheck, check_delta, delta_weights, delta_weights_numpy
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
-from fourier_convert.report import LayerReport
+from fourier_convert.report import LayerReport, MergeReport
 
 #: Upper bound on the working set of one batch of equal-shape deltas, per device type. Batching pays on a
 #: GPU (fewer, larger kernels); on a CPU it only raises peak memory, so one layer at a time.
@@ -74,6 +74,49 @@ def resolve_device(device: str) -> torch.device:
     elif dev.type != "cpu":
         raise UsageError("--device", f"unsupported device {device!r}", "use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype deltas are rebuilt and added in: ``float32`` or ``float64``.
+
+    Raises:
+        UsageError: Another precision.
+
+    Example:
+        >>> compute_dtype("float64")
+        torch.float64
+    """
+    if precision not in ("float32", "float64"):
+        raise UsageError("--precision", f"unknown precision {precision!r}", "use float32 or float64")
+    return torch.float32 if precision == "float32" else torch.float64
+
+
+def plan_report(
+    plan: MergePlan,
+    adapters: Sequence[FourierFTAdapter],
+    base: str,
+    dev: torch.device,
+    precision: str,
+    *,
+    out: str | None = None,
+    dry_run: bool = False,
+    shards: Sequence[str] = (),
+) -> MergeReport:
+    """The report of a planned merge, before any delta is rebuilt (layers, changes and timings come later)."""
+    return MergeReport(
+        out=out,
+        dry_run=dry_run,
+        device=str(dev),
+        precision=precision,
+        tensors=plan.counts(),
+        bytes_total=plan.bytes_total,
+        bytes_changed=sum(o.nbytes for o in plan.outputs if o.raw_source is None),
+        shards=list(shards),
+        warnings=plan.warnings,
+        notes=plan.notes,
+        adapters=[a.label for a in adapters],
+        base=base,
+    )
 
 
 def adapter_specs(adapter: Any) -> list[AdapterSpec]:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import read_adapter
 from fourier_convert.io.checkpoint import open_checkpoint
 from fourier_convert.io.dtypes import parse_user_dtype
@@ -23,8 +22,10 @@ from fourier_convert.merge_core import (
     AdapterSpec,
     adapter_specs,
     change_row,
+    compute_dtype,
     converted_value,
     merge_layers,
+    plan_report,
     resolve_device,
     torch_threads,
 )
@@ -92,29 +93,14 @@ def merge_in_memory(
         torch.float32
     """
     t0 = time.perf_counter()
-    if precision not in ("float32", "float64"):
-        raise UsageError("--precision", f"unknown precision {precision!r}", "use float32 or float64")
-    compute = torch.float32 if precision == "float32" else torch.float64
+    compute = compute_dtype(precision)
     out_dtype = parse_user_dtype(dtype) if dtype else None
     dev = resolve_device(device)
     specs = adapter_specs(adapter)
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
     ckpt = open_checkpoint(base, revision=revision)
     plan = plan_with_orientation(ckpt, adapters, weights=[s.weight for s in specs], out_dtype=out_dtype)
-    report = MergeReport(
-        out=None,
-        dry_run=False,
-        device=str(dev),
-        precision=precision,
-        tensors=plan.counts(),
-        bytes_total=plan.bytes_total,
-        bytes_changed=sum(o.nbytes for o in plan.outputs if o.raw_source is None),
-        shards=[],
-        warnings=plan.warnings,
-        notes=plan.notes,
-        adapters=[a.label for a in adapters],
-        base=str(base),
-    )
+    report = plan_report(plan, adapters, str(base), dev, precision)
     report.timings["validate_and_plan"] = time.perf_counter() - t0
     tensors: dict[str, torch.Tensor] = {}
 

@@ -15,7 +15,10 @@ from fourier_convert.merge import AdapterSpec, merge
 from fourier_convert.report import MergeReport
 
 
-def _specs(adapters: tuple[str, ...], subfolders: tuple[str, ...], weights: tuple[float, ...]) -> list[AdapterSpec]:
+def specs_from_options(
+    adapters: tuple[str, ...], subfolders: tuple[str, ...], weights: tuple[float, ...]
+) -> list[AdapterSpec]:
+    """``--adapter`` / ``--adapter-subfolder`` / ``--weight`` as adapter specs (counts checked)."""
     n = len(adapters)
     if len(subfolders) not in (0, 1, n):
         raise UsageError(
@@ -140,7 +143,7 @@ def merge_cmd(
     check_report_path(json_path)
     report = merge(
         base,
-        _specs(adapters, subfolders, weights),
+        specs_from_options(adapters, subfolders, weights),
         out,
         device=device,
         precision=precision,

@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 
 from fourier_convert.cli import options
-from fourier_convert.cli.merge_cmd import check_report_path
-from fourier_convert.errors import OnnxValidationError, UsageError
-from fourier_convert.merge import AdapterSpec
+from fourier_convert.cli.merge_cmd import check_report_path, specs_from_options
+from fourier_convert.errors import OnnxValidationError
 from fourier_convert.onnx.pipeline import export_onnx
 from fourier_convert.onnx.report import OnnxReport
 from fourier_convert.onnx.tasks import TASKS
@@ -86,10 +85,7 @@ def to_onnx_cmd(
 ) -> None:
     """Export a merged model (or base + FourierFT adapter, merged first) to ONNX, proven equal in onnxruntime."""
     check_report_path(json_path)
-    if weights and len(weights) != len(adapters):
-        found = f"given {len(weights)} time(s) for {len(adapters)} adapter(s)"
-        raise UsageError("--weight", found, "give one --weight per --adapter")
-    specs = [AdapterSpec(a, None, weights[i] if weights else 1.0) for i, a in enumerate(adapters)]
+    specs = specs_from_options(adapters, (), weights)
     try:
         report = export_onnx(
             out,
