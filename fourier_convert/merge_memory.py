@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from fourier_convert.io.adapter import read_adapter
-from fourier_convert.io.checkpoint import open_checkpoint
+from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
+from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.dtypes import parse_user_dtype
 from fourier_convert.merge_core import (
     AdapterSpec,
@@ -92,15 +92,48 @@ def merge_in_memory(
         >>> state.tensors["model.layers.0.self_attn.q_proj.weight"].dtype
         torch.float32
     """
+    specs = adapter_specs(adapter)
+    adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
+    ckpt = open_checkpoint(base, revision=revision)
+    return merge_opened(
+        ckpt, adapters, [s.weight for s in specs], device=device, precision=precision, dtype=dtype, threads=threads
+    )
+
+
+def merge_opened(
+    ckpt: BaseCheckpoint,
+    adapters: Sequence[FourierFTAdapter],
+    weights: Sequence[float],
+    *,
+    device: str = "auto",
+    precision: str = "float32",
+    dtype: str | None = None,
+    threads: int | None = None,
+) -> MergedState:
+    """:func:`merge_in_memory` for a base and adapters the caller has already opened and read.
+
+    Args:
+        ckpt: The base checkpoint (:func:`~fourier_convert.io.checkpoint.open_checkpoint`).
+        adapters: The adapters (:func:`~fourier_convert.io.adapter.read_adapter`), in order.
+        weights: Each adapter's multiplier.
+        device, precision, dtype, threads: As for :func:`merge_in_memory`.
+
+    Returns:
+        A :class:`MergedState`.
+
+    Raises:
+        FourierConvertError: Any invalid input (the same checks as :func:`fourier_convert.merge`).
+
+    Example:
+        >>> state = merge_opened(open_checkpoint("fixtures/llama/base"), [read_adapter("fixtures/llama/adapter")],
+        ...                      [1.0])  # doctest: +SKIP
+    """
     t0 = time.perf_counter()
     compute = compute_dtype(precision)
     out_dtype = parse_user_dtype(dtype) if dtype else None
     dev = resolve_device(device)
-    specs = adapter_specs(adapter)
-    adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
-    ckpt = open_checkpoint(base, revision=revision)
-    plan = plan_with_orientation(ckpt, adapters, weights=[s.weight for s in specs], out_dtype=out_dtype)
-    report = plan_report(plan, adapters, str(base), dev, precision)
+    plan = plan_with_orientation(ckpt, adapters, weights=weights, out_dtype=out_dtype)
+    report = plan_report(plan, adapters, str(ckpt.folder), dev, precision)
     report.timings["validate_and_plan"] = time.perf_counter() - t0
     tensors: dict[str, torch.Tensor] = {}
 

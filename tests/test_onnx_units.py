@@ -334,3 +334,17 @@ def test_same_values_is_exact_and_bitwise() -> None:
     assert same_values(f16, f16.to(torch.float32)) and not same_values(f16, torch.tensor([0.1, 65504.0]))
     ints = torch.tensor([1, 2, 3])
     assert same_values(ints, ints.clone()) and not same_values(ints, torch.tensor([1, 2, 4]))
+
+
+def test_config_errors_name_the_file(tmp_path: Path) -> None:
+    from fourier_convert.onnx.models import config_from_dict
+
+    source = tmp_path / "config.json"
+    with pytest.raises(fc.ExportError) as e:
+        config_from_dict({}, source)
+    assert str(e.value) == f"{source}: is missing or has no model_type; export a transformers model folder"
+    with pytest.raises(fc.ExportError) as e:
+        config_from_dict({"model_type": "no-such-model"}, source)
+    assert (
+        str(e.value) == f"{source}: model_type 'no-such-model' is not known to this transformers; upgrade transformers"
+    )

@@ -40,26 +40,25 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def config_from_dict(config: Mapping[str, Any]) -> Any:
-    """A transformers config from ``config.json``'s content (e.g. a merge's changed config).
+def config_from_dict(config: Mapping[str, Any], source: Path) -> Any:
+    """A transformers config from ``config.json``'s content (e.g. a merge's changed config); ``source`` names
+    the file in errors.
 
     Raises:
         ExportError: transformers does not know the ``model_type``.
 
     Example:
-        >>> config_from_dict({"model_type": "bert", "hidden_size": 32}).hidden_size
+        >>> config_from_dict({"model_type": "bert", "hidden_size": 32}, Path("config.json")).hidden_size
         32
     """
     from transformers import CONFIG_MAPPING
 
     model_type = str(config.get("model_type", ""))
     if not model_type:
-        raise ExportError("config.json", "is missing or has no model_type", "export a transformers model folder")
+        raise ExportError(str(source), "is missing or has no model_type", "export a transformers model folder")
     if model_type not in CONFIG_MAPPING:
         raise ExportError(
-            "config.json",
-            f"model_type {model_type!r} is not known to this transformers",
-            "upgrade transformers, or check the base's config.json",
+            str(source), f"model_type {model_type!r} is not known to this transformers", "upgrade transformers"
         )
     return CONFIG_MAPPING[model_type].from_dict(dict(config))
 
@@ -158,5 +157,9 @@ def load_checkpoint_model(ckpt: BaseCheckpoint, task: str, dtype: torch.dtype) -
         tensors[key] = value.to(dtype) if info.dtype in FLOAT_DTYPES else value
         del value
     return load_task_model(
-        ckpt.folder, task, dtype=dtype, config=config_from_dict(ckpt.config or {}), state_dict=tensors
+        ckpt.folder,
+        task,
+        dtype=dtype,
+        config=config_from_dict(ckpt.config or {}, ckpt.folder / "config.json"),
+        state_dict=tensors,
     )

@@ -39,7 +39,7 @@ from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES
 from fourier_convert.io.writer import CheckpointWriter, check_output_target, refuse_input_as_output
 from fourier_convert.merge import PROVENANCE_NAME
 from fourier_convert.merge_core import AdapterSpec, adapter_specs, config_json
-from fourier_convert.merge_memory import MergedState, merge_in_memory
+from fourier_convert.merge_memory import MergedState, merge_opened
 from fourier_convert.onnx.compare import TOLERANCES
 from fourier_convert.onnx.exporter import MODEL_FILE, export_graph, release_weights
 from fourier_convert.onnx.inputs import export_case, make_inputs
@@ -186,12 +186,12 @@ def _merge_and_prove(
     aux = {p.name: p.read_bytes() for p in ckpt.aux_files if _is_aux(p.name)}
     if specs:
         t = time.perf_counter()
-        merged = merge_in_memory(
-            ckpt.folder,
-            specs,
+        merged = merge_opened(  # the base and adapters read once, above
+            ckpt,
+            adapters,
+            [s.weight for s in specs],
             device="cpu" if report.device == "cpu" else "auto",
             dtype="float32",
-            allow_pickle=allow_pickle,
         )
         report.timings["merge"] = time.perf_counter() - t
         report.merge = {
@@ -387,7 +387,7 @@ def _prove(
     swaps base weights in and back out, and a float16 export converts the tensors one at a time.
     """
     t = time.perf_counter()
-    config = config_from_dict(merged.config or {})
+    config = config_from_dict(merged.config or {}, ckpt.folder / "config.json")
     model = load_task_model(ckpt.folder, report.task, dtype=torch.float32, config=config, state_dict=merged.tensors)
     inputs = validation_inputs(describe(model, report.task))
     flat = FlatModel(model, inputs.sig).eval()
@@ -407,12 +407,14 @@ def _prove(
         )
     report.merge["tensors_equal_to_base"] = unmerged.checked
     if unmerged.mismatched:
-        raise OnnxValidationError(
+        err = OnnxValidationError(
             "merge proof",
             f"{len(unmerged.mismatched)} tensor(s) the merge should have copied differ from the base: "
             f"{unmerged.mismatched[:3]}; nothing was published",
             "report this with the base's config.json",
         )
+        err.report = report  # the CLI prints it and writes --json, as for any failed proof
+        raise err
     # One validation shape through the hooked model: padded, with a past if any, the most tokens.
     cases = inputs.cases
     pick = max(
