@@ -67,6 +67,32 @@ def test_written_shards_round_trip_through_safetensors(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
+@pytest.mark.parametrize(
+    ("name", "indexed"),
+    [("model.safetensors", False), ("model-00001-of-00001.safetensors", True), ("weights.safetensors", True)],
+)
+def test_one_file_gets_an_index_unless_it_has_the_single_file_name(tmp_path: Path, name: str, indexed: bool) -> None:
+    """transformers finds a weights file without an index only as model.safetensors."""
+    tensor = torch.arange(6, dtype=torch.float32)
+    layouts = layout_shards([[TensorSpec("w", "F32", (6,))]], names=[name])
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.begin(layouts)
+        w.write_tensor(name, "w", _bytes(tensor))
+        w.commit()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [name, *(["model.safetensors.index.json"] if indexed else [])]
+    )
+    assert torch.equal(load_file(str(tmp_path / "out" / name))["w"], tensor)
+
+
+def test_a_writer_without_weights_writes_no_index(tmp_path: Path) -> None:
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.begin([])
+        w.write_file("model.onnx", b"graph")
+        w.commit()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.onnx"]
+
+
 def test_mirrored_shard_reuses_the_header_byte_for_byte(tmp_path: Path) -> None:
     src = tmp_path / "src.safetensors"
     save_file(_tensors(), str(src), metadata={"format": "pt"})

@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import queue
-import re
 import shutil
 import threading
 import uuid
@@ -33,7 +32,6 @@ from fourier_convert.io.progress import ByteProgress
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, SafetensorsFile
 
 _COPY_CHUNK = 256 * 1024 * 1024
-_SHARD_NAME = re.compile(r".+-\d+-of-\d+\.safetensors")
 
 
 @dataclass(frozen=True)
@@ -376,9 +374,9 @@ class CheckpointWriter:
                     filename, f"is {size} bytes, planned {self._layouts[filename].size}", "report this bug"
                 )
         self._close_fds()
-        # transformers finds shards only through the index, also when there is only one (a base saved as
-        # model-00001-of-00001.safetensors with an index)
-        if len(self._layouts) > 1 or any(_SHARD_NAME.fullmatch(name) for name in self._layouts):
+        # transformers finds a weights file without an index only under the single-file name (a base saved as
+        # model-00001-of-00001.safetensors needs its index)
+        if self._layouts and list(self._layouts) != [SINGLE_NAME]:
             weight_map = {s.name: lay.filename for lay in self._layouts.values() for s in lay.specs}
             total = sum(s.nbytes for lay in self._layouts.values() for s in lay.specs)
             index = {
