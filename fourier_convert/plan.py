@@ -457,9 +457,10 @@ def set_orientation(
         if layer.conv1d != before:
             flipped.append(layer)
     if disagree:
+        assert skeleton is not None  # a disagreement needs a module type
         plan.warnings.append(
             f"fan_in_fan_out in adapter_config.json disagrees with the module type for {len(disagree)} module(s) "
-            f"(first: {disagree[0]}); used the module type from the model skeleton (PEFT rewrites this flag "
+            f"(first: {disagree[0]}); used the module type from the {skeleton.source} (PEFT rewrites this flag "
             "per module)"
         )
     if used_flag:

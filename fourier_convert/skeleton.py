@@ -108,7 +108,7 @@ def scan_linear_only(config: dict[str, Any]) -> Skeleton | None:
         if "Conv1D" in text or "AutoModel" in text:
             return None
         todo += re.findall(r"from \.\.(\w+)\.modeling_\w+ import", text)
-    version = _installed_version(root)
+    version = _installed_version()
     files = ", ".join(f"modeling_{n}.py" for n in sorted(seen))
     return Skeleton(
         str(archs[0]),
@@ -119,12 +119,13 @@ def scan_linear_only(config: dict[str, Any]) -> Skeleton | None:
     )
 
 
-def _installed_version(root: Path) -> str:
-    for meta in sorted(root.parent.glob("transformers-*.dist-info/METADATA")):
-        for line in meta.read_text(encoding="utf-8").splitlines():
-            if line.startswith("Version:"):
-                return line.split(":", 1)[1].strip()
-    return "?"
+def _installed_version() -> str:
+    from importlib import metadata  # reads the installed metadata; transformers is not imported
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def build_skeleton(config: dict[str, Any], checkpoint_keys: Iterable[str]) -> tuple[Skeleton | None, str]:

@@ -291,7 +291,7 @@ def delta_apply(
     """
     m, n = shape
     e_u, e_v = spectral_basis(indices, shape) if basis is None else basis
-    flat = x.reshape(-1, n).to(torch.float64).to(torch.complex128)
+    flat = x.reshape(-1, n).to(torch.complex128)
     coeffs = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(torch.complex128)
     y = ((flat @ e_v) * coeffs) @ e_u.T
     return (y.real * (scaling / (m * n))).reshape(*x.shape[:-1], m)
