@@ -15,7 +15,7 @@ rank, smaller layers zero-padded, only ``lora_A`` / ``lora_B`` tensors; vLLM's r
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from fourier_convert.calibrate.pipeline import CalibrationOptions, CalibrationReport, CalibrationSession, open_session
 from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, extra_tensor_keys, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
@@ -54,6 +55,13 @@ class LoraLayerReport:
         retained_energy: ``sum(kept sigma^2) / sum(sigma^2)``.
         relative_error: ``||dW - B A||_F / ||dW||_F``.
         largest_dropped: Largest singular value not kept (0 when nothing was dropped).
+        output_kept: With calibration: share of ``||dW X||^2`` on the fit inputs that the closed form at this
+            rank keeps (the output-space counterpart of ``retained_energy``).
+        held_out_svd: With calibration: held-out ``||(B A - dW) X|| / ||dW X||`` of the plain SVD at this rank.
+        held_out_error: With calibration: the same for the factors written.
+
+    With calibration, ``retained_energy`` and ``relative_error`` describe the factors written, in weight space
+    (a calibrated LoRA gives up weight-space error for error on the inputs the layer sees).
     """
 
     module: str
@@ -64,6 +72,9 @@ class LoraLayerReport:
     retained_energy: float
     relative_error: float
     largest_dropped: float
+    output_kept: float | None = None
+    held_out_svd: float | None = None
+    held_out_error: float | None = None
 
 
 @dataclass
@@ -80,6 +91,7 @@ class LoraReport:
         budget_bound: With a budget: no choice of ranks within it keeps more energy than this share.
         dropped: Trained biases / heads the target cannot carry and ``drop_extras`` left out (keys).
         warnings: Layers that keep little energy, and other things to know.
+        calibration: What calibration did and the held-out figures of every stage (None without calibration).
     """
 
     adapter: str
@@ -91,6 +103,7 @@ class LoraReport:
     budget_bound: float | None = None
     dropped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    calibration: CalibrationReport | None = None
 
     @property
     def retained_energy(self) -> float:
@@ -100,18 +113,28 @@ class LoraReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (with the total retained energy)."""
-        return {**asdict(self), "retained_energy": self.retained_energy}
+        doc = {**asdict(self), "retained_energy": self.retained_energy}
+        if self.calibration is not None:
+            doc["calibration"] = self.calibration.to_dict()
+        return doc
 
     def table(self) -> str:
         """The per-layer table the CLI prints, with a total line."""
-        head = f"{'module':<52} {'out x in':>11} {'rank':>5} {'exact':>6} {'energy':>8} {'rel.err':>8} {'dropped':>9}"
+        calibrated = self.calibration is not None
+        head = f"{'module':<52} {'out x in':>11} {'rank':>5} {'exact':>6} {'energy':>8} {'rel.err':>8}"
+        head += f" {'out.kept':>8} {'svd err':>8} {'err':>8}" if calibrated else f" {'dropped':>9}"
         rows = [head]
         for x in self.layers:
             shape = f"{x.shape[0]}x{x.shape[1]}"
-            rows.append(
+            row = (
                 f"{x.module:<52} {shape:>11} {x.rank:>5} {x.exact_rank:>6} {x.retained_energy:>8.2%} "
-                f"{x.relative_error:>8.4f} {x.largest_dropped:>9.3g}"
+                f"{x.relative_error:>8.4f}"
             )
+            if calibrated:
+                row += f" {_pct(x.output_kept):>8} {_num(x.held_out_svd):>8} {_num(x.held_out_error):>8}"
+            else:
+                row += f" {x.largest_dropped:>9.3g}"
+            rows.append(row)
         total = (
             f"total: {len(self.layers)} layers, {self.parameters:,} LoRA parameters, "
             f"{self.retained_energy:.2%} of the delta energy kept"
@@ -121,7 +144,22 @@ class LoraReport:
         if self.budget is not None and self.budget_bound is not None:
             total += f"; budget {self.budget:,} (no allocation within it keeps more than {self.budget_bound:.2%})"
         rows.append(total)
+        if self.calibration is not None:
+            rows.append(
+                "out.kept: share of ||dW X|| kept on the calibration inputs; svd err / err: held-out "
+                "||(BA - dW) X|| / ||dW X|| of the plain SVD and of the LoRA written (X: the FourierFT model's "
+                "layer inputs)"
+            )
+            rows.extend(self.calibration.lines())
         return "\n".join(rows)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def to_lora(
@@ -135,34 +173,52 @@ def to_lora(
     drop_extras: bool = False,
     subfolder: str | None = None,
     allow_pickle: bool = False,
+    calibration: str | Path | CalibrationOptions | None = None,
+    distill_steps: int | None = None,
+    sequential: bool | None = None,
+    device: str | None = None,
+    progress: bool = False,
 ) -> tuple[AdapterFiles, LoraReport]:
-    """Convert a FourierFT adapter to a LoRA adapter with the best rank-r approximation per layer.
+    """Convert a FourierFT adapter to a LoRA adapter: the best rank-r approximation per layer, in weight space
+    (exact SVD) or, with calibration data, where the model is used.
 
     Args:
         adapter: FourierFT adapter folder, ``PATH:NAME`` or hub id.
-        base: Base model (only headers and config are read); default: the adapter's
+        base: Base model (without calibration only headers and config are read); default: the adapter's
             ``base_model_name_or_path``.
-        rank: An int (fixed rank) or a float in (0, 1] (per-layer energy share); default 8 unless
-            ``param_budget`` is given.
+        rank: An int (fixed rank) or a float in (0, 1] (per-layer energy share; with calibration, the share of
+            the layer's output energy on the calibration inputs); default 8 unless ``param_budget`` is given.
         max_rank: Cap on every layer's rank.
-        param_budget: Choose per-layer ranks keeping the most total energy for at most this many LoRA
-            parameters (``sum r * (out + in)``); excludes ``rank``.
+        param_budget: Choose per-layer ranks keeping the most total energy (with calibration: output energy)
+            for at most this many LoRA parameters (``sum r * (out + in)``); excludes ``rank``.
         target: ``peft`` (default), ``vllm`` or ``llama.cpp`` (uniform rank, only lora_A / lora_B).
         drop_extras: For ``vllm`` / ``llama.cpp``: leave out trained biases and heads instead of refusing
             (they are listed in ``report.dropped``).
         subfolder: Named adapter inside the folder.
         allow_pickle: Accept ``adapter_model.bin``.
+        calibration: Calibration data (a text / JSON Lines / safetensors file or a folder of images), or a
+            :class:`~fourier_convert.calibrate.pipeline.CalibrationOptions` for every setting. With it, each
+            layer's factors minimise the error of its output on the FourierFT model's real layer inputs, and
+            the report measures the LoRA model against the FourierFT model on held-out samples.
+        distill_steps: With calibration: distillation steps after the closed form (overrides the options').
+        sequential: With calibration: the sequential closed form (overrides the options').
+        device: With calibration: where the model runs (overrides the options'; default ``auto``).
+        progress: Print phases and a progress bar on stderr (calibration only).
 
     Returns:
         The LoRA adapter (call ``.save(path)``) and the report.
 
     Raises:
-        UsageError: Bad rank / budget / target, or extras the target cannot carry without ``drop_extras``.
+        UsageError: Bad rank / budget / target, extras the target cannot carry without ``drop_extras``, or a
+            calibration-only option without calibration data.
+        InputFileError: Unusable calibration data.
         FourierConvertError: Invalid adapter or base.
 
     Example:
         >>> lora, report = to_lora("fixtures/gpt2/adapter", base="fixtures/gpt2/base", rank=8)  # doctest: +SKIP
         >>> print(report.table())  # doctest: +SKIP
+        >>> lora, report = to_lora("./ft", base="./base", rank=8, calibration="calib.jsonl", distill_steps=300)
+        ... # doctest: +SKIP
     """
     if target not in TARGETS:
         raise UsageError("--target", f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
@@ -175,6 +231,7 @@ def to_lora(
             raise UsageError("--param-budget", f"{param_budget!r} is not a positive count", "use e.g. 1000000")
     elif rank is None:
         rank = 8
+    options = calibration_options(calibration, distill_steps, sequential, device)
     fourier = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     dropped = _extras(fourier, target, drop_extras)
     ckpt = open_adapter_base(base, fourier.settings.base_model_name_or_path)
@@ -190,7 +247,22 @@ def to_lora(
             m, n = layer.delta_shape
             idx = cache.get(m, n, c.seed, c.spectrum.n).numpy()
             svds.append(spectral_svd(c.spectrum.values, idx, (m, n), c.scaling))
-    ranks, uniform, bound = _ranks(svds, plan.layers, rank, max_rank, param_budget, target)
+    session: CalibrationSession | None = None
+    values = [s.values for s in svds]
+    if options is not None:
+        exact = {layer.module: len(s.values) for layer, s in zip(plan.layers, svds, strict=True)}
+        session = open_session(ckpt, fourier, plan, options, exact, progress=progress)
+        values = [session.output_values(layer.module) for layer in plan.layers]
+    ranks, uniform, bound = _ranks(values, plan.layers, rank, max_rank, param_budget, target)
+
+    plain: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer, svd, r in zip(plan.layers, svds, ranks, strict=True):
+        if r > 0:
+            u, v = svd.vectors(r)
+            plain[layer.module] = (torch.from_numpy(u * svd.values[:r]).float(), torch.from_numpy(v.T).float())
+    factors = plain
+    if session is not None:
+        factors = session.fit({layer.module: r for layer, r in zip(plan.layers, ranks, strict=True)}, plain)
 
     tensors: dict[str, torch.Tensor] = {}
     layers: list[LoraLayerReport] = []
@@ -204,16 +276,16 @@ def to_lora(
             warnings.append(f"{layer.module}: left out of the LoRA ({why})")
             continue
         width = uniform if uniform is not None else r
-        u, v = svd.vectors(r)
-        b = np.zeros((layer.delta_shape[0], width))
-        a = np.zeros((width, layer.delta_shape[1]))
-        b[:, :r] = u * svd.values[:r]
-        a[:r] = v.T
+        b_r, a_r = factors[layer.module]
+        b = torch.zeros(layer.delta_shape[0], width)
+        a = torch.zeros(width, layer.delta_shape[1])
+        b[:, :r] = b_r
+        a[:r] = a_r
         key = f"{KEY_PREFIX}{layer.module}"
-        tensors[f"{key}.lora_A.weight"] = torch.from_numpy(a).float()
-        tensors[f"{key}.lora_B.weight"] = torch.from_numpy(b).float()
+        tensors[f"{key}.lora_A.weight"] = a
+        tensors[f"{key}.lora_B.weight"] = b
         written[layer.module] = width
-        if report.retained_energy < LOW_ENERGY:
+        if session is None and report.retained_energy < LOW_ENERGY:
             warnings.append(f"{layer.module}: rank {r} keeps only {report.retained_energy:.1%} of the delta's energy")
     if not written:
         raise UsageError(
@@ -229,20 +301,76 @@ def to_lora(
             f"{len(dropped)} trained tensor(s) the {target} target cannot carry were left out (first: {dropped[0]}): "
             "the LoRA model differs from the FourierFT model there"
         )
+        if session is not None:
+            warnings.append("the calibration figures are measured with those tensors; the LoRA as written lacks them")
 
     config = _lora_config(fourier, plan.layers, written, target, carry_extras=not dropped)
     params = sum(int(t.numel()) for k, t in tensors.items() if ".lora_" in k)
     result = LoraReport(str(adapter), layers, params, target, uniform, param_budget, None, dropped, warnings)
-    if bound is not None:
-        total = sum(x.energy for x in layers)
-        result.budget_bound = bound / total if total > 0 else 1.0
-    if layers and result.retained_energy < LOW_ENERGY:
+    result.budget_bound = bound
+    if session is not None:
+        _calibrated_rows(result, session, factors)
+    elif layers and result.retained_energy < LOW_ENERGY:
         warnings.insert(
             0,
             "the LoRA keeps less than half of the adapter's delta energy: a FourierFT delta spreads its energy over "
-            "up to 2n singular values, so a low-rank LoRA keeps only the ~r/2 largest coefficients (docs/maths.md)",
+            "up to 2n singular values, so a low-rank LoRA keeps only the ~r/2 largest coefficients (docs/maths.md); "
+            "--calibration fits the LoRA where the model is used instead (docs/to-lora.md)",
         )
     return AdapterFiles(config, tensors, [fourier.folder, ckpt.folder]), result
+
+
+def calibration_options(
+    calibration: str | Path | CalibrationOptions | None,
+    distill_steps: int | None = None,
+    sequential: bool | None = None,
+    device: str | None = None,
+) -> CalibrationOptions | None:
+    """The calibration options :func:`to_lora` uses, or None without calibration data.
+
+    Raises:
+        UsageError: A calibration-only setting without calibration data.
+
+    Example:
+        >>> calibration_options("calib.txt", distill_steps=300).distill_steps
+        300
+    """
+    if calibration is None:
+        for flag, given in (("--distill", distill_steps), ("--sequential", sequential), ("--device", device)):
+            if given:
+                raise UsageError(flag, "has no effect without --calibration", "pass --calibration DATA as well")
+        return None
+    options = calibration if isinstance(calibration, CalibrationOptions) else CalibrationOptions(path=calibration)
+    changes: dict[str, Any] = {}
+    if distill_steps is not None:
+        changes["distill_steps"] = distill_steps
+    if sequential is not None:
+        changes["sequential"] = sequential
+    if device is not None:
+        changes["device"] = device
+    return replace(options, **changes) if changes else options
+
+
+def _calibrated_rows(
+    result: LoraReport, session: CalibrationSession, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Fill the calibrated columns of every layer row, the weight-space figures of the factors written, and the
+    report's calibration part."""
+    cal = session.report
+    result.calibration = cal
+    first = cal.stages[0].layers if cal.stages else {}
+    last = cal.final.layers if cal.final is not None else {}
+    deltas = {layer.name: layer.delta for layer in session.model.layers}
+    for row in result.layers:
+        row.output_kept = cal.output_kept.get(row.module)
+        row.held_out_svd = first[row.module].delta_error if row.module in first else None
+        row.held_out_error = last[row.module].delta_error if row.module in last else None
+        if row.module in factors and row.energy > 0:
+            b, a = factors[row.module]
+            d = deltas[row.module].double().cpu()
+            rel = float(torch.linalg.matrix_norm(d - b.double() @ a.double()) / torch.linalg.matrix_norm(d))
+            row.relative_error = rel
+            row.retained_energy = max(0.0, 1.0 - rel**2)
 
 
 def _extras(fourier: FourierFTAdapter, target: str, drop: bool) -> list[str]:
@@ -265,28 +393,30 @@ def _extras(fourier: FourierFTAdapter, target: str, drop: bool) -> list[str]:
 
 
 def _ranks(
-    svds: list[SpectralSVD],
+    values: list[np.ndarray],
     layers: list[LayerPlan],
     rank: float | None,
     max_rank: int | None,
     budget: int | None,
     target: str,
 ) -> tuple[list[int], int | None, float | None]:
-    """Per-layer ranks, the uniform width for vllm / llama.cpp (None for peft), and the budget's energy bound."""
+    """Per-layer ranks from each layer's singular values (descending, at most its exact rank), the uniform width
+    for vllm / llama.cpp (None for peft), and the budget's bound as a share of the total energy."""
     costs = [sum(layer.delta_shape) for layer in layers]
     bound: float | None = None
     if budget is None:
         assert rank is not None
         try:
-            ranks = [choose_rank(s.values, rank, max_rank) for s in svds]
+            ranks = [choose_rank(v, rank, max_rank) for v in values]
         except ValueError as exc:
             raise UsageError("--rank", str(exc), "use e.g. 8 or 0.9") from None
     elif target == "peft":
-        alloc = allocate_budget([s.values for s in svds], costs, budget, max_rank)
-        ranks, bound = alloc.ranks, alloc.upper_bound
+        alloc = allocate_budget(values, costs, budget, max_rank)
+        total = sum(float(np.sum(np.asarray(v, dtype=np.float64) ** 2)) for v in values)
+        ranks, bound = alloc.ranks, alloc.upper_bound / total if total > 0 else 1.0
     else:
         # one width for every layer: the largest allowed width whose padded tensors fit the budget
-        allowed = [w for w in _widths(target, max(len(s.values) for s in svds)) if max_rank is None or w <= max_rank]
+        allowed = [w for w in _widths(target, max(len(v) for v in values)) if max_rank is None or w <= max_rank]
         fitting = [w for w in allowed if w * sum(costs) <= budget]
         if not fitting:
             raise UsageError(
@@ -295,7 +425,7 @@ def _ranks(
                 f"({(allowed[0] if allowed else 1) * sum(costs):,} needed) for {target}",
                 "raise the budget or use --target peft",
             )
-        ranks = [min(max(fitting), len(s.values)) for s in svds]
+        ranks = [min(max(fitting), len(v)) for v in values]
     if target == "peft":
         return ranks, None, bound
     top = max(ranks)

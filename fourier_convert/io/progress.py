@@ -62,3 +62,48 @@ class ByteProgress:
             f"{rate / 1e6:7.1f} MB/s ETA {eta:4.0f}s"
         )
         self.stream.flush()
+
+
+class StepProgress:
+    """A progress bar in steps (with a short status text), for phases that are not counted in bytes.
+
+    Args:
+        total: Steps expected.
+        label: Text before the bar.
+        stream: Where to draw (stderr by default).
+        enabled: Draw at all; callers pass ``stream.isatty() and not quiet``.
+
+    Example:
+        >>> p = StepProgress(10, "distill", enabled=False)
+        >>> p.update(3, "loss 0.12"); p.done
+        3
+    """
+
+    def __init__(self, total: int, label: str, *, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.total = max(total, 1)
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.done = 0
+        self._start = time.monotonic()
+        self._last = 0.0
+
+    def update(self, done: int, status: str = "") -> None:
+        """Set the steps done and the status text; redraws at most ten times a second."""
+        self.done = done
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.1 or done >= self.total):
+            self._last = now
+            frac = min(done / self.total, 1.0)
+            elapsed = now - self._start
+            eta = elapsed / done * (self.total - done) if done else 0.0
+            self.stream.write(
+                f"\r{self.label} [{'#' * int(frac * 30):<30}] {done}/{self.total} {status} "
+                f"{elapsed:5.0f}s ETA {eta:4.0f}s"
+            )
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,402 @@
+"""The calibrated conversion, start to end: load the model and the data, collect Gram matrices, fit each layer
+where the model is used (closed form, optionally sequential), distil, and measure every stage on held-out data.
+
+:func:`fourier_convert.lora.to_lora` drives it: :func:`open_session` loads and measures (the output-space
+singular values its rank choices use), :meth:`CalibrationSession.fit` produces the factors and the figures.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fourier_convert.calibrate.distill import DistillResult, distill
+from fourier_convert.calibrate.evaluate import Factors, StageFigures, compare_stages
+from fourier_convert.calibrate.grams import Grams, collect_grams, gram_bytes
+from fourier_convert.calibrate.model import CalibModel, calibration_task, load_calib_model
+from fourier_convert.calibrate.sequential import sequential_fit
+from fourier_convert.errors import UsageError
+from fourier_convert.io.adapter import FourierFTAdapter
+from fourier_convert.io.calibration import CalibrationData, batches, collate, pad_token_id, read_calibration
+from fourier_convert.io.checkpoint import BaseCheckpoint
+from fourier_convert.io.progress import StepProgress
+from fourier_convert.maths.calibrated import RIDGE, WeightedFactors, gram_factor, weighted_factors
+from fourier_convert.merge_core import resolve_device
+from fourier_convert.plan import MergePlan
+
+#: Held-out top-1 agreement below this gets a warning.
+POOR_AGREEMENT = 0.9
+
+
+@dataclass
+class CalibrationOptions:
+    """How to calibrate (the ``to-lora`` options of the same names).
+
+    Attributes:
+        path: Calibration data: a text / JSON Lines / safetensors file, or a folder of images.
+        text_field: JSON Lines field holding the text.
+        samples: Samples to use in all (fit + held out); None: all, up to the reader's limit.
+        max_length: Tokens per sample (longer text is cut).
+        held_out: Share of the samples kept for the report.
+        seed: Seed of the sample choice, the split and the distillation.
+        distill_steps: Distillation steps after the closed form (0: none).
+        sequential: Fit layer by layer in model order against the converted model's own inputs.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        task: Model class to load (``auto``: the adapter's task_type, else the base's architecture).
+        batch_size: Samples per forward pass.
+        lr: Distillation learning rate (relative to each factor's scale).
+        ridge: Relative ridge of the Gram matrices.
+    """
+
+    path: str | Path
+    text_field: str = "text"
+    samples: int | None = None
+    max_length: int = 512
+    held_out: float = 0.2
+    seed: int = 0
+    distill_steps: int = 0
+    sequential: bool = False
+    device: str = "auto"
+    task: str = "auto"
+    batch_size: int = 16
+    lr: float = 0.02
+    ridge: float = RIDGE
+
+
+@dataclass
+class CalibrationReport:
+    """What calibration did and how closely each stage's LoRA model follows the FourierFT model.
+
+    Attributes:
+        source: The calibration data given.
+        kind: ``text``, ``jsonl``, ``safetensors`` or ``images``.
+        task: The model class's task.
+        device: Where the model ran.
+        fit_samples: Samples the fit used (distillation's validation slice included).
+        held_out_samples: Samples kept for the stage figures.
+        tokens: Input rows (tokens) per Gram matrix.
+        gram_groups: Gram matrices kept (layers reading the same input share one).
+        gram_bytes: Their memory (float64).
+        output_kept: Module -> share of ``||dW X||^2`` on the fit inputs the chosen rank keeps (closed form).
+        stages: Held-out figures per stage, in order (``svd``: plain SVD at the same ranks, for comparison).
+        distill: Distillation's record, if it ran.
+        seconds: Wall time per phase.
+        notes: Things to know.
+    """
+
+    source: str
+    kind: str
+    task: str
+    device: str
+    fit_samples: int
+    held_out_samples: int
+    tokens: int
+    gram_groups: int
+    gram_bytes: int
+    output_kept: dict[str, float] = field(default_factory=dict)
+    stages: list[StageFigures] = field(default_factory=list)
+    distill: DistillResult | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> StageFigures | None:
+        """The figures of the factors written (the last stage)."""
+        return self.stages[-1] if self.stages else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        doc = asdict(self)
+        for stage, figures in zip(doc["stages"], self.stages, strict=True):
+            stage["agreement"] = figures.agreement
+        return doc
+
+    def lines(self) -> list[str]:
+        """The lines the CLI prints: the data, one line per stage, and the notes."""
+        out = [
+            f"calibration: {self.fit_samples} samples fitted, {self.held_out_samples} held out, from {self.source} "
+            f"({self.kind}); {self.tokens:,} tokens per layer; {self.gram_groups} Gram matrices "
+            f"({self.gram_bytes / 2**20:.1f} MiB); {self.task} on {self.device}"
+        ]
+        if self.stages:
+            what = self.stages[0].output
+            out.append(
+                f"held-out ({self.held_out_samples} samples), LoRA model against the FourierFT model on {what}:"
+            )
+            out.append(f"  {'stage':<28} {'top-1 agreement':>22} {'mean err':>10} {'max err':>10} {'rel err':>9}")
+            for s in self.stages:
+                agree = "-" if s.agree is None else f"{s.agree}/{s.total} ({s.agree / max(s.total, 1):.1%})"
+                out.append(
+                    f"  {_stage_label(s.stage, self.distill):<28} {agree:>22} {s.mean_error:>10.3g} "
+                    f"{s.max_error:>10.3g} {s.relative_error:>9.3g}"
+                )
+        out.extend(self.notes)
+        return out
+
+
+def _stage_label(stage: str, result: DistillResult | None) -> str:
+    labels = {
+        "svd": "plain SVD (no calibration)",
+        "closed-form": "closed form (calibrated)",
+        "sequential": "sequential closed form",
+    }
+    if stage == "distilled" and result is not None:
+        return f"distilled ({result.steps} steps, best {result.best_step})"
+    return labels.get(stage, stage)
+
+
+@dataclass
+class CalibrationSession:
+    """A loaded model, its data and Gram matrices, ready to fit (from :func:`open_session`).
+
+    Attributes:
+        model: The calibration model.
+        data: The calibration samples.
+        grams: Gram matrices of the FourierFT model's layer inputs on the fit samples.
+        decompositions: Module -> the output-space decomposition of its delta.
+        exact_ranks: Module -> the delta's exact rank (caps every rank).
+        options: The options.
+        report: The report, filled by :meth:`fit`.
+        head_loss: Whether distillation also matches the outputs (the adapter trains the head).
+    """
+
+    model: CalibModel
+    data: CalibrationData
+    grams: Grams
+    decompositions: dict[str, WeightedFactors]
+    exact_ranks: dict[str, int]
+    options: CalibrationOptions
+    report: CalibrationReport
+    head_loss: bool
+    pad_id: int
+    progress: bool
+
+    def output_values(self, module: str) -> Any:
+        """Output-space singular values of ``module``'s delta (descending, numpy, at most its exact rank)."""
+        return self.decompositions[module].values[: self.exact_ranks[module]].cpu().numpy()
+
+    def fit(self, ranks: Mapping[str, int], svd_factors: Factors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The calibrated factors at ``ranks``, after every stage asked for; fills ``report.stages``.
+
+        Args:
+            ranks: Module -> rank (0: left out).
+            svd_factors: The plain SVD's factors at the same ranks (the baseline in the figures).
+
+        Returns:
+            Module -> ``(B, A)`` float32 of the last stage (modules of rank 0 left out).
+        """
+        opts, rep, model = self.options, self.report, self.model
+        t0 = time.perf_counter()
+        closed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module, r in ranks.items():
+            if r > 0:
+                b, a = self.decompositions[module].factors(r)
+                closed[module] = (b.float().cpu(), a.float().cpu())
+            dec = self.decompositions[module]
+            rep.output_kept[module] = 1.0 - dec.left_out(r)
+        rep.seconds["closed_form"] = time.perf_counter() - t0
+        stages: dict[str, Factors] = {"svd": svd_factors, "closed-form": closed}
+        current = closed
+        fit, val = self._fit_split()
+        if opts.sequential:
+            t0 = time.perf_counter()
+            current = sequential_fit(
+                model, ranks, self._batches(self.data.train), groups=self._groups(), ridge=opts.ridge, start=current
+            )
+            rep.seconds["sequential"] = time.perf_counter() - t0
+            stages["sequential"] = current
+        if opts.distill_steps > 0:
+            model.set_factors(current)
+            bar = StepProgress(opts.distill_steps, "distill", enabled=self.progress)
+            rep.distill = distill(
+                model,
+                fit,
+                val,
+                lambda s: collate(s, self.pad_id),
+                steps=opts.distill_steps,
+                lr=opts.lr,
+                batch_size=opts.batch_size,
+                seed=opts.seed,
+                head_loss=self.head_loss,
+                progress=lambda step, loss: bar.update(step, f"loss {loss:.4g}" if loss is not None else ""),
+            )
+            bar.close()
+            rep.seconds["distill"] = rep.distill.seconds
+            current = {m: f for m, f in model.factors().items() if ranks.get(m, 0) > 0}
+            stages["distilled"] = current
+        if self.data.held_out:
+            _phase(self.progress, "evaluating every stage on the held-out samples")
+            t0 = time.perf_counter()
+            rep.stages = compare_stages(model, self._batches(self.data.held_out), stages)
+            rep.seconds["evaluate"] = time.perf_counter() - t0
+            self._warn()
+        else:
+            rep.notes.append("no held-out samples (--held-out 0): nothing measured how the LoRA model behaves")
+        return current
+
+    def _fit_split(self) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+        """Distillation's training samples and its validation slice (a tenth of the fit samples, at most 64,
+        none when there are fewer than 10); the held-out report samples are never in either."""
+        train = list(self.data.train)
+        if self.options.distill_steps <= 0 or len(train) < 10:
+            return train, []
+        k = min(64, max(1, len(train) // 10))
+        return train[:-k], train[-k:]
+
+    def _groups(self) -> list[list[str]]:
+        """Modules grouped by shared input, groups in model order."""
+        groups: dict[str, list[str]] = {}
+        for layer in self.model.layers:
+            groups.setdefault(self.grams.leader[layer.name], []).append(layer.name)
+        return list(groups.values())
+
+    def _batches(self, samples: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        return list(batches(samples, self.options.batch_size, self.pad_id))
+
+    def _warn(self) -> None:
+        rep = self.report
+        final, first = rep.stages[-1], rep.stages[0]
+        agreement = final.agreement
+        if agreement is not None and agreement < POOR_AGREEMENT:
+            rep.notes.insert(
+                0,
+                f"warning: on the held-out samples the LoRA model predicts what the FourierFT model predicts only "
+                f"{agreement:.1%} of the time: raise the rank, add --distill, or calibrate on data like the task's "
+                "inputs",
+            )
+        if final.relative_error > first.relative_error:
+            rep.notes.append(
+                "warning: the calibrated LoRA follows the FourierFT model less closely than the plain SVD on the "
+                "held-out samples: the calibration data is probably unlike them"
+            )
+
+
+def open_session(
+    ckpt: BaseCheckpoint,
+    fourier: FourierFTAdapter,
+    plan: MergePlan,
+    options: CalibrationOptions,
+    exact_ranks: Mapping[str, int],
+    *,
+    progress: bool = False,
+) -> CalibrationSession:
+    """Load the model and the data, and collect the Gram matrices of the FourierFT model's layer inputs.
+
+    Args:
+        ckpt: The base checkpoint.
+        fourier: The adapter.
+        plan: Its plan.
+        options: Calibration options.
+        exact_ranks: Module -> exact rank of its delta.
+        progress: Print phases on stderr.
+
+    Returns:
+        The session.
+
+    Raises:
+        UsageError: Bad option values.
+        InputFileError: Unreadable or unusable calibration data.
+        ExportError: The model cannot be loaded for the task.
+    """
+    _check_options(options)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(options.device)
+    task = calibration_task(fourier, ckpt.config, options.task)
+    data = read_calibration(
+        options.path,
+        Path(ckpt.folder),
+        ckpt.config or {},
+        text_field=options.text_field,
+        samples=options.samples,
+        max_length=options.max_length,
+        held_out=options.held_out,
+        seed=options.seed,
+    )
+    times["read_data"] = time.perf_counter() - t0
+    _phase(progress, f"loading the model ({task}) on {device}")
+    t0 = time.perf_counter()
+    model = load_calib_model(ckpt, fourier, plan, task, device)
+    times["load_model"] = time.perf_counter() - t0
+    pad = pad_token_id(Path(ckpt.folder), ckpt.config or {})
+    _phase(progress, f"running the FourierFT model on {len(data.train)} calibration samples")
+    t0 = time.perf_counter()
+    grams = collect_grams(model, batches(data.train, options.batch_size, pad))
+    times["grams"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decompositions: dict[str, WeightedFactors] = {}
+    factors: dict[str, torch.Tensor] = {}
+    for layer in model.layers:
+        lead = grams.leader.get(layer.name)
+        if lead is None:
+            raise UsageError(
+                "--calibration",
+                f"no calibration input reached the adapted layer {layer.name}",
+                "pass --task for the model class the adapter was trained on",
+            )
+        if lead not in factors:
+            try:
+                factors[lead] = gram_factor(grams.groups[lead], options.ridge)
+            except ValueError as exc:
+                raise UsageError("--calibration", f"{layer.name}: {exc}", "check the calibration data") from None
+        decompositions[layer.name] = weighted_factors(layer.delta.double(), factors[lead])
+    del factors
+    times["decompose"] = time.perf_counter() - t0
+    widths = {grams.leader[m]: int(g.shape[0]) for m, g in grams.groups.items()}
+    tokens = min(grams.tokens.values()) if grams.tokens else 0
+    report = CalibrationReport(
+        source=str(options.path),
+        kind=data.kind,
+        task=task,
+        device=str(device),
+        fit_samples=len(data.train),
+        held_out_samples=len(data.held_out),
+        tokens=tokens,
+        gram_groups=len(grams.groups),
+        gram_bytes=gram_bytes(widths.values()),
+        seconds=times,
+        notes=list(data.notes),
+    )
+    narrow = [m for m in grams.leader if grams.tokens[m] < int(grams.of(m).shape[0])]
+    if narrow:
+        report.notes.append(
+            f"{len(narrow)} layer(s) saw fewer calibration tokens than their input width (first: {narrow[0]}, "
+            f"{grams.tokens[narrow[0]]} tokens): the fit is exact on those inputs and may not generalise; "
+            "use more calibration samples"
+        )
+    report.notes.append(
+        "these figures are on held-out samples of the calibration data: they say how the LoRA follows the adapter "
+        "on inputs like those; data unlike the task's inputs gives a LoRA that follows it only there (docs/to-lora.md)"
+    )
+    return CalibrationSession(
+        model,
+        data,
+        grams,
+        decompositions,
+        dict(exact_ranks),
+        options,
+        report,
+        head_loss=bool(fourier.head_tensors),
+        pad_id=pad,
+        progress=progress,
+    )
+
+
+def _check_options(o: CalibrationOptions) -> None:
+    if o.distill_steps < 0:
+        raise UsageError("--distill", f"{o.distill_steps} steps", "use 0 (none) or a positive count, e.g. 300")
+    if o.batch_size < 1:
+        raise UsageError("--batch-size", f"{o.batch_size} samples per batch", "use a positive count, e.g. 16")
+    if not o.lr > 0:
+        raise UsageError("--lr", f"{o.lr} is not a positive learning rate", "use e.g. 0.02")
+
+
+def _phase(enabled: bool, text: str) -> None:
+    if enabled:
+        print(f"to-lora: {text} ...", file=sys.stderr, flush=True)
