@@ -1,13 +1,19 @@
-"""``to-lora --check``: run base + LoRA against base + FourierFT on random inputs, layer by layer.
+"""``to-lora --check``: run base + LoRA against base + FourierFT layer by layer, on random inputs or (with
+calibration data) on the layers' real inputs.
 
-For every adapted layer the base weight ``W`` is read (one layer at a time, so memory does not grow with the
-model), the FourierFT delta is rebuilt in float64 and the LoRA's ``lora_B @ lora_A * scale`` is formed from the
-tensors that were written, and both layers are applied to the same random inputs ``x ~ N(0, I)``:
+Without calibration (:func:`check_lora_outputs`), for every adapted layer the base weight ``W`` is read (one
+layer at a time, so memory does not grow with the model), the FourierFT delta is rebuilt in float64 and the
+LoRA's ``lora_B @ lora_A * scale`` is formed from the tensors that were written, and both layers are applied to the same random inputs ``x ~ N(0, I)``:
 
 * ``output_error = ||y_lora - y_fourier|| / ||y_fourier||`` with ``y = (W + dW) x + b``: what the conversion
   does to the layer's output, base weight and biases included (a trained bias the LoRA dropped counts too);
 * ``delta_error = ||(dW_lora - dW_fourier) x|| / ||dW_fourier x||``: the same for the adapter's own
   contribution (random inputs spread over all directions, so this is close to the relative Frobenius error).
+
+Random inputs describe the weights, not the model: real activations are far from isotropic, and a LoRA fitted
+to them (``--calibration``) can look worse on random inputs while following the model much better. With
+calibration (:func:`check_from_calibration`) the same two errors are measured on the FourierFT model's own layer
+inputs for the held-out calibration samples.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_adapter_base
 from fourier_convert.io.lora_adapter import parse_lora_settings
 from fourier_convert.io.safetensors_file import read_torch
+from fourier_convert.lora import LoraReport
 from fourier_convert.maths.delta import delta_weights
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.plan import plan_with_orientation
@@ -54,12 +61,15 @@ class OutputCheck:
         seed: Seed of the inputs.
         layers: Per-layer results (layers the LoRA leaves out have ``delta_error`` 1).
         notes: Anything the user should know about the comparison.
+        inputs: ``random`` (``x ~ N(0, I)``) or ``calibration`` (held-out calibration samples run through the
+            FourierFT model: each layer's real inputs; ``samples`` counts those samples).
     """
 
     samples: int
     seed: int
     layers: list[LayerOutputCheck]
     notes: list[str] = field(default_factory=list)
+    inputs: str = "random"
 
     @property
     def worst_output_error(self) -> float:
@@ -80,10 +90,12 @@ class OutputCheck:
     def lines(self) -> list[str]:
         """The lines the CLI prints."""
         worst = max(self.layers, key=lambda x: x.output_error, default=None)
-        head = (
-            f"check: {len(self.layers)} layers on {self.samples} random inputs each: largest layer-output error "
-            f"{self.worst_output_error:.3e}"
+        where = (
+            f"{self.samples} random inputs each"
+            if self.inputs == "random"
+            else f"the real layer inputs of {self.samples} held-out calibration samples"
         )
+        head = f"check: {len(self.layers)} layers on {where}: largest layer-output error {self.worst_output_error:.3e}"
         if worst is not None:
             head += f" ({worst.module}); largest error of the adapter's own contribution {self.worst_delta_error:.3e}"
         return [head, *self.notes]
@@ -159,10 +171,44 @@ def check_lora_outputs(
                 float(torch.linalg.vector_norm(delta_diff) / own) if own > 0 else 0.0,
             )
         )
-    notes = []
+    notes = [
+        "random N(0, I) inputs describe the weights, not the model's behaviour (real activations are far from "
+        "isotropic): pass --calibration DATA to check on the inputs the layers actually see"
+    ]
     if fourier.head_tensors:
         notes.append("modules_to_save heads are not adapted layers and are not part of this comparison")
     return OutputCheck(samples, seed, results, notes)
+
+
+def check_from_calibration(report: LoraReport) -> OutputCheck:
+    """The ``--check`` figures of a calibrated conversion: every layer on its real inputs (the FourierFT model's
+    activations on the held-out calibration samples), for the factors written.
+
+    Args:
+        report: A :func:`~fourier_convert.lora.to_lora` report made with calibration data.
+
+    Returns:
+        The per-layer check (``inputs`` is ``calibration``).
+
+    Raises:
+        UsageError: The report has no calibration figures (no calibration, or ``--held-out 0``).
+
+    Example:
+        >>> lora, report = fc.to_lora("./ft", base="./base", calibration="calib.txt")  # doctest: +SKIP
+        >>> check_from_calibration(report).worst_delta_error  # doctest: +SKIP
+    """
+    cal = report.calibration
+    final = cal.final if cal is not None else None
+    if cal is None or final is None:
+        raise UsageError(
+            "--check", "there are no held-out calibration samples to check on", "use --held-out above 0 (e.g. 0.2)"
+        )
+    layers = [
+        LayerOutputCheck(row.module, final.layers[row.module].output_error, final.layers[row.module].delta_error)
+        for row in report.layers
+        if row.module in final.layers
+    ]
+    return OutputCheck(cal.held_out_samples, cal.seed, layers, [], inputs="calibration")
 
 
 def _lora_bias(lora: AdapterFiles, module: str, base_bias: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,7 @@ class CalibrationReport:
         tokens: Input rows (tokens) per Gram matrix.
         gram_groups: Gram matrices kept (layers reading the same input share one).
         gram_bytes: Their memory (float64).
+        seed: Seed of the sample choice, split and distillation.
         output_kept: Module -> share of ``||dW X||^2`` on the fit inputs the chosen rank keeps (closed form).
         stages: Held-out figures per stage, in order (``svd``: plain SVD at the same ranks, for comparison).
         distill: Distillation's record, if it ran.
@@ -99,6 +100,7 @@ class CalibrationReport:
     tokens: int
     gram_groups: int
     gram_bytes: int
+    seed: int = 0
     output_kept: dict[str, float] = field(default_factory=dict)
     stages: list[StageFigures] = field(default_factory=list)
     distill: DistillResult | None = None
@@ -360,6 +362,7 @@ def open_session(
         tokens=tokens,
         gram_groups=len(grams.groups),
         gram_bytes=gram_bytes(widths.values()),
+        seed=options.seed,
         seconds=times,
         notes=list(data.notes),
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
-from fourier_convert.check import check_lora_outputs
+from fourier_convert.calibrate.pipeline import CalibrationOptions
+from fourier_convert.check import check_from_calibration, check_lora_outputs
 from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path, print_conversion
 from fourier_convert.errors import UsageError
@@ -61,8 +63,42 @@ def parse_rank(text: str) -> float:
 @click.option(
     "--check",
     is_flag=True,
-    help="Also run base + LoRA against base + FourierFT on random inputs, layer by layer (reads base weights).",
+    help="Also compare base + LoRA with base + FourierFT layer by layer: on the held-out calibration samples' real "
+    "layer inputs with --calibration, else on random inputs (reads base weights).",
 )
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Fit the LoRA where the model is used: a text file (a sample a line), JSON Lines, a .safetensors file of "
+    "input_ids / pixel_values, or a folder of images (needs the base's weights and tokenizer / image processor).",
+)
+@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
+@click.option("--calibration-samples", type=int, default=None, help="Samples to use in all [default: all].")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option(
+    "--held-out",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Share of the calibration samples kept aside for the report (never fitted on).",
+)
+@click.option(
+    "--distill",
+    "distill_steps",
+    type=int,
+    default=0,
+    show_default=True,
+    help="After the closed form, train the LoRA factors this many steps to match the FourierFT model.",
+)
+@click.option(
+    "--sequential", is_flag=True, help="Fit layer by layer in model order on the converted model's own inputs."
+)
+@click.option("--device", default=None, help="Where calibration runs: auto, cpu, cuda, cuda:N [default: auto].")
+@click.option("--task", default="auto", show_default=True, help="Model class for calibration (as for to-onnx).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration samples per forward pass.")
+@click.option("--lr", type=float, default=0.02, show_default=True, help="Distillation learning rate (relative).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sample choice, split and distillation.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output LoRA adapter folder.")
 @click.option("--adapter-subfolder", "subfolder", default=None, help="Named adapter inside --adapter.")
 @options.overwrite()
@@ -78,6 +114,18 @@ def to_lora_cmd(
     target: str,
     drop_extras: bool,
     check: bool,
+    calibration: Path | None,
+    text_field: str,
+    calibration_samples: int | None,
+    max_length: int,
+    held_out: float,
+    distill_steps: int,
+    sequential: bool,
+    device: str | None,
+    task: str,
+    batch_size: int,
+    lr: float,
+    seed: int,
     out: Path,
     subfolder: str | None,
     overwrite: bool,
@@ -85,9 +133,26 @@ def to_lora_cmd(
     json_path: Path | None,
     quiet: bool,
 ) -> None:
-    """Approximate a FourierFT adapter by a PEFT LoRA adapter (exact spectral SVD, best rank-r per layer)."""
+    """Approximate a FourierFT adapter by a LoRA adapter: exact spectral SVD (best rank-r per layer in weight
+    space) or, with --calibration, fitted to the layers' real inputs (and distilled with --distill)."""
     check_report_path(json_path)
     check_output_target(out, overwrite)
+    options = None
+    if calibration is not None:
+        options = CalibrationOptions(
+            path=calibration,
+            text_field=text_field,
+            samples=calibration_samples,
+            max_length=max_length,
+            held_out=held_out,
+            seed=seed,
+            distill_steps=distill_steps,
+            sequential=sequential,
+            device=device or "auto",
+            task=task,
+            batch_size=batch_size,
+            lr=lr,
+        )
     lora, report = to_lora(
         adapter,
         base=base,
@@ -98,10 +163,19 @@ def to_lora_cmd(
         drop_extras=drop_extras,
         subfolder=subfolder,
         allow_pickle=allow_pickle,
+        calibration=options,
+        distill_steps=None if options is not None else distill_steps or None,
+        sequential=None if options is not None else sequential or None,
+        device=None if options is not None else device,
+        progress=sys.stderr.isatty() and not quiet,
     )
-    checked = (
-        check_lora_outputs(lora, adapter, base=base, subfolder=subfolder, allow_pickle=allow_pickle) if check else None
-    )
+    checked = None
+    if check:
+        checked = (
+            check_from_calibration(report)
+            if options is not None
+            else check_lora_outputs(lora, adapter, base=base, subfolder=subfolder, allow_pickle=allow_pickle)
+        )
     lora.save(out, overwrite=overwrite)
     doc = report.to_dict()
     if checked is not None:
