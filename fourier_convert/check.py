@@ -3,7 +3,8 @@ calibration data) on the layers' real inputs.
 
 Without calibration (:func:`check_lora_outputs`), for every adapted layer the base weight ``W`` is read (one
 layer at a time, so memory does not grow with the model), the FourierFT delta is rebuilt in float64 and the
-LoRA's ``lora_B @ lora_A * scale`` is formed from the tensors that were written, and both layers are applied to the same random inputs ``x ~ N(0, I)``:
+LoRA's ``lora_B @ lora_A * scale`` is formed from the tensors that were written, and both layers are applied
+to the same random inputs ``x ~ N(0, I)``:
 
 * ``output_error = ||y_lora - y_fourier|| / ||y_fourier||`` with ``y = (W + dW) x + b``: what the conversion
   does to the layer's output, base weight and biases included (a trained bias the LoRA dropped counts too);
