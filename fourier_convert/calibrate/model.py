@@ -190,6 +190,7 @@ def load_calib_model(
     plan: MergePlan,
     task: str,
     device: torch.device,
+    deltas: Mapping[str, torch.Tensor] | None = None,
 ) -> CalibModel:
     """Load the base for ``task`` with the adapter's biases and heads, and wrap every adapted layer.
 
@@ -199,6 +200,8 @@ def load_calib_model(
         plan: Its plan against ``ckpt`` (:func:`~fourier_convert.plan.plan_with_orientation`).
         task: One of :data:`~fourier_convert.onnx.tasks.TASKS` (see :func:`calibration_task`).
         device: Where the model runs.
+        deltas: Module -> the ``(out, in)`` delta its ``fourier`` mode adds, instead of the adapter's FourierFT
+            deltas (``from-lora --calibration`` runs the LoRA model as the reference this way).
 
     Returns:
         The model in float32, frozen, in eval mode, every adapted layer in ``fourier`` mode with rank-0 LoRA.
@@ -228,20 +231,50 @@ def load_calib_model(
     model.requires_grad_(False)
 
     cache = IndexCache()
-    wrapped: dict[str, AdaptedLayer] = {}
-    plans: dict[str, LayerPlan] = {}
+    planned: dict[str, tuple[LayerPlan, torch.Tensor]] = {}
     for layer in plan.layers:
-        path = _module_path(model, layer)
-        module = model.get_submodule(path)
+        if deltas is not None:
+            planned[layer.module] = (layer, deltas[layer.module])
+            continue
         c = layer.contributions[0]
         m, n = layer.delta_shape
         idx = cache.get(m, n, c.seed, c.spectrum.n)
         delta = delta_weights(torch.from_numpy(c.spectrum.values), idx, m, n, c.scaling, dtype=torch.float64)
-        adapted = AdaptedLayer(module, delta.to(device, torch.float32), layer.module)
+        planned[layer.module] = (layer, delta)
+    return wrap_layers(model, planned, task, device)
+
+
+def wrap_layers(
+    model: Any, deltas: Mapping[str, tuple[LayerPlan, torch.Tensor]], task: str, device: torch.device
+) -> CalibModel:
+    """Wrap each adapted module of a loaded model in an :class:`AdaptedLayer` holding its dense delta.
+
+    Args:
+        model: A transformers model on ``device`` (frozen).
+        deltas: Module path (the adapter's) -> (its layer plan, its ``(out, in)`` delta in any float dtype).
+        task: The task it was loaded for.
+        device: Where it runs.
+
+    Returns:
+        The :class:`CalibModel` (every layer in ``fourier`` mode: base + the delta given).
+
+    Raises:
+        UsageError: A module is not a Linear / Conv1D of ``model`` with the planned weight shape.
+
+    Example:
+        >>> cm = wrap_layers(model, {"model.layers.0.self_attn.q_proj": (layer, delta)}, "causal-lm", cpu)
+        ... # doctest: +SKIP
+    """
+    wrapped: dict[str, AdaptedLayer] = {}
+    plans: dict[str, LayerPlan] = {}
+    for module_name, (layer, delta) in deltas.items():
+        path = _module_path(model, layer)
+        module = model.get_submodule(path)
+        adapted = AdaptedLayer(module, delta.to(device, torch.float32), module_name)
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, adapted)
         wrapped[path] = adapted
-        plans[layer.module] = layer
+        plans[module_name] = layer
     order = [name for name, mod in model.named_modules() if isinstance(mod, AdaptedLayer)]
     return CalibModel(model, [wrapped[p] for p in order], task, device, plans)
 
