@@ -62,3 +62,27 @@ def test_to_onnx_merges_on_the_gpu(tmp_path: Path) -> None:
     )
     assert report.merge["device"].startswith("cuda")
     assert report.passed and report.proof_passed and (tmp_path / "onnx" / "model.onnx").is_file()
+
+
+def test_calibrated_to_lora_on_cuda_equals_cpu_and_distils_reproducibly(tmp_path: Path) -> None:
+    """The closed form on the GPU gives the CPU's factors (float64 Gram matrices); distillation on the GPU is
+    reproducible with a seed and lowers the held-out error; PEFT (CPU) gives the figures the report states."""
+    from tests.test_calibrate import _compare_in_peft, _held_out_batches, text_file
+
+    calib = text_file(tmp_path / "calib.txt", 60)
+    base, adapter = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
+    cpu, rep_cpu = fc.to_lora(adapter, base=base, rank=2, calibration=calib, device="cpu")
+    gpu, rep_gpu = fc.to_lora(adapter, base=base, rank=2, calibration=calib, device="cuda")
+    assert rep_gpu.calibration is not None and rep_gpu.calibration.device.startswith("cuda")
+    for key, value in cpu.tensors.items():
+        torch.testing.assert_close(gpu.tensors[key], value, rtol=1e-4, atol=1e-5)
+    runs = [fc.to_lora(adapter, base=base, rank=2, calibration=calib, device="cuda", distill_steps=30) for _ in "ab"]
+    (lora1, rep1), (lora2, _) = runs
+    for key, value in lora1.tensors.items():
+        assert torch.equal(value, lora2.tensors[key]), key
+    cal = rep1.calibration
+    assert cal is not None and cal.stages[-1].relative_error < cal.stages[1].relative_error
+    lora1.save(tmp_path / "lora")
+    mean_err, agree, _ = _compare_in_peft("llama", tmp_path / "lora", _held_out_batches("llama", calib))
+    assert agree == cal.stages[-1].agree
+    assert mean_err == pytest.approx(cal.stages[-1].mean_error, rel=1e-3, abs=1e-6)
