@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import SHAPES, ModelShape, write_adapter, write_base  # noqa: E402
+from bench_merge import SHAPES, ModelShape, write_adapter, write_base
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-early-stop", action="store_true", help="run every step (random weights rarely improve: time them all)"
+    )
     p.add_argument("--work", type=Path, default=REPO_ROOT / "bench-work")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -100,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,
+        patience=args.steps + 1 if args.no_early_stop else 4,
     )
     t0 = time.perf_counter()
     lora, report = fc.to_lora(adapter, base=base, rank=args.rank, calibration=options, progress=sys.stderr.isatty())

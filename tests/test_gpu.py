@@ -71,7 +71,7 @@ def test_calibrated_to_lora_on_cuda_equals_cpu_and_distils_reproducibly(tmp_path
 
     calib = text_file(tmp_path / "calib.txt", 60)
     base, adapter = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
-    cpu, rep_cpu = fc.to_lora(adapter, base=base, rank=2, calibration=calib, device="cpu")
+    cpu, _ = fc.to_lora(adapter, base=base, rank=2, calibration=calib, device="cpu")
     gpu, rep_gpu = fc.to_lora(adapter, base=base, rank=2, calibration=calib, device="cuda")
     assert rep_gpu.calibration is not None and rep_gpu.calibration.device.startswith("cuda")
     for key, value in cpu.tensors.items():

@@ -51,6 +51,7 @@ class CalibrationOptions:
         task: Model class to load (``auto``: the adapter's task_type, else the base's architecture).
         batch_size: Samples per forward pass.
         lr: Distillation learning rate (relative to each factor's scale).
+        patience: Distillation stops after this many validations without improvement.
         ridge: Relative ridge of the Gram matrices.
     """
 
@@ -66,6 +67,7 @@ class CalibrationOptions:
     task: str = "auto"
     batch_size: int = 16
     lr: float = 0.02
+    patience: int = 4
     ridge: float = RIDGE
 
 
@@ -226,6 +228,7 @@ class CalibrationSession:
                 batch_size=opts.batch_size,
                 seed=opts.seed,
                 head_loss=self.head_loss,
+                patience=opts.patience,
                 progress=lambda step, loss: bar.update(step, f"loss {loss:.4g}" if loss is not None else ""),
             )
             bar.close()

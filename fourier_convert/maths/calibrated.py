@@ -114,6 +114,15 @@ def gram_factor(gram: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
         shift *= 10
 
 
+def _canonical_signs(u: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each component so that its left vector's largest-magnitude entry is positive: singular vectors have
+    arbitrary signs, and without this CPU and GPU (or two LAPACK builds) write different, equally valid factors."""
+    pick = torch.argmax(u.abs(), dim=0)
+    signs = torch.sign(u.gather(0, pick[None, :]))[0]
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return u * signs, back * signs[:, None]
+
+
 def weighted_factors(delta: torch.Tensor, factor: torch.Tensor) -> WeightedFactors:
     """Decompose ``delta`` in the output space that ``factor`` (:func:`gram_factor`) defines.
 
@@ -139,6 +148,7 @@ def weighted_factors(delta: torch.Tensor, factor: torch.Tensor) -> WeightedFacto
     u, s, vt = torch.linalg.svd(weighted, full_matrices=False)
     # back = V^T L^-1, i.e. the solution of L^T back^T = V
     back = torch.linalg.solve_triangular(factor.T, vt.T, upper=True).T
+    u, back = _canonical_signs(u, back)
     return WeightedFactors(s, u, back, float(torch.sum(s**2)))
 
 
@@ -177,6 +187,7 @@ def reduced_rank_fit(
     m = torch.linalg.solve_triangular(factor, cross.to(torch.float64).T, upper=False).T
     u, s, vt = torch.linalg.svd(m, full_matrices=False)
     back = torch.linalg.solve_triangular(factor.T, vt.T, upper=True).T
+    u, back = _canonical_signs(u, back)
     explained = float(torch.sum(s**2))
     floor = max(0.0, target_energy - explained) / target_energy if target_energy > 0 else 0.0
     return WeightedFactors(s, u, back, explained), floor
