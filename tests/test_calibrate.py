@@ -238,3 +238,76 @@ def test_calibration_only_options_need_calibration() -> None:
         to_lora(FIXTURES / "llama" / "adapter", base=FIXTURES / "llama" / "base", distill_steps=10)
     with pytest.raises(UsageError, match=r"^--sequential: has no effect without --calibration"):
         to_lora(FIXTURES / "llama" / "adapter", base=FIXTURES / "llama" / "base", sequential=True)
+
+
+def _cli(*args: object) -> Any:
+    from click.testing import CliRunner
+
+    from fourier_convert.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_calibrated_to_lora_with_distillation_check_and_json(tmp_path: Path) -> None:
+    calib = tmp_path / "calib.jsonl"
+    lines = text_file(tmp_path / "c.txt", 40).read_text().splitlines()
+    calib.write_text("".join(json.dumps({"prompt": line}) + "\n" for line in lines))
+    out, report = tmp_path / "lora", tmp_path / "report.json"
+    result = _cli(
+        "to-lora", "--adapter", FIXTURES / "llama" / "adapter", "--base", FIXTURES / "llama" / "base",
+        "--rank", "2", "--calibration", calib, "--text-field", "prompt", "--distill", "20", "--check",
+        "--held-out", "0.25", "--out", out, "--json", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    text = result.output
+    assert "closed form (calibrated)" in text and "distilled (20 steps" in text and "plain SVD (no calibration)" in text
+    assert "check: 4 layers on the real layer inputs of 10 held-out calibration samples" in text
+    assert "30 samples fitted, 10 held out" in text
+    doc = json.loads(report.read_text())
+    assert [s["stage"] for s in doc["calibration"]["stages"]] == ["svd", "closed-form", "distilled"]
+    assert doc["check"]["inputs"] == "calibration" and len(doc["check"]["layers"]) == 4
+    assert doc["calibration"]["distill"]["steps"] >= 1
+
+
+def test_cli_check_without_calibration_says_what_random_inputs_measure(tmp_path: Path) -> None:
+    result = _cli(
+        "to-lora", "--adapter", FIXTURES / "llama" / "adapter", "--base", FIXTURES / "llama" / "base", "--rank", "2",
+        "--check", "--out", tmp_path / "lora",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "random N(0, I) inputs describe the weights, not the model's behaviour" in result.output
+
+
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        (None, ("--distill", "10"), "error: --distill: has no effect without --calibration; pass --calibration DATA"),
+        ("empty", (), "calib.txt: holds 0 usable samples; needs at least 2 samples: one to fit, one to report on"),
+        ("binary", (), "calib.txt, line 1: is not UTF-8 text"),
+        ("ok", ("--distill", "-1"), "error: --distill: -1 steps; use 0 (none) or a positive count, e.g. 300"),
+        ("ok", ("--held-out", "0", "--check"), "error: --check: there are no held-out calibration samples"),
+        ("ok", ("--task", "nonsense"), "error: --task: unknown task 'nonsense'"),
+    ],
+)
+def test_cli_calibration_errors_are_one_line_and_publish_nothing(
+    tmp_path: Path, setup: str | None, args: tuple[str, ...], message: str
+) -> None:
+    calib = tmp_path / "calib.txt"
+    if setup == "empty":
+        calib.write_text("\n\n")
+    elif setup == "binary":
+        calib.write_bytes(b"\xff\xfe\x00abc\n")
+    elif setup == "ok":
+        text_file(calib, 20)
+    extra = ("--calibration", calib) if setup is not None else ()
+    out = tmp_path / "lora"
+    result = _cli(
+        "to-lora", "--adapter", FIXTURES / "llama" / "adapter", "--base", FIXTURES / "llama" / "base", "--rank", "2",
+        *extra, *args, "--out", out,
+    )  # fmt: skip
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()

@@ -263,3 +263,14 @@ def test_cli_to_lora_target_budget_and_check(tmp_path: Path) -> None:
     assert report["parameters"] <= 4000 and report["check"]["worst_delta_error"] < 1
     bad = CliRunner().invoke(cli, [*args, "--target", "onnx", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "Invalid value for '--target'" in bad.stderr
+
+
+def test_adapter_outputs_hold_exactly_the_peft_files(tmp_path: Path) -> None:
+    """to-lora and from-lora write adapter_config.json and adapter_model.safetensors, and nothing else (no model
+    index beside an adapter)."""
+    lora, _ = to_lora(FIXTURES / "llama" / "adapter", base=FIXTURES / "llama" / "base", rank=4)
+    lora.save(tmp_path / "lora")
+    fft, _ = fc.from_lora(tmp_path / "lora", base=FIXTURES / "llama" / "base", n_frequency=100)
+    fft.save(tmp_path / "fft")
+    for folder in (tmp_path / "lora", tmp_path / "fft"):
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

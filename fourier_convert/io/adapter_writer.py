@@ -57,5 +57,5 @@ class AdapterFiles:
                 flat = value.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
                 writer.write_tensor(WEIGHTS_NAME, key, memoryview(flat.data))
             writer.write_file(CONFIG_NAME, (json.dumps(self.config, indent=2) + "\n").encode())
-            writer.commit()
+            writer.commit(index=False)
         return target

@@ -352,8 +352,13 @@ class CheckpointWriter:
             self._thread.join()
         self._raise_copy_error()
 
-    def commit(self, *, index_metadata: dict[str, Any] | None = None) -> Path:
-        """Finish the files, write the shard index (when sharded) and publish the folder.
+    def commit(self, *, index_metadata: dict[str, Any] | None = None, index: bool = True) -> Path:
+        """Finish the files, write the shard index (when sharded and ``index``) and publish the folder.
+
+        Args:
+            index_metadata: Extra ``metadata`` of ``model.safetensors.index.json``.
+            index: False for outputs that are not models (a PEFT adapter has no index: its weights file is
+                ``adapter_model.safetensors``, and an index beside it would be a model index in an adapter folder).
 
         Raises:
             OutputError: A planned tensor was never written (a bug), or the rename failed.
@@ -376,7 +381,7 @@ class CheckpointWriter:
         self._close_fds()
         # transformers finds a weights file without an index only under the single-file name (a base saved as
         # model-00001-of-00001.safetensors needs its index)
-        if self._layouts and list(self._layouts) != [SINGLE_NAME]:
+        if index and self._layouts and list(self._layouts) != [SINGLE_NAME]:
             weight_map = {s.name: lay.filename for lay in self._layouts.values() for s in lay.specs}
             total = sum(s.nbytes for lay in self._layouts.values() for s in lay.specs)
             index = {
