@@ -7,12 +7,12 @@ squared error relative to the teacher's, over real tokens only; where the adapte
 (``modules_to_save``), the KL divergence of the output distributions is added.
 
 Adam with a per-tensor learning rate ``lr * rms(initial tensor)`` (steps relative to each factor's own scale, so
-one setting fits models of any width), a linear warm-up over the first 5 % of the steps, then cosine decay.
-Every ``eval_every`` steps the loss on a validation slice of the *training* samples is measured; the best
-factors seen are returned, and training stops once ``patience`` evaluations in a row bring no improvement.
-The held-out report split is never used here. Deterministic for a seed on a given device. On a GPU the matrix products run in TF32 (10-bit mantissa) while
-distilling: the factors are trained, not computed exactly, and the closed form before and the evaluation after
-run in full float32 (Gram matrices in float64).
+one setting fits models of any width), a linear warm-up over the first 5 % of the steps, then cosine decay. Every
+``eval_every`` steps the loss on a validation slice of the *training* samples is measured; the best factors seen
+are returned, and training stops once ``patience`` evaluations in a row bring no improvement. The held-out report
+split is never used here. Deterministic for a seed on a given device. On a GPU the matrix products run in TF32
+(10-bit mantissa) while distilling: the factors are trained, not computed exactly, and the closed form before and
+the evaluation after run in full float32 (Gram matrices in float64).
 """
 
 from __future__ import annotations
