@@ -9,7 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fourier_convert.check import OutputCheck, check_lora_outputs
+from fourier_convert.calibrate.pipeline import CalibrationOptions, CalibrationReport
+from fourier_convert.check import OutputCheck, check_from_calibration, check_lora_outputs
 from fourier_convert.errors import (
     AdapterError,
     BaseMismatchError,
@@ -38,6 +39,8 @@ __all__ = [
     "AdapterFiles",
     "AdapterSpec",
     "BaseMismatchError",
+    "CalibrationOptions",
+    "CalibrationReport",
     "DiskSpaceError",
     "ExportError",
     "FourierConvertError",
@@ -58,6 +61,7 @@ __all__ = [
     "UsageError",
     "VerificationError",
     "__version__",
+    "check_from_calibration",
     "check_lora_outputs",
     "export_onnx",
     "from_lora",

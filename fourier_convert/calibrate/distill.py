@@ -7,12 +7,12 @@ squared error relative to the teacher's, over real tokens only; where the adapte
 (``modules_to_save``), the KL divergence of the output distributions is added.
 
 Adam with a per-tensor learning rate ``lr * rms(initial tensor)`` (steps relative to each factor's own scale, so
-one setting fits models of any width), a linear warm-up over the first 5 % of the steps, then cosine decay. Every
-``eval_every`` steps the loss on a validation slice of the *training* samples is measured; the best factors seen
-are returned, and training stops once ``patience`` evaluations in a row bring no improvement. The held-out report
-split is never used here. Deterministic for a seed on a given device. On a GPU the matrix products run in TF32
-(10-bit mantissa) while distilling: the factors are trained, not computed exactly, and the closed form before and
-the evaluation after run in full float32 (Gram matrices in float64).
+one setting fits models of any width), cosine decay. Every ``eval_every`` steps the loss on a validation slice of
+the *training* samples is measured; the best factors seen are returned, and training stops once ``patience``
+evaluations in a row bring no improvement. The held-out report split is never used here. Deterministic for a seed
+on a given device. On a GPU the matrix products run in TF32 (10-bit mantissa) while distilling: the factors are
+trained, not computed exactly, and the closed form before and the evaluation after run in full float32 (Gram
+matrices in float64).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _train(
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(train), (min(batch_size, len(train)),), generator=gen).tolist()
         batch = collate([train[i] for i in idx])
-        decay = min(1.0, step / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+        decay = 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = base * decay
         opt.zero_grad(set_to_none=True)

@@ -384,11 +384,11 @@ class CheckpointWriter:
         if index and self._layouts and list(self._layouts) != [SINGLE_NAME]:
             weight_map = {s.name: lay.filename for lay in self._layouts.values() for s in lay.specs}
             total = sum(s.nbytes for lay in self._layouts.values() for s in lay.specs)
-            index = {
+            doc = {
                 "metadata": {**(index_metadata or {}), "total_size": total},
                 "weight_map": dict(sorted(weight_map.items())),
             }
-            self.write_file(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+            self.write_file(INDEX_NAME, (json.dumps(doc, indent=2) + "\n").encode())
         self._publish()
         self.committed = True
         return self.out
