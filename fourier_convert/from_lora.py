@@ -6,23 +6,31 @@ from FFTs of the two factors: the dense delta is never formed. The output is a P
 trained biases and ``modules_to_save`` heads are carried (LoRA bias ``lora_only`` -> ``fourier_only``,
 ``all`` -> ``all``). The report says, per layer, how much of the LoRA's delta the FourierFT adapter keeps and
 the most that any FourierFT adapter could keep (the centro-symmetric part, docs/maths.md fact 1).
+
+With calibration data (``calibration=``), the LoRA model runs on it, the Gram matrix ``X X^T`` of every adapted
+layer's inputs is collected, and each layer's coefficients minimise ``||(dW_lora - dW_fourier) X||_F`` instead
+(:func:`~fourier_convert.maths.project.project_lowrank_weighted`); held-out samples measure how closely the
+FourierFT model follows the LoRA model with the plain and with the calibrated coefficients.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fourier_convert.calibrate.pipeline import POOR_AGREEMENT, CalibrationOptions
+from fourier_convert.calibrate.reverse import FromLoraCalibration, calibrate, calibration_base, calibration_options
 from fourier_convert.errors import FourierConvertError, UsageError
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, extra_tensor_keys, parse_settings
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.lora_adapter import LoraAdapterIn, read_lora_adapter
+from fourier_convert.maths.delta import delta_sq_norm
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.project import Projection, project_lowrank
 from fourier_convert.plan import plan_with_orientation
@@ -46,6 +54,10 @@ class FromLoraLayerReport:
         relative_error: ``||dW_lora - dW_fourier||_F / ||dW_lora||_F``.
         ceiling: The retained share with every frequency of the layer (its centro-symmetric part): no FourierFT
             adapter, whatever its n, does better.
+
+    With calibration, ``retained_energy`` and ``relative_error`` describe the coefficients written, in weight space
+    (``1 - ||dW_lora - dW_fourier||^2 / ||dW_lora||^2``): a calibrated fit gives up weight-space error for error on
+    the inputs the layer sees (:class:`CalibratedLayer`).
     """
 
     module: str
@@ -70,6 +82,8 @@ class FromLoraReport:
         seed: ``random_loc_seed``.
         base: The base the output was validated against (None when no base was available).
         warnings: Layers that keep little energy, and other things to know.
+        calibration: With calibration data: per-layer output-space and held-out figures, and the held-out figures
+            of the plain and the calibrated FourierFT model against the LoRA model (None without).
     """
 
     adapter: str
@@ -79,6 +93,7 @@ class FromLoraReport:
     seed: int
     base: str | None = None
     warnings: list[str] = field(default_factory=list)
+    calibration: FromLoraCalibration | None = None
 
     @property
     def retained_energy(self) -> float:
@@ -93,24 +108,49 @@ class FromLoraReport:
         return sum(x.energy * x.ceiling for x in self.layers) / total if total > 0 else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (with the totals)."""
-        return {**asdict(self), "retained_energy": self.retained_energy, "ceiling": self.ceiling}
+        """A JSON-serialisable dict (with the totals; ``calibration`` only when calibrated)."""
+        doc = {**asdict(self), "retained_energy": self.retained_energy, "ceiling": self.ceiling}
+        del doc["calibration"]
+        if self.calibration is not None:
+            doc["calibration"] = self.calibration.to_dict()
+        return doc
 
     def table(self) -> str:
-        """The per-layer table the CLI prints, with a total line."""
+        """The per-layer table the CLI prints, with a total line (and the calibration figures when calibrated)."""
+        cal = self.calibration
         head = f"{'module':<52} {'out x in':>11} {'r':>4} {'n':>7} {'energy':>8} {'rel.err':>8} {'ceiling':>8}"
+        if cal is not None:
+            head += f" {'out.plain':>9} {'out.kept':>9} {'plain err':>9} {'err':>8}"
         rows = [head]
         for x in self.layers:
             shape = f"{x.shape[0]}x{x.shape[1]}"
-            rows.append(
+            row = (
                 f"{x.module:<52} {shape:>11} {x.lora_rank:>4} {x.n:>7} {x.retained_energy:>8.2%} "
                 f"{x.relative_error:>8.4f} {x.ceiling:>8.2%}"
             )
+            fig = cal.layers.get(x.module) if cal is not None else None
+            if fig is not None:
+                row += (
+                    f" {fig.output_kept_plain:>9.2%} {fig.output_kept:>9.2%} {_num(fig.held_out_plain):>9} "
+                    f"{_num(fig.held_out_error):>8}"
+                )
+            rows.append(row)
         rows.append(
             f"total: {len(self.layers)} layers, {self.parameters:,} coefficients, {self.retained_energy:.2%} of the "
             f"LoRA delta energy kept (ceiling with every frequency: {self.ceiling:.2%})"
         )
+        if cal is not None:
+            rows.append(
+                "out.plain / out.kept: share of ||dW_lora X||^2 on the calibration inputs that the plain / calibrated "
+                "fit keeps; plain err / err: held-out ||(dW_fourier - dW_lora) X|| / ||dW_lora X|| (X: the LoRA "
+                "model's layer inputs); energy and rel.err describe the calibrated coefficients written"
+            )
+            rows.extend(cal.lines())
         return "\n".join(rows)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def from_lora(
@@ -123,13 +163,17 @@ def from_lora(
     seed: int = 777,
     subfolder: str | None = None,
     allow_pickle: bool = False,
+    calibration: str | Path | CalibrationOptions | None = None,
+    device: str | None = None,
+    progress: bool = False,
 ) -> tuple[AdapterFiles, FromLoraReport]:
     """Convert a PEFT LoRA adapter to the closest PEFT FourierFT adapter (least squares per layer).
 
     Args:
         adapter: LoRA adapter folder, ``PATH:NAME`` or hub id.
-        base: Base model to validate against (headers and config only). Default: the adapter's
-            ``base_model_name_or_path`` when it can be found; without one the output is not validated.
+        base: Base model to validate against (headers and config only; with calibration its weights and tokenizer
+            too). Default: the adapter's ``base_model_name_or_path`` when it can be found; without one the output
+            is not validated (and calibration is refused).
         n_frequency: Coefficients per layer.
         n_frequency_pattern: Module-name pattern -> n, matched as PEFT's FourierFT matches it
             (``re.match(rf".*\\.{key}$", module)``).
@@ -138,17 +182,27 @@ def from_lora(
         seed: ``random_loc_seed`` of the output.
         subfolder: Named adapter inside the folder.
         allow_pickle: Accept ``adapter_model.bin``.
+        calibration: Calibration data (a text / JSON Lines / safetensors file or a folder of images), or a
+            :class:`~fourier_convert.calibrate.pipeline.CalibrationOptions` (its ``distill_steps`` and
+            ``sequential`` do not apply here). With it, the LoRA model runs on the data and each layer's coefficients
+            minimise ``||(dW_lora - dW_fourier) X||_F`` on the layer's real inputs ``X``; the report measures the
+            FourierFT model against the LoRA model on held-out samples, for the plain and the calibrated fit.
+        device: With calibration: where the model runs (overrides the options'; default ``auto``).
+        progress: Print phases on stderr (calibration only).
 
     Returns:
         The FourierFT adapter (call ``.save(path)``) and the report.
 
     Raises:
-        UsageError: Bad n / scaling / seed, or n larger than a layer.
+        UsageError: Bad n / scaling / seed, n larger than a layer, ``--distill`` / ``--sequential`` / a bad batch
+            size in the calibration options, ``device`` without calibration, or calibration without a base.
+        InputFileError: Unusable calibration data.
         FourierConvertError: Invalid or unsupported LoRA adapter, or a base it does not fit.
 
     Example:
         >>> fft, report = from_lora("./some-lora", base="./base", n_frequency=1000)  # doctest: +SKIP
         >>> fft.save("./fft"); print(report.table())  # doctest: +SKIP
+        >>> fft, report = from_lora("./some-lora", base="./base", calibration="calib.jsonl")  # doctest: +SKIP
     """
     pattern = dict(n_frequency_pattern or {})
     for name, value in [
@@ -161,9 +215,10 @@ def from_lora(
         raise UsageError("--scaling", f"{scaling!r} is not a finite non-zero number", "use e.g. 150")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError("--seed", f"{seed!r} is not a non-negative integer", "use e.g. 777")
+    options = calibration_options(calibration, device)
     lora = read_lora_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     warnings: list[str] = []
-    ckpt = _open_base(base, lora, warnings)
+    ckpt = _open_base(base, lora, warnings) if options is None else calibration_base(base, lora)
 
     config = _fourier_config(lora, pattern, n_frequency, scaling, seed)
     settings = parse_settings(config, Path("adapter_config.json"))
@@ -181,17 +236,19 @@ def from_lora(
     tensors: dict[str, torch.Tensor] = {}
     layers: list[FromLoraLayerReport] = []
     spectra: dict[str, Spectrum] = {}
+    fits: dict[str, Projection] = {}
     for module, mod in lora.modules.items():
         m, n_in = mod.shape
         n = settings.n_for(module)
         fit = project_lowrank(mod.b, mod.a, mod.scale, cache.get(m, n_in, seed, n).numpy(), scaling)
+        fits[module] = fit
         values32 = torch.from_numpy(fit.values).float()
         key = f"{KEY_PREFIX}{module}.fourierft_spectrum"
         tensors[key] = values32
         # checked against the base under the input's key, so that a mismatch names a tensor the user has
         spectra[module] = Spectrum(module, values32.double().numpy(), "F32", f"{KEY_PREFIX}{module}.lora_A.weight")
         layers.append(_layer_report(module, (m, n_in), mod.rank, n, fit))
-        if fit.retained < LOW_ENERGY:
+        if options is None and fit.retained < LOW_ENERGY:
             warnings.append(
                 f"{module}: n={n} keeps {fit.retained:.1%} of the LoRA delta's energy "
                 f"(every frequency would keep {fit.ceiling:.1%})"
@@ -199,6 +256,7 @@ def from_lora(
     extras = extra_tensor_keys(lora.biases, lora.head_tensors, lora.modules)
     tensors.update({key: t.load() for key, t in extras.items()})
 
+    calibrated: FromLoraCalibration | None = None
     if ckpt is not None:
         out_adapter = FourierFTAdapter(
             lora.folder, lora.label, settings, spectra, dict(lora.biases), dict(lora.head_tensors), []
@@ -208,11 +266,25 @@ def from_lora(
         if conv1d != settings.fan_in_fan_out:
             config["fan_in_fan_out"] = conv1d
         warnings += [w for w in plan.warnings if "fan_in_fan_out" not in w]
+        if options is not None:
+            positions = {
+                module: cache.get(mod.shape[0], mod.shape[1], seed, settings.n_for(module)).numpy()
+                for module, mod in lora.modules.items()
+            }
+            weighted, calibrated = calibrate(
+                ckpt, out_adapter, plan, lora, positions, fits, scaling, options, progress
+            )
+            for i, module in enumerate(lora.modules):
+                values32 = torch.from_numpy(weighted[module].values).float()
+                tensors[f"{KEY_PREFIX}{module}.fourierft_spectrum"] = values32
+                layers[i] = weighted_layer_report(layers[i], fits[module], values32, positions[module], scaling)
+            warnings += calibration_warnings(layers, calibrated)
     params = sum(x.n for x in layers)
     report = FromLoraReport(
         str(adapter), layers, params, scaling, seed, str(ckpt.folder) if ckpt is not None else None, warnings
     )
-    if layers and report.retained_energy < LOW_ENERGY:
+    report.calibration = calibrated
+    if layers and calibrated is None and report.retained_energy < LOW_ENERGY:
         warnings.insert(
             0,
             f"the FourierFT adapter keeps {report.retained_energy:.1%} of the LoRA delta energy: a FourierFT delta is "
@@ -221,6 +293,43 @@ def from_lora(
         )
     sources = [lora.folder] + ([ckpt.folder] if ckpt is not None else [])
     return AdapterFiles(config, tensors, sources), report
+
+
+def weighted_layer_report(
+    row: FromLoraLayerReport, plain: Projection, values32: torch.Tensor, positions: np.ndarray, scaling: float
+) -> FromLoraLayerReport:
+    """``row`` with the weight-space figures of the coefficients written: ``||dW - fit||^2 = ||dW - P dW||^2 +
+    ||P dW - fit||^2`` (``P``: the orthogonal projection onto the basis matrices, i.e. the plain fit)."""
+    if plain.energy <= 0:
+        return row
+    off = delta_sq_norm(plain.values - values32.double().numpy(), positions, row.shape, scaling)
+    error = max(0.0, plain.energy - plain.kept_energy) + off
+    return replace(row, retained_energy=1.0 - error / plain.energy, relative_error=float(np.sqrt(error / plain.energy)))
+
+
+def calibration_warnings(layers: list[FromLoraLayerReport], cal: FromLoraCalibration) -> list[str]:
+    out: list[str] = []
+    for row in layers:
+        fig = cal.layers[row.module]
+        if fig.output_kept < LOW_ENERGY:
+            out.append(
+                f"{row.module}: n={row.n} keeps {fig.output_kept:.1%} of the LoRA delta's output energy on the "
+                f"calibration inputs (the plain fit {fig.output_kept_plain:.1%})"
+            )
+    plain, fitted = cal.stage("plain"), cal.stage("calibrated")
+    if fitted is not None and fitted.agreement is not None and fitted.agreement < POOR_AGREEMENT:
+        out.insert(
+            0,
+            f"on the held-out samples the FourierFT model predicts what the LoRA model predicts only "
+            f"{fitted.agreement:.1%} of the time: raise --n-frequency, or calibrate on data like the task's inputs",
+        )
+    if plain is not None and fitted is not None and fitted.relative_error > plain.relative_error:
+        out.append(
+            "the calibrated FourierFT model follows the LoRA model less closely than the plain fit on the held-out "
+            "samples (each layer is fitted on its own inputs; the errors add up differently through the model): "
+            "convert without --calibration, or calibrate on more samples like the task's inputs"
+        )
+    return out
 
 
 def _open_base(base: str | Path | None, lora: LoraAdapterIn, warnings: list[str]) -> BaseCheckpoint | None:

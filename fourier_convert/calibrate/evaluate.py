@@ -13,7 +13,7 @@ same held-out batches:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,85 @@ def compare_stages(
         stage: {m: (b.to(model.device), a.to(model.device)) for m, (b, a) in factors.items()}
         for stage, factors in stages.items()
     }
-    sums = {stage: _Sums() for stage in stages}
+
+    def use(stage: str | None) -> None:
+        if stage is not None:
+            model.set_factors(stages[stage])
+
+    def layer_delta(stage: str, layer: AdaptedLayer, rows: torch.Tensor) -> torch.Tensor:
+        factors = on_device[stage].get(layer.name)
+        if factors is None:
+            return rows.new_zeros(rows.shape[0], layer.delta.shape[0])
+        b, a = factors
+        return (rows @ a.T) @ b.T
+
+    try:
+        return _compare(model, held_out, list(stages), use, "lora", layer_delta)
+    finally:
+        model.set_factors(saved)
+
+
+def compare_deltas(
+    model: CalibModel,
+    held_out: Iterable[Mapping[str, torch.Tensor]],
+    stages: Mapping[str, Mapping[str, torch.Tensor]],
+) -> list[StageFigures]:
+    """Compare the model with other dense deltas in its adapted layers against the model as loaded (the
+    reference: every layer with the delta it holds; for ``from-lora`` the LoRA deltas).
+
+    The figures are those of :func:`compare_stages`, with each stage's deltas swapped into the layers' ``delta``
+    buffers instead of LoRA factors.
+
+    Args:
+        model: The calibration model (its layers' deltas are restored afterwards).
+        held_out: Held-out batches.
+        stages: Stage name -> module -> ``(out, in)`` float32 delta on the model's device, for every adapted layer.
+
+    Returns:
+        One :class:`StageFigures` per stage, in the order given.
+
+    Raises:
+        KeyError: A stage lacks a delta for an adapted layer.
+        ValueError: A stage's delta has another shape than the layer's.
+
+    Example:
+        >>> figures = compare_deltas(model, batches(held, 8, pad), {"plain": plain, "calibrated": fitted})
+        ... # doctest: +SKIP
+    """
+    reference = {layer.name: layer.delta for layer in model.layers}
+    for deltas in stages.values():
+        for layer in model.layers:
+            if tuple(deltas[layer.name].shape) != tuple(layer.delta.shape):
+                raise ValueError(
+                    f"{layer.name}: a delta of shape {tuple(deltas[layer.name].shape)} for a layer of "
+                    f"{tuple(layer.delta.shape)}"
+                )
+
+    def use(stage: str | None) -> None:
+        chosen = reference if stage is None else stages[stage]
+        for layer in model.layers:
+            layer.delta = chosen[layer.name]
+
+    def layer_delta(stage: str, layer: AdaptedLayer, rows: torch.Tensor) -> torch.Tensor:
+        return rows @ stages[stage][layer.name].T
+
+    try:
+        return _compare(model, held_out, list(stages), use, "fourier", layer_delta)
+    finally:
+        use(None)
+
+
+def _compare(
+    model: CalibModel,
+    held_out: Iterable[Mapping[str, torch.Tensor]],
+    names: list[str],
+    use: Callable[[str | None], None],
+    student_mode: str,
+    layer_delta: Callable[[str, AdaptedLayer, torch.Tensor], torch.Tensor],
+) -> list[StageFigures]:
+    """The comparison loop: per batch, the reference model (``use(None)``, ``fourier`` mode) with every layer's
+    real inputs tapped, then each stage (``use(stage)``, ``student_mode``) on the same batch."""
+    sums = {stage: _Sums() for stage in names}
     output = "logits"
     mask: torch.Tensor | None = None
 
@@ -110,28 +188,26 @@ def compare_stages(
         rows = token_rows(x.detach(), mask).to(layer.delta.dtype)
         own = rows @ layer.delta.T
         out = layer.base_layer(rows).to(own.dtype) + own
-        for stage, factors in on_device.items():
-            b, a = factors.get(layer.name, (own.new_zeros(own.shape[1], 0), own.new_zeros(0, rows.shape[1])))
-            err = (rows @ a.T) @ b.T - own
+        own_sq, out_sq = float((own.double() ** 2).sum()), float((out.double() ** 2).sum())
+        for stage in names:
+            err = layer_delta(stage, layer, rows) - own
             acc = sums[stage].layer.setdefault(layer.name, [0.0, 0.0, 0.0])
             acc[0] += float((err.double() ** 2).sum())
-            acc[1] += float((own.double() ** 2).sum())
-            acc[2] += float((out.double() ** 2).sum())
+            acc[1] += own_sq
+            acc[2] += out_sq
 
-    try:
-        with torch.no_grad():
-            for batch in held_out:
-                mask = batch.get("attention_mask")
-                with model.mode("fourier"), model.tapping(layer_tap):
-                    ref, output = _output(model.run(batch))
-                for stage, factors in stages.items():
-                    model.set_factors(factors)
-                    with model.mode("lora"):
-                        got, _ = _output(model.run(batch))
-                    _accumulate(sums[stage], output, ref, got, mask)
-    finally:
-        model.set_factors(saved)
-    return [_figures(stage, output, sums[stage]) for stage in stages]
+    with torch.no_grad():
+        for batch in held_out:
+            mask = batch.get("attention_mask")
+            use(None)
+            with model.mode("fourier"), model.tapping(layer_tap):
+                ref, output = _output(model.run(batch))
+            for stage in names:
+                use(stage)
+                with model.mode(student_mode):
+                    got, _ = _output(model.run(batch))
+                _accumulate(sums[stage], output, ref, got, mask)
+    return [_figures(stage, output, sums[stage]) for stage in names]
 
 
 def _output(out: Any) -> tuple[torch.Tensor, str]:

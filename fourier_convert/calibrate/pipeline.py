@@ -236,7 +236,7 @@ class CalibrationSession:
             current = {m: f for m, f in model.factors().items() if ranks.get(m, 0) > 0}
             stages["distilled"] = current
         if self.data.held_out:
-            _phase(self.progress, "evaluating every stage on the held-out samples")
+            phase(self.progress, "to-lora", "evaluating every stage on the held-out samples")
             t0 = time.perf_counter()
             rep.stages = compare_stages(model, self._batches(self.data.held_out), stages)
             rep.seconds["evaluate"] = time.perf_counter() - t0
@@ -325,12 +325,12 @@ def open_session(
         seed=options.seed,
     )
     times["read_data"] = time.perf_counter() - t0
-    _phase(progress, f"loading the model ({task}) on {device}")
+    phase(progress, "to-lora", f"loading the model ({task}) on {device}")
     t0 = time.perf_counter()
     model = load_calib_model(ckpt, fourier, plan, task, device)
     times["load_model"] = time.perf_counter() - t0
     pad = pad_token_id(Path(ckpt.folder), ckpt.config or {})
-    _phase(progress, f"running the FourierFT model on {len(data.train)} calibration samples")
+    phase(progress, "to-lora", f"running the FourierFT model on {len(data.train)} calibration samples")
     t0 = time.perf_counter()
     grams = collect_grams(model, batches(data.train, options.batch_size, pad))
     times["grams"] = time.perf_counter() - t0
@@ -403,6 +403,7 @@ def _check_options(o: CalibrationOptions) -> None:
         raise UsageError("--lr", f"{o.lr} is not a positive learning rate", "use e.g. 0.02")
 
 
-def _phase(enabled: bool, text: str) -> None:
+def phase(enabled: bool, command: str, text: str) -> None:
+    """Print ``command: text ...`` on stderr when ``enabled`` (a phase of a long command, on a terminal)."""
     if enabled:
-        print(f"to-lora: {text} ...", file=sys.stderr, flush=True)
+        print(f"{command}: {text} ...", file=sys.stderr, flush=True)

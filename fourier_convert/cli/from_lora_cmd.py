@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
+from fourier_convert.calibrate.pipeline import CalibrationOptions
 from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path, print_conversion
 from fourier_convert.from_lora import from_lora, parse_pattern
@@ -28,6 +30,34 @@ from fourier_convert.io.writer import check_output_target
 )
 @click.option("--scaling", type=float, default=150.0, show_default=True, help="FourierFT scaling of the output.")
 @click.option("--seed", type=int, default=777, show_default=True, help="random_loc_seed of the output.")
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Fit the coefficients where the model is used (on the LoRA model's layer inputs): a text file (a sample a "
+    "line), JSON Lines, a .safetensors file of input_ids / pixel_values, or a folder of images (needs the base's "
+    "weights and tokenizer / image processor).",
+)
+@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
+@click.option("--calibration-samples", type=int, default=None, help="Samples to use in all [default: all].")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option(
+    "--held-out",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Share of the calibration samples kept aside for the report (never fitted on).",
+)
+@click.option(
+    "--calibration-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the calibration sample choice and split.",
+)
+@click.option("--device", default=None, help="Where calibration runs: auto, cpu, cuda, cuda:N [default: auto].")
+@click.option("--task", default="auto", show_default=True, help="Model class for calibration (as for to-onnx).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output FourierFT adapter folder.")
 @click.option("--adapter-subfolder", "subfolder", default=None, help="Named adapter inside --adapter.")
 @options.overwrite()
@@ -41,6 +71,15 @@ def from_lora_cmd(
     patterns: tuple[str, ...],
     scaling: float,
     seed: int,
+    calibration: Path | None,
+    text_field: str,
+    calibration_samples: int | None,
+    max_length: int,
+    held_out: float,
+    calibration_seed: int,
+    device: str | None,
+    task: str,
+    batch_size: int,
     out: Path,
     subfolder: str | None,
     overwrite: bool,
@@ -48,9 +87,23 @@ def from_lora_cmd(
     json_path: Path | None,
     quiet: bool,
 ) -> None:
-    """Convert a PEFT LoRA adapter to the closest FourierFT adapter (least squares on PEFT's frequencies)."""
+    """Convert a PEFT LoRA adapter to the closest FourierFT adapter (least squares on PEFT's frequencies; with
+    --calibration, least squares on the layers' real inputs)."""
     check_report_path(json_path)
     check_output_target(out, overwrite)
+    calibration_options = None
+    if calibration is not None:
+        calibration_options = CalibrationOptions(
+            path=calibration,
+            text_field=text_field,
+            samples=calibration_samples,
+            max_length=max_length,
+            held_out=held_out,
+            seed=calibration_seed,
+            device=device or "auto",
+            task=task,
+            batch_size=batch_size,
+        )
     fft, report = from_lora(
         adapter,
         base=base,
@@ -60,6 +113,9 @@ def from_lora_cmd(
         seed=seed,
         subfolder=subfolder,
         allow_pickle=allow_pickle,
+        calibration=calibration_options,
+        device=None if calibration_options is not None else device,
+        progress=sys.stderr.isatty() and not quiet,
     )
     fft.save(out, overwrite=overwrite)
     print_conversion(out, report.warnings, [report.table()], report.to_dict(), quiet=quiet, json_path=json_path)
