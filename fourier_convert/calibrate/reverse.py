@@ -20,18 +20,14 @@ import numpy as np
 import torch
 
 from fourier_convert.calibrate.evaluate import StageFigures, compare_deltas
-from fourier_convert.calibrate.grams import collect_grams
-from fourier_convert.calibrate.model import calibration_task, load_calib_model
-from fourier_convert.calibrate.pipeline import CalibrationOptions, phase
+from fourier_convert.calibrate.pipeline import CalibrationOptions, gram_factors, phase, run_reference, stage_lines
 from fourier_convert.errors import FourierConvertError, UsageError
 from fourier_convert.io.adapter import FourierFTAdapter
-from fourier_convert.io.calibration import batches, pad_token_id, read_calibration
+from fourier_convert.io.calibration import batches
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.lora_adapter import LoraAdapterIn
-from fourier_convert.maths.calibrated import gram_factor
 from fourier_convert.maths.delta import delta_weights
 from fourier_convert.maths.project import Projection, WeightedProjection, project_lowrank_weighted
-from fourier_convert.merge_core import resolve_device
 from fourier_convert.plan import MergePlan
 
 #: A layer keeping less of the LoRA delta's output energy than this is called out (as from-lora's LOW_ENERGY).
@@ -110,17 +106,8 @@ class FromLoraCalibration:
             f"({self.kind}); {self.tokens:,} tokens per layer; {self.gram_groups} Gram matrices; {self.task} on "
             f"{self.device}"
         ]
-        if self.stages:
-            what = self.stages[0].output
-            out.append(f"held-out ({self.held_out_samples} samples), FourierFT model against the LoRA model on {what}:")
-            out.append(f"  {'fit':<28} {'top-1 agreement':>22} {'mean err':>10} {'max err':>10} {'rel err':>9}")
-            labels = {"plain": "plain (weight space)", "calibrated": "calibrated (written)"}
-            for s in self.stages:
-                agree = "-" if s.agree is None else f"{s.agree}/{s.total} ({s.agree / max(s.total, 1):.1%})"
-                out.append(
-                    f"  {labels.get(s.stage, s.stage):<28} {agree:>22} {s.mean_error:>10.3g} {s.max_error:>10.3g} "
-                    f"{s.relative_error:>9.3g}"
-                )
+        labels = {"plain": "plain (weight space)", "calibrated": "calibrated (written)"}
+        out += stage_lines(self.stages, labels, self.held_out_samples, "FourierFT model against the LoRA model", "fit")
         out.extend(self.notes)
         return out
 
@@ -191,54 +178,22 @@ def calibrate(
 ) -> tuple[dict[str, WeightedProjection], FromLoraCalibration]:
     """Run the LoRA model on the calibration data, fit every layer on its inputs' Gram matrix, and compare the
     plain and the calibrated FourierFT models with the LoRA model on the held-out samples."""
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    dev = resolve_device(options.device)
-    task = calibration_task(out_adapter, ckpt.config, options.task)
-    folder = Path(ckpt.folder)
-    data = read_calibration(
-        options.path,
-        folder,
-        ckpt.config or {},
-        text_field=options.text_field,
-        samples=options.samples,
-        max_length=options.max_length,
-        held_out=options.held_out,
-        seed=options.seed,
-    )
-    pad = pad_token_id(folder, ckpt.config or {})
-    times["read_data"] = time.perf_counter() - t0
-    phase(progress, "from-lora", f"loading the LoRA model ({task}) on {dev}")
-    t0 = time.perf_counter()
     deltas = {
         module: torch.from_numpy(mod.scale * (mod.b @ mod.a)) for module, mod in lora.modules.items()
     }  # (out, in) float64, as PEFT's LoRA adds it
-    model = load_calib_model(ckpt, out_adapter, plan, task, dev, deltas=deltas)
+    run = run_reference(
+        ckpt, out_adapter, plan, options, command="from-lora", reference="LoRA", progress=progress, deltas=deltas
+    )
     del deltas
-    times["load_model"] = time.perf_counter() - t0
-    phase(progress, "from-lora", f"running the LoRA model on {len(data.train)} calibration samples")
-    t0 = time.perf_counter()
-    grams = collect_grams(model, batches(data.train, options.batch_size, pad))
-    times["grams"] = time.perf_counter() - t0
-
+    model, data, grams, pad, times = run.model, run.data, run.grams, run.pad_id, run.seconds
+    dev, task = model.device, model.task
     phase(progress, "from-lora", "fitting the coefficients on the layer inputs")
     t0 = time.perf_counter()
-    factors: dict[str, torch.Tensor] = {}
+    factors = gram_factors(model, grams, options.ridge)
     weighted: dict[str, WeightedProjection] = {}
     figures: dict[str, CalibratedLayer] = {}
     for module, mod in lora.modules.items():
-        lead = grams.leader.get(module)
-        if lead is None:
-            raise UsageError(
-                "--calibration",
-                f"no calibration input reached the adapted layer {module}",
-                "pass --task for the model class the adapter was trained on",
-            )
-        if lead not in factors:
-            try:
-                factors[lead] = gram_factor(grams.groups[lead], options.ridge)
-            except ValueError as exc:
-                raise UsageError("--calibration", f"{module}: {exc}", "check the calibration data") from None
+        lead = grams.leader[module]
         fit = project_lowrank_weighted(
             mod.b,
             mod.a,
@@ -267,15 +222,8 @@ def calibrate(
         seed=options.seed,
         layers=figures,
         seconds=times,
-        notes=list(data.notes),
+        notes=run.notes,
     )
-    narrow = [m for m in grams.leader if grams.tokens[m] < int(grams.of(m).shape[0])]
-    if narrow:
-        cal.notes.append(
-            f"{len(narrow)} layer(s) saw fewer calibration tokens than their input width (first: {narrow[0]}, "
-            f"{grams.tokens[narrow[0]]} tokens): the fit is exact on those inputs and may not generalise; "
-            "use more calibration samples"
-        )
     del grams
     if data.held_out:
         phase(progress, "from-lora", f"comparing with the LoRA model on {len(data.held_out)} held-out samples")
