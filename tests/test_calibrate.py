@@ -311,3 +311,50 @@ def test_cli_calibration_errors_are_one_line_and_publish_nothing(
     assert len(lines) == 1 and message in lines[0], result.output
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def _session(tmp_path: Path, lines: int, **kwargs: Any) -> Any:
+    from fourier_convert.calibrate.pipeline import open_session
+
+    base, adapter = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
+    ckpt = open_checkpoint(base)
+    fourier = read_adapter(adapter)
+    plan = plan_with_orientation(ckpt, [fourier])
+    calib = text_file(tmp_path / f"calib-{lines}.txt", lines)
+    exact = {layer.module: 64 for layer in plan.layers}
+    return open_session(ckpt, fourier, plan, CalibrationOptions(path=calib, **kwargs), exact)
+
+
+def test_gram_memory_is_one_matrix_per_distinct_input_whatever_the_data_size(tmp_path: Path) -> None:
+    """The memory bound: one in x in float64 matrix per distinct layer input, nothing that grows with tokens."""
+    small, large = _session(tmp_path, 10), _session(tmp_path, 80)
+    for session in (small, large):
+        mats = list(session.grams.groups.values())
+        assert [tuple(m.shape) for m in mats] == [(64, 64), (64, 64)] and all(m.dtype == torch.float64 for m in mats)
+        assert session.report.gram_bytes == 2 * 64 * 64 * 8 == sum(m.numel() * 8 for m in mats)
+    assert large.report.tokens > 4 * small.report.tokens
+    # the stated bound for a 7B Llama adapted on q and v (32 blocks, 4096 wide): 32 matrices, 4 GiB
+    from fourier_convert.calibrate.grams import gram_bytes
+
+    assert gram_bytes([4096] * 32) == 4 * 2**30
+
+
+def test_distillation_changes_only_the_lora_factors(tmp_path: Path) -> None:
+    from fourier_convert.calibrate.distill import distill
+    from fourier_convert.io.calibration import collate
+
+    session = _session(tmp_path, 30)
+    model = session.model
+    ranks = {layer.name: 2 for layer in model.layers}
+    closed = {m: session.decompositions[m].factors(r) for m, r in ranks.items()}
+    model.set_factors(closed)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    deltas = {layer.name: layer.delta.clone() for layer in model.layers}
+    result = distill(model, session.data.train, [], lambda s: collate(s, session.pad_id), steps=5)
+    assert result.steps == 5
+    after = model.model.state_dict()
+    assert before.keys() == after.keys()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed), changed
+    assert all(torch.equal(layer.delta, deltas[layer.name]) for layer in model.layers)
+    assert not any(p.requires_grad for p in model.model.parameters())

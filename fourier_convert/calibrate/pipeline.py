@@ -483,12 +483,12 @@ def stage_lines(
         return []
     out = [
         f"held-out ({held_out} samples), {compared} on {stages[0].output}:",
-        f"  {column:<28} {'top-1 agreement':>22} {'mean err':>10} {'max err':>10} {'rel err':>9}",
+        f"  {column:<34} {'top-1 agreement':>22} {'mean err':>10} {'max err':>10} {'rel err':>9}",
     ]
     for s in stages:
         agree = "-" if s.agree is None else f"{s.agree}/{s.total} ({s.agree / max(s.total, 1):.1%})"
         out.append(
-            f"  {labels.get(s.stage, s.stage):<28} {agree:>22} {s.mean_error:>10.3g} {s.max_error:>10.3g} "
+            f"  {labels.get(s.stage, s.stage):<34} {agree:>22} {s.mean_error:>10.3g} {s.max_error:>10.3g} "
             f"{s.relative_error:>9.3g}"
         )
     return out
