@@ -30,24 +30,7 @@ from fourier_convert.io.writer import check_output_target
 )
 @click.option("--scaling", type=float, default=150.0, show_default=True, help="FourierFT scaling of the output.")
 @click.option("--seed", type=int, default=777, show_default=True, help="random_loc_seed of the output.")
-@click.option(
-    "--calibration",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Fit the coefficients where the model is used (on the LoRA model's layer inputs): a text file (a sample a "
-    "line), JSON Lines, a .safetensors file of input_ids / pixel_values, or a folder of images (needs the base's "
-    "weights and tokenizer / image processor).",
-)
-@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
-@click.option("--calibration-samples", type=int, default=None, help="Samples to use in all [default: all].")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
-@click.option(
-    "--held-out",
-    type=float,
-    default=0.2,
-    show_default=True,
-    help="Share of the calibration samples kept aside for the report (never fitted on).",
-)
+@options.calibration_data("the coefficients where the model is used (on the LoRA model's layer inputs)")
 @click.option(
     "--calibration-seed",
     type=int,
@@ -55,9 +38,6 @@ from fourier_convert.io.writer import check_output_target
     show_default=True,
     help="Seed of the calibration sample choice and split.",
 )
-@click.option("--device", default=None, help="Where calibration runs: auto, cpu, cuda, cuda:N [default: auto].")
-@click.option("--task", default="auto", show_default=True, help="Model class for calibration (as for to-onnx).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output FourierFT adapter folder.")
 @click.option("--adapter-subfolder", "subfolder", default=None, help="Named adapter inside --adapter.")
 @options.overwrite()

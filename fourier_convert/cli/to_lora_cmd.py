@@ -37,7 +37,10 @@ def parse_rank(text: str) -> float:
 @click.command("to-lora")
 @click.option("--adapter", required=True, help="FourierFT adapter folder, PATH:NAME or hub id.")
 @click.option(
-    "--base", default=None, help="Base model (headers and config only); default: the adapter's base_model_name_or_path."
+    "--base",
+    default=None,
+    help="Base model; default: the adapter's base_model_name_or_path. Only headers and config are read, unless "
+    "--calibration or --check reads its weights.",
 )
 @click.option(
     "--rank",
@@ -66,23 +69,7 @@ def parse_rank(text: str) -> float:
     help="Also compare base + LoRA with base + FourierFT layer by layer: on the held-out calibration samples' real "
     "layer inputs with --calibration, else on random inputs (reads base weights).",
 )
-@click.option(
-    "--calibration",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Fit the LoRA where the model is used: a text file (a sample a line), JSON Lines, a .safetensors file of "
-    "input_ids / pixel_values, or a folder of images (needs the base's weights and tokenizer / image processor).",
-)
-@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
-@click.option("--calibration-samples", type=int, default=None, help="Samples to use in all [default: all].")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
-@click.option(
-    "--held-out",
-    type=float,
-    default=0.2,
-    show_default=True,
-    help="Share of the calibration samples kept aside for the report (never fitted on).",
-)
+@options.calibration_data("the LoRA where the model is used (on the FourierFT model's layer inputs)")
 @click.option(
     "--distill",
     "distill_steps",
@@ -94,9 +81,6 @@ def parse_rank(text: str) -> float:
 @click.option(
     "--sequential", is_flag=True, help="Fit layer by layer in model order on the converted model's own inputs."
 )
-@click.option("--device", default=None, help="Where calibration runs: auto, cpu, cuda, cuda:N [default: auto].")
-@click.option("--task", default="auto", show_default=True, help="Model class for calibration (as for to-onnx).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--lr", type=float, default=0.02, show_default=True, help="Distillation learning rate (relative).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sample choice, split and distillation.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output LoRA adapter folder.")
