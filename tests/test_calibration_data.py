@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import fourier_convert.io.calibration as calibration
+import fourier_convert.io.calibration.tensors as calibration_tensors
 from fourier_convert.errors import InputFileError, UsageError
 from fourier_convert.io.calibration import CalibrationData, batches, collate, pad_token_id, read_calibration
 
@@ -800,13 +801,13 @@ def test_safetensors_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(calibration, "MAX_TENSOR_BYTES", 1024)
     path = tmp_path / "t.safetensors"
     save_file({"input_ids": torch.zeros(100, 2, dtype=torch.int64)}, str(path))  # 1600 bytes
-    read_torch = calibration._load_tensors
-    monkeypatch.setattr(calibration, "_load_tensors", lambda *a: pytest.fail("tensors read"))  # refused before
+    read_torch = calibration_tensors._load_tensors
+    monkeypatch.setattr(calibration_tensors, "_load_tensors", lambda *a: pytest.fail("tensors read"))  # refused before
     assert error_of(path) == (
         f"{path}: holds 1.56 KiB of tensors, more than the 1 KiB limit; "
         "use fewer samples (a few hundred are enough)"
     )
-    monkeypatch.setattr(calibration, "_load_tensors", read_torch)
+    monkeypatch.setattr(calibration_tensors, "_load_tensors", read_torch)
 
 
 def test_safetensors_row_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
