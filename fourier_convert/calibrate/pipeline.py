@@ -115,18 +115,15 @@ class CalibrationReport:
         return self.stages[-1] if self.stages else None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
-        doc = asdict(self)
-        for stage, figures in zip(doc["stages"], self.stages, strict=True):
-            stage["agreement"] = figures.agreement
-        return doc
+        """A JSON-serialisable dict (each stage with its ``agreement`` share)."""
+        return with_agreements(asdict(self), self.stages)
 
     def lines(self) -> list[str]:
         """The lines the CLI prints: the data, one line per stage, and the notes."""
+        grams = f"{self.gram_groups} Gram matrices ({self.gram_bytes / 2**20:.1f} MiB)"
         out = [
-            f"calibration: {self.fit_samples} samples fitted, {self.held_out_samples} held out, from {self.source} "
-            f"({self.kind}); {self.tokens:,} tokens per layer; {self.gram_groups} Gram matrices "
-            f"({self.gram_bytes / 2**20:.1f} MiB); {self.task} on {self.device}"
+            data_line(self.source, self.kind, self.fit_samples, self.held_out_samples, self.tokens, grams)
+            + f"; {self.task} on {self.device}"
         ]
         labels = {s.stage: _stage_label(s.stage, self.distill) for s in self.stages}
         compared = "LoRA model against the FourierFT model"
@@ -462,6 +459,21 @@ def gram_factors(model: CalibModel, grams: Grams, ridge: float) -> dict[str, tor
             except ValueError as exc:
                 raise UsageError("--calibration", f"{layer.name}: {exc}", "check the calibration data") from None
     return out
+
+
+def data_line(source: str, kind: str, fitted: int, held_out: int, tokens: int, grams: str) -> str:
+    """The first line of a calibration report: what data, how split, how many tokens, how many Gram matrices."""
+    return (
+        f"calibration: {fitted} samples fitted, {held_out} held out, from {source} ({kind}); {tokens:,} tokens per "
+        f"layer; {grams}"
+    )
+
+
+def with_agreements(doc: dict[str, Any], stages: Sequence[StageFigures]) -> dict[str, Any]:
+    """``doc`` (a report's ``asdict``) with each of its ``stages`` given its ``agreement`` share."""
+    for stage, figures in zip(doc["stages"], stages, strict=True):
+        stage["agreement"] = figures.agreement
+    return doc
 
 
 def stage_lines(

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from fourier_convert.calibrate.evaluate import StageFigures, compare_deltas
-from fourier_convert.calibrate.pipeline import CalibrationOptions, gram_factors, phase, run_reference, stage_lines
+from fourier_convert.calibrate.pipeline import (
+    CalibrationOptions,
+    data_line,
+    gram_factors,
+    phase,
+    run_reference,
+    stage_lines,
+    with_agreements,
+)
 from fourier_convert.errors import FourierConvertError, UsageError
 from fourier_convert.io.adapter import FourierFTAdapter
 from fourier_convert.io.calibration import batches
@@ -94,17 +102,14 @@ class FromLoraCalibration:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (each stage with its ``agreement`` share)."""
-        doc = asdict(self)
-        for stage, figures in zip(doc["stages"], self.stages, strict=True):
-            stage["agreement"] = figures.agreement
-        return doc
+        return with_agreements(asdict(self), self.stages)
 
     def lines(self) -> list[str]:
         """The lines the CLI prints: the data, one line per stage, and the notes."""
+        grams = f"{self.gram_groups} Gram matrices"
         out = [
-            f"calibration: {self.fit_samples} samples fitted, {self.held_out_samples} held out, from {self.source} "
-            f"({self.kind}); {self.tokens:,} tokens per layer; {self.gram_groups} Gram matrices; {self.task} on "
-            f"{self.device}"
+            data_line(self.source, self.kind, self.fit_samples, self.held_out_samples, self.tokens, grams)
+            + f"; {self.task} on {self.device}"
         ]
         labels = {"plain": "plain (weight space)", "calibrated": "calibrated (written)"}
         out += stage_lines(self.stages, labels, self.held_out_samples, "FourierFT model against the LoRA model", "fit")
