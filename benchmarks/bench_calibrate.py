@@ -16,6 +16,7 @@ What it does, in one run:
 Usage (from the repository root, on a GPU machine)::
 
     python benchmarks/bench_calibrate.py --device cuda --json bench-work/bench-calibrate.json
+    python benchmarks/bench_calibrate.py --device cuda --shape 7b --layers 32 --steps 0   # 7B, closed form only
     python benchmarks/bench_calibrate.py --device cpu --layers 2 --samples 16 --length 64 --steps 5   # a smoke run
 """
 
@@ -43,13 +44,15 @@ from bench_merge import SHAPES, ModelShape, write_adapter, write_base
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_inputs(work: Path, layers: int, samples: int, length: int, seed: int) -> tuple[Path, Path, Path]:
+def build_inputs(
+    work: Path, family: str, layers: int, samples: int, length: int, seed: int
+) -> tuple[Path, Path, Path]:
     """The base, the adapter and the calibration file (built once per shape / size, then reused)."""
     import torch
     from safetensors.torch import save_file
 
-    shape = ModelShape(layers=layers, **SHAPES["1b"])
-    root = work / f"calib-1b-{layers}"
+    shape = ModelShape(layers=layers, **SHAPES[family])
+    root = work / f"calib-{family}-{layers}"
     base, adapter = root / "base", root / "adapter"
     if not (base / "config.json").exists():
         write_base(base, shape, seed)
@@ -66,6 +69,7 @@ def build_inputs(work: Path, layers: int, samples: int, length: int, seed: int) 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--device", default="auto")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="model family (bench_merge's shapes)")
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--length", type=int, default=512)
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    base, adapter, calib = build_inputs(args.work, args.layers, args.samples, args.length, args.seed)
+    base, adapter, calib = build_inputs(args.work, args.shape, args.layers, args.samples, args.length, args.seed)
     print(f"inputs ready in {time.perf_counter() - t0:.1f} s: {base}, {calib.name}", flush=True)
 
     import torch
@@ -119,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "torch": torch.__version__,
         "commit": _commit(),
+        "shape": args.shape,
         "layers": args.layers,
         "samples": args.samples,
         "length": args.length,
