@@ -130,3 +130,30 @@ def test_balance_keeps_the_product_and_equalises_norms() -> None:
     b[:, 1] = 0
     b3, a3 = balance(b, a)
     assert torch.isfinite(b3).all() and torch.isfinite(a3).all() and torch.allclose(b3 @ a3, b @ a)
+
+
+@pytest.mark.parametrize("shape", [(1100, 1024), (1024, 1300)])
+def test_thin_svd_through_eigh_equals_the_svd_for_the_components_kept(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At and above EIGH_FROM the decomposition goes through eigh; every component a factor keeps is the SVD's."""
+    from fourier_convert.maths import calibrated
+    from fourier_convert.maths.calibrated import thin_svd
+
+    gen = torch.Generator().manual_seed(8)
+    k = min(shape)
+    # a decaying spectrum over 6 orders of magnitude, as weighted FourierFT deltas have
+    u0, _ = torch.linalg.qr(torch.randn(shape[0], k, dtype=F64, generator=gen))
+    v0, _ = torch.linalg.qr(torch.randn(shape[1], k, dtype=F64, generator=gen))
+    m = u0 * torch.logspace(0, -6, k, dtype=F64) @ v0.T
+    u, s, vt = thin_svd(m)
+    assert calibrated.EIGH_FROM <= k
+    want = torch.linalg.svdvals(m)
+    torch.testing.assert_close(s[:64], want[:64], rtol=1e-10, atol=0)
+    for r in (1, 8, 64):
+        torch.testing.assert_close(u[:, :r] * s[:r] @ vt[:r], u0[:, :r] * want[:r] @ v0[:, :r].T, rtol=0, atol=1e-10)
+    torch.testing.assert_close(u * s @ vt, m, rtol=0, atol=1e-9)
+    # the plain SVD path below the threshold gives the same factors
+    monkeypatch.setattr(calibrated, "EIGH_FROM", 10**9)
+    u2, s2, vt2 = thin_svd(m)
+    torch.testing.assert_close(u2[:, :8] * s2[:8] @ vt2[:8], u[:, :8] * s[:8] @ vt[:8], rtol=0, atol=1e-10)
