@@ -358,6 +358,7 @@ def _calibrated_rows(
     report's calibration part."""
     cal = session.report
     result.calibration = cal
+    result.warnings.extend(cal.warnings)
     first = cal.stages[0].layers if cal.stages else {}
     last = cal.final.layers if cal.final is not None else {}
     deltas = {layer.name: layer.delta for layer in session.model.layers}

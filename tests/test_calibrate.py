@@ -358,3 +358,28 @@ def test_distillation_changes_only_the_lora_factors(tmp_path: Path) -> None:
     assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed), changed
     assert all(torch.equal(layer.delta, deltas[layer.name]) for layer in model.layers)
     assert not any(p.requires_grad for p in model.model.parameters())
+
+
+def test_poor_held_out_agreement_is_a_warning_even_with_quiet(tmp_path: Path) -> None:
+    """The tiny random Llama at rank 1 follows its adapter on under 90 % of held-out tokens: the CLI says so on
+    stderr (as for every warning), also with --quiet, which silences the table."""
+    from click.testing import CliRunner
+
+    from fourier_convert.cli.main import cli
+
+    calib = text_file(tmp_path / "calib.txt", 60)
+    _, report = to_lora(FIXTURES / "llama" / "adapter", base=FIXTURES / "llama" / "base", rank=1, calibration=calib)
+    final = report.calibration.final if report.calibration is not None else None
+    assert final is not None and final.agreement is not None and final.agreement < 0.9
+    want = f"predicts what the FourierFT model predicts only {final.agreement:.1%} of the time"
+    assert any(want in w for w in report.warnings)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "to-lora", "--adapter", str(FIXTURES / "llama" / "adapter"), "--base", str(FIXTURES / "llama" / "base"),
+            "--rank", "1", "--calibration", str(calib), "--quiet", "--out", str(tmp_path / "lora"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"warning: on the held-out samples the LoRA model {want}" in result.stderr
+    assert "held-out (" not in result.stdout  # --quiet: no table

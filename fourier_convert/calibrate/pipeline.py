@@ -91,6 +91,8 @@ class CalibrationReport:
         distill: Distillation's record, if it ran.
         seconds: Wall time per phase.
         notes: Things to know.
+        warnings: Held-out figures that call for action (poor agreement, worse than the plain SVD); the conversion's
+            report carries them among its warnings.
     """
 
     source: str
@@ -108,6 +110,7 @@ class CalibrationReport:
     distill: DistillResult | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def final(self) -> StageFigures | None:
@@ -257,16 +260,15 @@ class CalibrationSession:
         final, first = rep.stages[-1], rep.stages[0]
         agreement = final.agreement
         if agreement is not None and agreement < POOR_AGREEMENT:
-            rep.notes.insert(
-                0,
-                f"warning: on the held-out samples the LoRA model predicts what the FourierFT model predicts only "
+            rep.warnings.append(
+                f"on the held-out samples the LoRA model predicts what the FourierFT model predicts only "
                 f"{agreement:.1%} of the time: raise the rank, add --distill, or calibrate on data like the task's "
                 "inputs",
             )
         if final.relative_error > first.relative_error:
-            rep.notes.append(
-                "warning: the calibrated LoRA follows the FourierFT model less closely than the plain SVD on the "
-                "held-out samples: the calibration data is probably unlike them"
+            rep.warnings.append(
+                "the calibrated LoRA follows the FourierFT model less closely than the plain SVD on the held-out "
+                "samples: the calibration data is probably unlike them"
             )
 
 
