@@ -368,8 +368,9 @@ def _calibrated_rows(
         row.held_out_error = last[row.module].delta_error if row.module in last else None
         if row.module in factors and row.energy > 0:
             b, a = factors[row.module]
-            d = deltas[row.module].double().cpu()
-            rel = float(torch.linalg.matrix_norm(d - b.double() @ a.double()) / torch.linalg.matrix_norm(d))
+            d = deltas[row.module].double()  # where the model runs: no dense copy back to the CPU
+            ba = b.to(d.device, torch.float64) @ a.to(d.device, torch.float64)
+            rel = float(torch.linalg.matrix_norm(d - ba) / torch.linalg.matrix_norm(d))
             row.relative_error = rel
             row.retained_energy = max(0.0, 1.0 - rel**2)
 

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,32 +89,31 @@ def _tensor_header(source: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Key -> (dtype, shape), from the header only."""
     from safetensors import safe_open
 
-    try:
-        with safe_open(str(source), framework="pt") as f:  # type: ignore[no-untyped-call]
-            out = {}
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                piece = f.get_slice(key)
-                out[key] = (str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape()))
-            return out
-    except Exception as exc:  # safetensors raises SafetensorError, OSError, ...
-        raise InputFileError(
-            show_path(source),
-            f"is not a readable safetensors file ({first_line(exc)})",
-            "re-save it with safetensors.torch.save_file",
-        ) from None
+    with _unreadable_as_input_error(source), safe_open(str(source), framework="pt") as f:  # type: ignore[no-untyped-call]
+        out = {}
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            piece = f.get_slice(key)
+            out[key] = (str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape()))
+        return out
 
 
 def _load_tensors(source: Path, keys: list[str], rows: int) -> dict[str, torch.Tensor]:
     """The first ``rows`` rows of each tensor, ids and masks as int64, pixel values as float32."""
     from safetensors import safe_open
 
+    with _unreadable_as_input_error(source), safe_open(str(source), framework="pt") as f:  # type: ignore[no-untyped-call]
+        out = {}
+        for key in keys:
+            t = f.get_slice(key)[:rows]
+            out[key] = t.to(torch.float32) if key == "pixel_values" else t.to(torch.int64)
+        return out
+
+
+@contextlib.contextmanager
+def _unreadable_as_input_error(source: Path) -> Iterator[None]:
+    """Any error the safetensors reader raises inside the block becomes the one-line InputFileError."""
     try:
-        with safe_open(str(source), framework="pt") as f:  # type: ignore[no-untyped-call]
-            out = {}
-            for key in keys:
-                t = f.get_slice(key)[:rows]
-                out[key] = t.to(torch.float32) if key == "pixel_values" else t.to(torch.int64)
-            return out
+        yield
     except Exception as exc:  # safetensors raises SafetensorError, OSError, ...
         raise InputFileError(
             show_path(source),
