@@ -6,10 +6,16 @@ Eckart-Young optimum), and written as ``lora_B = U_r diag(sigma_r)`` (out x r) a
 (r x in) with ``lora_alpha = r``: PEFT's scale ``alpha / r`` is 1 and ``lora_B @ lora_A`` is the truncated
 delta. Only shapes and module types are read from the base (headers and config.json), never its weights.
 
-Ranks: fixed, per-layer energy share, or a parameter budget (:mod:`fourier_convert.maths.ranks`). Targets:
-``peft`` (per-layer ranks through ``rank_pattern``; trained biases and ``modules_to_save`` heads carried,
-bias ``fourier_only`` -> LoRA ``lora_only``, ``all`` -> ``all``), ``vllm`` and ``llama.cpp`` (one uniform
-rank, smaller layers zero-padded, only ``lora_A`` / ``lora_B`` tensors; vLLM's rank from its allowed set).
+Ranks: fixed, per-layer energy share, or a parameter budget (:mod:`fourier_convert.maths.ranks`); every layer
+keeps its own rank (``rank_pattern``) unless ``uniform_rank`` pads all to one. Targets:
+
+- ``peft``: ``rank_pattern`` / ``alpha_pattern`` (scale 1 on every layer); trained biases and
+  ``modules_to_save`` heads carried (bias ``fourier_only`` -> LoRA ``lora_only``, ``all`` -> ``all``).
+- ``vllm``: the same patterns, which vLLM reads; only ``lora_A`` / ``lora_B``; the report names the
+  ``--max-lora-rank`` to serve it with (the smallest value vLLM allows at or above the largest rank).
+- ``llama.cpp``: one ``lora_alpha`` (llama.cpp scales each tensor by ``alpha / its rank`` and ignores
+  patterns), so each layer's ``alpha / r`` is folded into its ``lora_B``; only ``lora_A`` / ``lora_B``; the
+  folder also holds the GGUF LoRA file (:mod:`fourier_convert.io.gguf_lora`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, extra_tensor_keys, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import open_adapter_base
+from fourier_convert.io.gguf_lora import GGUFLoraLayout, gguf_layout
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.ranks import VLLM_RANKS, allocate_budget, choose_rank
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
@@ -86,7 +93,8 @@ class LoraReport:
         layers: Per-layer results (layers of rank 0 included; they are left out of the LoRA).
         parameters: LoRA parameters written (A and B of every layer, zero padding included).
         target: ``peft``, ``vllm`` or ``llama.cpp``.
-        uniform_rank: The one rank every tensor has (``vllm`` / ``llama.cpp``), else None.
+        uniform_rank: With ``uniform_rank``: the one rank every tensor has (smaller layers zero-padded), else None.
+        max_lora_rank: ``vllm``: the ``--max-lora-rank`` to serve the adapter with, else None.
         budget: The parameter budget asked for, if any.
         budget_bound: With a budget: no choice of ranks within it keeps more energy than this share.
         dropped: Trained biases / heads the target cannot carry and ``drop_extras`` left out (keys).
@@ -99,6 +107,7 @@ class LoraReport:
     parameters: int
     target: str = "peft"
     uniform_rank: int | None = None
+    max_lora_rank: int | None = None
     budget: int | None = None
     budget_bound: float | None = None
     dropped: list[str] = field(default_factory=list)
@@ -140,7 +149,9 @@ class LoraReport:
             f"{self.retained_energy:.2%} of the delta energy kept"
         )
         if self.uniform_rank is not None:
-            total += f"; {self.target}: uniform rank {self.uniform_rank} (smaller layers zero-padded)"
+            total += f"; uniform rank {self.uniform_rank} (smaller layers zero-padded)"
+        if self.max_lora_rank is not None:
+            total += f"; serve with vLLM's --max-lora-rank {self.max_lora_rank}"
         if self.budget is not None and self.budget_bound is not None:
             total += f"; budget {self.budget:,} (no allocation within it keeps more than {self.budget_bound:.2%})"
         rows.append(total)
@@ -170,6 +181,7 @@ def to_lora(
     max_rank: int | None = None,
     param_budget: int | None = None,
     target: str = "peft",
+    uniform_rank: bool = False,
     drop_extras: bool = False,
     subfolder: str | None = None,
     allow_pickle: bool = False,
@@ -191,7 +203,10 @@ def to_lora(
         max_rank: Cap on every layer's rank.
         param_budget: Choose per-layer ranks keeping the most total energy (with calibration: output energy)
             for at most this many LoRA parameters (``sum r * (out + in)``); excludes ``rank``.
-        target: ``peft`` (default), ``vllm`` or ``llama.cpp`` (uniform rank, only lora_A / lora_B).
+        target: ``peft`` (default), ``vllm`` (only lora_A / lora_B, rank patterns) or ``llama.cpp`` (only
+            lora_A / lora_B, one alpha, and a GGUF LoRA file beside the PEFT files).
+        uniform_rank: Pad every layer with zeros to one rank (for ``vllm``: one of the ranks it allows), for
+            stacks that need a single rank; default: each layer keeps its own.
         drop_extras: For ``vllm`` / ``llama.cpp``: leave out trained biases and heads instead of refusing
             (they are listed in ``report.dropped``).
         subfolder: Named adapter inside the folder.
@@ -209,8 +224,9 @@ def to_lora(
         The LoRA adapter (call ``.save(path)``) and the report.
 
     Raises:
-        UsageError: Bad rank / budget / target, extras the target cannot carry without ``drop_extras``, or a
-            calibration-only option without calibration data.
+        UsageError: Bad rank / budget / target, extras the target cannot carry without ``drop_extras``, a base
+            architecture the GGUF writer does not know (``llama.cpp``), or a calibration-only option without
+            calibration data.
         InputFileError: Unusable calibration data.
         FourierConvertError: Invalid adapter or base.
 
@@ -236,6 +252,11 @@ def to_lora(
     dropped = _extras(fourier, target, drop_extras)
     ckpt = open_adapter_base(base, fourier.settings.base_model_name_or_path)
     plan = plan_with_orientation(ckpt, [fourier])
+    layout: GGUFLoraLayout | None = None
+    if target == "llama.cpp":  # refuse an architecture llama.cpp's files cannot name before any work
+        layout = gguf_layout(ckpt.config or {}, str(ckpt.folder / "config.json"))
+        for layer in plan.layers:
+            layout.tensor_name(layer.module)
 
     cache = IndexCache()
     svds: list[SpectralSVD] = []
@@ -253,7 +274,7 @@ def to_lora(
         exact = {layer.module: len(s.values) for layer, s in zip(plan.layers, svds, strict=True)}
         session = open_session(ckpt, fourier, plan, options, exact, progress=progress)
         values = [session.output_values(layer.module) for layer in plan.layers]
-    ranks, uniform, bound = _ranks(values, plan.layers, rank, max_rank, param_budget, target)
+    ranks, uniform, bound = _ranks(values, plan.layers, rank, max_rank, param_budget, target, uniform_rank)
 
     plain: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer, svd, r in zip(plan.layers, svds, ranks, strict=True):
@@ -305,9 +326,14 @@ def to_lora(
             warnings.append("the calibration figures are measured with those tensors; the LoRA as written lacks them")
 
     config = _lora_config(fourier, plan.layers, written, target, carry_extras=not dropped)
+    if target == "llama.cpp":
+        _fold_scales(tensors, written, config["lora_alpha"])
     params = sum(int(t.numel()) for k, t in tensors.items() if ".lora_" in k)
-    result = LoraReport(str(adapter), layers, params, target, uniform, param_budget, None, dropped, warnings)
-    result.budget_bound = bound
+    result = LoraReport(
+        str(adapter), layers, params, target, uniform, None, param_budget, bound, dropped, warnings
+    )
+    if target == "vllm":
+        result.max_lora_rank = min(w for w in VLLM_RANKS if w >= max(written.values()))
     if session is not None:
         _calibrated_rows(result, session, factors)
     elif layers and result.retained_energy < LOW_ENERGY:
@@ -317,7 +343,7 @@ def to_lora(
             "up to 2n singular values, so a low-rank LoRA keeps only the ~r/2 largest coefficients (docs/maths.md); "
             "--calibration fits the LoRA where the model is used instead (docs/to-lora.md)",
         )
-    return AdapterFiles(config, tensors, [fourier.folder, ckpt.folder]), result
+    return AdapterFiles(config, tensors, [fourier.folder, ckpt.folder], layout), result
 
 
 def calibration_options(
@@ -401,9 +427,10 @@ def _ranks(
     max_rank: int | None,
     budget: int | None,
     target: str,
+    uniform: bool,
 ) -> tuple[list[int], int | None, float | None]:
-    """Per-layer ranks from each layer's singular values (descending, at most its exact rank), the uniform width
-    for vllm / llama.cpp (None for peft), and the budget's bound as a share of the total energy."""
+    """Per-layer ranks from each layer's singular values (descending, at most its exact rank), the one padded
+    width with ``uniform`` (else None), and the budget's bound as a share of the total energy."""
     costs = [sum(layer.delta_shape) for layer in layers]
     bound: float | None = None
     if budget is None:
@@ -412,7 +439,7 @@ def _ranks(
             ranks = [choose_rank(v, rank, max_rank) for v in values]
         except ValueError as exc:
             raise UsageError("--rank", str(exc), "use e.g. 8 or 0.9") from None
-    elif target == "peft":
+    elif not uniform:
         alloc = allocate_budget(values, costs, budget, max_rank)
         total = sum(float(np.sum(np.asarray(v, dtype=np.float64) ** 2)) for v in values)
         ranks, bound = alloc.ranks, alloc.upper_bound / total if total > 0 else 1.0
@@ -424,23 +451,33 @@ def _ranks(
             raise UsageError(
                 "--param-budget",
                 f"{budget:,} parameters do not fit even rank {allowed[0] if allowed else 1} on every layer "
-                f"({(allowed[0] if allowed else 1) * sum(costs):,} needed) for {target}",
-                "raise the budget or use --target peft",
+                f"({(allowed[0] if allowed else 1) * sum(costs):,} needed) with --uniform-rank",
+                "raise the budget or leave out --uniform-rank",
             )
         ranks = [min(max(fitting), len(v)) for v in values]
-    if target == "peft":
-        return ranks, None, bound
     top = max(ranks)
-    widths = [w for w in _widths(target, top) if w >= top]
-    if not widths:
+    if target == "vllm" and top > VLLM_RANKS[-1]:
         raise UsageError(
-            "--rank", f"a layer needs rank {top}, above the largest rank {target} accepts", "lower --rank or --max-rank"
+            "--rank",
+            f"a layer needs rank {top}, above vLLM's largest --max-lora-rank {VLLM_RANKS[-1]}",
+            "lower --rank or --max-rank",
         )
-    return ranks, widths[0], bound
+    if not uniform:
+        return ranks, None, bound
+    return ranks, min(w for w in _widths(target, top) if w >= top), bound
 
 
 def _widths(target: str, top: int) -> list[int]:
     return list(VLLM_RANKS) if target == "vllm" else list(range(1, max(top, 1) + 1))
+
+
+def _fold_scales(tensors: dict[str, torch.Tensor], ranks: dict[str, int], alpha: int) -> None:
+    """llama.cpp scales every layer by ``alpha / rank`` with one ``alpha``: fold ``rank / alpha`` into each
+    layer's ``lora_B`` so that every layer's product is still ``B A``."""
+    for module, r in ranks.items():
+        if r != alpha:
+            key = f"{KEY_PREFIX}{module}.lora_B.weight"
+            tensors[key] = tensors[key] * (r / alpha)
 
 
 def _layer_report(layer: LayerPlan, svd: SpectralSVD, r: int) -> LoraLayerReport:
@@ -482,6 +519,6 @@ def _lora_config(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    if target != "peft":  # vLLM / llama.cpp use one global alpha / r: no patterns at all
-        del config["rank_pattern"], config["alpha_pattern"]
+    if target == "llama.cpp":  # one alpha for all layers; the rank of each is read from its tensors
+        config["alpha_pattern"] = {}
     return config

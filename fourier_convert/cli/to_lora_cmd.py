@@ -60,7 +60,14 @@ def parse_rank(text: str) -> float:
     type=click.Choice(TARGETS),
     default="peft",
     show_default=True,
-    help="peft: per-layer ranks, biases and heads; vllm / llama.cpp: uniform rank, lora_A / lora_B only.",
+    help="peft: biases and heads too; vllm: lora_A / lora_B only, prints the --max-lora-rank to serve with; "
+    "llama.cpp: lora_A / lora_B only, one lora_alpha, plus adapter_model.gguf for llama.cpp / ollama.",
+)
+@click.option(
+    "--uniform-rank",
+    is_flag=True,
+    help="Zero-pad every layer to one rank (vllm: a rank vLLM allows), for stacks that need one; default: each "
+    "layer keeps its own rank.",
 )
 @click.option("--drop-extras", is_flag=True, help="vllm / llama.cpp: leave out trained biases and heads (reported).")
 @click.option(
@@ -96,6 +103,7 @@ def to_lora_cmd(
     max_rank: int | None,
     param_budget: int | None,
     target: str,
+    uniform_rank: bool,
     drop_extras: bool,
     check: bool,
     calibration: Path | None,
@@ -144,6 +152,7 @@ def to_lora_cmd(
         max_rank=max_rank,
         param_budget=param_budget,
         target=target,
+        uniform_rank=uniform_rank,
         drop_extras=drop_extras,
         subfolder=subfolder,
         allow_pickle=allow_pickle,
