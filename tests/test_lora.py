@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,26 +127,37 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LLAMA_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
 
 
+def vllm_rank_and_scaling(cfg: dict[str, Any], module: str) -> tuple[int, float]:
+    """vLLM's ``PEFTHelper.get_rank_and_scaling``: a module's rank and scale from the first ``rank_pattern`` /
+    ``alpha_pattern`` key matching its name (else ``r`` / ``lora_alpha``)."""
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    if rank_pattern or alpha_pattern:
+        r = next((v for k, v in rank_pattern.items() if re.match(rf"(.*\.)?({k})$", module)), r)
+        alpha = next((v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", module)), alpha)
+    return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
 def read_as_vllm(folder: Path, expected_modules: set[str], max_lora_rank: int) -> dict[str, tuple[Any, Any]]:
-    """Load a LoRA folder with the rules vLLM's loader applies (PEFTHelper, LoRAModel.from_local_checkpoint);
-    return module -> (lora_a, lora_b) already multiplied by vLLM's one global scale, or raise as vLLM would."""
+    """Load a LoRA folder with the rules vLLM 0.32's loader applies (PEFTHelper, LoRAModel.from_local_checkpoint);
+    return module -> (lora_a, lora_b) with lora_b already multiplied by the module's scale, or raise as vLLM would."""
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "adapter_config.json").read_text())
     missing = {"r", "lora_alpha", "target_modules"} - set(cfg)
     if missing:
         raise ValueError(f"Missing required configuration fields: {missing}")
-    if cfg.get("modules_to_save"):
+    if cfg.get("modules_to_save") is not None and not set(cfg["modules_to_save"]) <= {"classifier", "score"}:
         raise ValueError("vLLM only supports modules_to_save being None.")
     if cfg.get("use_dora"):
         raise ValueError("vLLM does not yet support DoRA.")
     if max_lora_rank not in VLLM_MAX_LORA_RANKS:
         raise ValueError(f"max_lora_rank {max_lora_rank} is not one of {VLLM_MAX_LORA_RANKS}")
-    if cfg["r"] > max_lora_rank:
-        raise ValueError(f"LoRA rank {cfg['r']} is greater than max_lora_rank {max_lora_rank}.")
+    max_rank = max([cfg["r"], *(cfg.get("rank_pattern") or {}).values()])
+    if max_rank > max_lora_rank:
+        raise ValueError(f"LoRA rank {max_rank} is greater than max_lora_rank {max_lora_rank}.")
     if cfg.get("bias", "none") != "none":
         raise ValueError("Adapter bias is not supported.")
-    scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])  # rank_pattern ignored
     loras: dict[str, dict[str, Any]] = {}
     for name, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
         parts = name.split(".")
@@ -159,7 +172,8 @@ def read_as_vllm(folder: Path, expected_modules: set[str], max_lora_rank: int) -
         a, b = pair["lora_A"], pair["lora_B"]  # KeyError: vLLM would fail on a half-missing pair too
         if a.shape[0] > max_lora_rank or b.shape[1] != a.shape[0]:
             raise ValueError(f"{module}: rank {a.shape[0]} does not fit max_lora_rank {max_lora_rank}")
-        out[module] = (a, b * scale)
+        _, scaling = vllm_rank_and_scaling(cfg, module)
+        out[module] = (a, b * scaling)
     return out
 
 
@@ -168,20 +182,35 @@ def test_vllm_target_loads_by_vllm_rules_and_equals_the_peft_conversion(tmp_path
     peft_lora, peft_report = to_lora(src, base=base, rank=0.9)
     vllm_lora, report = to_lora(src, base=base, rank=0.9, target="vllm")
     vllm_lora.save(tmp_path / "vllm")
-    top = max(x.rank for x in peft_report.layers)
-    assert report.uniform_rank == min(r for r in VLLM_MAX_LORA_RANKS if r >= top)
+    ranks = {x.module: x.rank for x in report.layers}
+    assert ranks == {x.module: x.rank for x in peft_report.layers} and len(set(ranks.values())) > 1
+    assert report.uniform_rank is None
+    assert report.max_lora_rank == min(r for r in VLLM_MAX_LORA_RANKS if r >= max(ranks.values())) == 32
+    assert report.table().splitlines()[-1].endswith("; serve with vLLM's --max-lora-rank 32")
     cfg = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
-    assert cfg["r"] == cfg["lora_alpha"] == report.uniform_rank
-    assert "rank_pattern" not in cfg and "alpha_pattern" not in cfg
-    loaded = read_as_vllm(tmp_path / "vllm", LLAMA_LORA_MODULES, max_lora_rank=report.uniform_rank)
-    assert set(loaded) == {x.module for x in report.layers}
+    assert cfg["r"] == cfg["lora_alpha"] and cfg["rank_pattern"] and cfg["alpha_pattern"] == cfg["rank_pattern"]
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in vllm_lora.tensors)
+    loaded = read_as_vllm(tmp_path / "vllm", LLAMA_LORA_MODULES, max_lora_rank=report.max_lora_rank)
+    assert set(loaded) == set(ranks)
     for module, (a, b) in loaded.items():
-        assert a.shape[0] == b.shape[1] == report.uniform_rank  # one uniform rank, zero-padded
+        assert a.shape[0] == b.shape[1] == ranks[module] == vllm_rank_and_scaling(cfg, module)[0]  # exact rank
+        assert bool((a.abs().sum(dim=1) > 0).all()) and bool((b.abs().sum(dim=0) > 0).all())  # no zero padding
         key = f"base_model.model.{module}"
         want = peft_lora.tensors[f"{key}.lora_B.weight"] @ peft_lora.tensors[f"{key}.lora_A.weight"]
         torch.testing.assert_close(b @ a, want, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="is greater than max_lora_rank"):
-        read_as_vllm(tmp_path / "vllm", LLAMA_LORA_MODULES, max_lora_rank=8)
+    with pytest.raises(ValueError, match=r"^LoRA rank 18 is greater than max_lora_rank 16\.$"):
+        read_as_vllm(tmp_path / "vllm", LLAMA_LORA_MODULES, max_lora_rank=16)
+    # --uniform-rank: one width vLLM allows for every tensor, zero-padded, no patterns; the same products
+    padded_lora, padded = to_lora(src, base=base, rank=0.9, target="vllm", uniform_rank=True)
+    padded_lora.save(tmp_path / "padded")
+    assert padded.uniform_rank == padded.max_lora_rank == report.max_lora_rank
+    assert [x.rank for x in padded.layers] == [x.rank for x in report.layers]
+    cfg = json.loads((tmp_path / "padded" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == padded.uniform_rank and cfg["rank_pattern"] == cfg["alpha_pattern"] == {}
+    for module, (a, b) in read_as_vllm(tmp_path / "padded", LLAMA_LORA_MODULES, padded.uniform_rank).items():
+        assert a.shape[0] == b.shape[1] == padded.uniform_rank
+        want = loaded[module][1] @ loaded[module][0]
+        torch.testing.assert_close(b @ a, want, rtol=0, atol=1e-6)
     x = _inputs("llama")  # and PEFT still runs it
     with torch.no_grad():
         a_logits = _peft_lora_model("llama", tmp_path / "vllm")(**x).logits
@@ -190,16 +219,39 @@ def test_vllm_target_loads_by_vllm_rules_and_equals_the_peft_conversion(tmp_path
 
 
 def test_llama_cpp_target_has_only_factors_and_one_alpha_per_rank(tmp_path: Path) -> None:
-    lora, report = to_lora(FIXTURES / "gpt2" / "adapter", base=FIXTURES / "gpt2" / "base", rank=5, target="llama.cpp",
-                           drop_extras=True)  # fmt: skip
+    with pytest.raises(fc.UsageError) as info:  # the GGUF writer knows Llama / Mistral only: gpt2 is refused
+        to_lora(FIXTURES / "gpt2" / "adapter", base=FIXTURES / "gpt2" / "base", rank=5, target="llama.cpp",
+                drop_extras=True)  # fmt: skip
+    assert str(info.value) == (
+        f"--target: {FIXTURES / 'gpt2' / 'base' / 'config.json'}: writing GGUF LoRA files directly knows "
+        "LlamaForCausalLM, MistralForCausalLM, not 'GPT2LMHeadModel'; use --target peft and convert with python "
+        "convert_lora_to_gguf.py --base BASE_FOLDER ADAPTER_FOLDER (from llama.cpp)"
+    )
+    base, src = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
+    peft_lora, _ = to_lora(src, base=base, rank=0.9)
+    lora, report = to_lora(src, base=base, rank=0.9, target="llama.cpp")
     lora.save(tmp_path / "gg")
+    names = sorted(p.name for p in (tmp_path / "gg").iterdir())
+    assert names == ["adapter_config.json", "adapter_model.gguf", "adapter_model.safetensors"]
     cfg = json.loads((tmp_path / "gg" / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] and cfg["lora_alpha"] == cfg["r"] == report.uniform_rank == 5
+    assert cfg["base_model_name_or_path"] and cfg["lora_alpha"] == cfg["r"] and cfg["alpha_pattern"] == {}
+    assert report.uniform_rank is None and report.max_lora_rank is None
+    ranks = {x.module: x.rank for x in report.layers}
+    assert cfg["rank_pattern"] == {m: r for m, r in ranks.items() if r != cfg["r"]} != {}
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in lora.tensors)  # llama.cpp aborts otherwise
-    ranks = {int(t.shape[0]) for k, t in lora.tensors.items() if k.endswith("lora_A.weight")}
-    assert ranks == {5}  # llama.cpp scales each tensor by alpha / its own rank: uniform, so the scale is 1
-    assert report.dropped == sorted(f"{m}.bias" for m in GPT2_CONV1D)
     assert cfg["bias"] == "none" and cfg["modules_to_save"] is None
+    for module, r in ranks.items():
+        # llama.cpp: one alpha for the file, each tensor scaled by alpha / its own rank
+        key = f"base_model.model.{module}"
+        a, b = lora.tensors[f"{key}.lora_A.weight"], lora.tensors[f"{key}.lora_B.weight"]
+        assert a.shape[0] == b.shape[1] == r
+        want = peft_lora.tensors[f"{key}.lora_B.weight"] @ peft_lora.tensors[f"{key}.lora_A.weight"]
+        torch.testing.assert_close((b * (cfg["lora_alpha"] / a.shape[0])) @ a, want, rtol=0, atol=1e-6)
+    x = _inputs("llama")  # PEFT (alpha / rank_pattern per layer) gives the same model
+    with torch.no_grad():
+        got = _peft_lora_model("llama", tmp_path / "gg")(**x).logits
+        peft_lora.save(tmp_path / "peft")
+        torch.testing.assert_close(got, _peft_lora_model("llama", tmp_path / "peft")(**x).logits)
 
 
 def test_targets_refuse_extras_they_cannot_carry() -> None:
@@ -226,8 +278,16 @@ def test_param_budget_is_respected_and_close_to_the_bound(tmp_path: Path) -> Non
     assert budgeted.retained_energy >= fixed.retained_energy - 1e-12
     with pytest.raises(fc.UsageError, match="given together with --rank"):
         to_lora(src, base=base, rank=8, param_budget=1000)
+    # vllm: per-layer ranks within the budget, the --max-lora-rank to serve them with
     _, vllm = to_lora(src, base=base, param_budget=5000, target="vllm")
-    assert vllm.uniform_rank in VLLM_MAX_LORA_RANKS and vllm.parameters <= 5000
+    assert vllm.parameters <= 5000 and vllm.uniform_rank is None
+    assert vllm.parameters == sum(x.rank * sum(x.shape) for x in vllm.layers)
+    assert vllm.max_lora_rank == min(r for r in VLLM_MAX_LORA_RANKS if r >= max(x.rank for x in vllm.layers))
+    assert len({x.rank for x in vllm.layers}) > 1
+    padded_lora, padded = to_lora(src, base=base, param_budget=5000, target="vllm", uniform_rank=True)
+    assert padded.uniform_rank in VLLM_MAX_LORA_RANKS and padded.parameters <= 5000
+    assert padded.max_lora_rank == padded.uniform_rank
+    assert {t.shape[0] for k, t in padded_lora.tensors.items() if k.endswith("lora_A.weight")} == {padded.uniform_rank}
 
 
 def test_check_compares_layer_outputs(tmp_path: Path) -> None:
@@ -257,10 +317,16 @@ def test_cli_to_lora_target_budget_and_check(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, [*args, "--param-budget", "4000", "--target", "vllm", "--check", "--out", str(out),
                                    "--json", str(doc)])  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "vllm: uniform rank 8 (smaller layers zero-padded)" in res.stdout
+    assert "; serve with vLLM's --max-lora-rank 16; budget 4,000 (no allocation within it" in res.stdout
+    assert "uniform rank" not in res.stdout
     assert "check: 4 layers on 64 random inputs each: largest layer-output error" in res.stdout
     report = json.loads(doc.read_text())
     assert report["parameters"] <= 4000 and report["check"]["worst_delta_error"] < 1
+    assert report["max_lora_rank"] == 16 and report["uniform_rank"] is None
+    res = CliRunner().invoke(cli, [*args, "--param-budget", "4000", "--target", "vllm", "--uniform-rank", "--out",
+                                   str(tmp_path / "padded")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "; uniform rank 8 (smaller layers zero-padded); serve with vLLM's --max-lora-rank 8" in res.stdout
     bad = CliRunner().invoke(cli, [*args, "--target", "onnx", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "Invalid value for '--target'" in bad.stderr
 

@@ -57,7 +57,9 @@ class AdapterFiles:
         refuse_input_as_output(target, self.sources)
         specs = [TensorSpec(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in self.tensors.items()]
         layouts = layout_shards([specs], names=[WEIGHTS_NAME])
-        gguf = None if self.gguf is None else gguf_lora_bytes(self.gguf, self.config, self.tensors, target.name)
+        gguf = None
+        if self.gguf is not None:  # built (and read back) before a byte is written
+            gguf = gguf_lora_bytes(self.gguf, self.config, self.tensors, target.resolve().name)
         with CheckpointWriter(target, overwrite=overwrite) as writer:
             writer.begin(layouts)
             for key, value in self.tensors.items():

@@ -156,6 +156,11 @@ def gguf_lora_bytes(
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     for module, pair in pairs.items():
+        if len(pair) != 2:
+            missing = "lora_B" if "lora_A" in pair else "lora_A"
+            raise UsageError(
+                "--target", f"{module!r} has no {missing} tensor", "write both lora_A and lora_B of every module"
+            )
         name = layout.tensor_name(module)
         a = pair["lora_A"].detach().to(torch.float32).numpy()
         b = pair["lora_B"].detach().to(torch.float32)
