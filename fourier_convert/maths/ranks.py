@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Ranks vLLM accepts for ``max_lora_rank`` (formats.md): a uniform LoRA rank must be one of these.
+#: The values vLLM accepts for ``--max-lora-rank`` (formats.md): it serves adapters of any rank up to the one given.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
