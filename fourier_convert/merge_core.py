@@ -28,6 +28,7 @@ from fourier_convert.io.dtypes import torch_dtype
 from fourier_convert.io.safetensors_file import read_torch
 from fourier_convert.maths.delta import DeltaCheck, check_delta, delta_weights, delta_weights_numpy
 from fourier_convert.maths.indices import IndexCache
+from fourier_convert.maths.rounding import ROUNDED_DTYPES, round_once
 from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
 from fourier_convert.report import LayerReport, MergeReport
 
@@ -191,7 +192,8 @@ def converted_value(o: OutputTensor) -> torch.Tensor:
     else:
         assert o.base is not None
         value = read_torch(o.base)
-    return value.to(torch_dtype(o.dtype))
+    dtype = torch_dtype(o.dtype)
+    return round_once(value, dtype) if value.dtype == torch.float64 and dtype in ROUNDED_DTYPES else value.to(dtype)
 
 
 def merge_layers(
@@ -250,7 +252,9 @@ def merge_layers(
             total = base.to(device=dev, dtype=acc_dtype)  # widen once, then add every delta in place
             for d in deltas[layer.key]:
                 total.add_(d.T if layer.conv1d else d)
-            put(o.name, total.to(torch_dtype(o.dtype)))
+            out_dtype = torch_dtype(o.dtype)
+            # float64 sums are rounded once into the output dtype (torch's own cast rounds twice via float32)
+            put(o.name, round_once(total, out_dtype) if total.dtype == torch.float64 else total.to(out_dtype))
             worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
             rep = layer_stub(layer)
             rep.backend, rep.checked_entries = worst[0], worst[1].entries

@@ -1,0 +1,85 @@
+"""fourier_convert.maths.rounding: one round-to-nearest-even from float64, checked against an exact reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fourier_convert.maths.rounding import round_once, round_to_odd_float32
+
+MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+NORMAL = {torch.bfloat16: (2.0**-126, 3.0e38), torch.float16: (2.0**-14, 65504.0)}
+
+
+def nearest_even(x: torch.Tensor, mantissa: int) -> torch.Tensor:
+    """The correctly rounded value of float64 ``x`` in a format with ``mantissa`` stored bits (normal range),
+    computed exactly in float64: the two neighbours by clearing low bits, the nearer one, ties to even."""
+    drop = 52 - mantissa
+    bits = x.view(torch.int64)
+    lo_bits = bits & ~((1 << drop) - 1)
+    lo = lo_bits.view(torch.float64)
+    hi = (lo_bits + (1 << drop)).view(torch.float64)  # the next value away from zero
+    below, above = (x - lo).abs(), (hi - x).abs()  # exact (Sterbenz)
+    even = ((lo_bits >> drop) & 1) == 0
+    return torch.where((below < above) | ((below == above) & even), lo, hi)
+
+
+def normal(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    small, big = NORMAL[dtype]
+    return (r.abs() >= small) & (r.abs() <= big)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_random_values_round_once_where_torch_rounds_twice(dtype: torch.dtype) -> None:
+    x = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = nearest_even(x, MANTISSA[dtype])
+    ok = normal(want, dtype)
+    got = round_once(x, dtype).double()
+    assert torch.equal(got[ok], want[ok])
+    assert (x.to(dtype).double()[ok] != want[ok]).any()  # what the helper is for: torch's cast rounds twice
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_values_next_to_ties(dtype: torch.dtype) -> None:
+    """Just above, just below and exactly on the midpoint between two neighbours, at many magnitudes."""
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e3
+    lo = x.to(dtype)
+    hi = torch.nextafter(lo, torch.full_like(lo, float("inf")))
+    mid = (lo.double() + hi.double()) / 2
+    for eps in (2.0**-40, -(2.0**-40), 2.0**-52, 0.0):
+        y = mid * (1 + eps)
+        want = nearest_even(y, MANTISSA[dtype])
+        ok = normal(want, dtype)
+        assert torch.equal(round_once(y, dtype).double()[ok], want[ok]), eps
+
+
+def test_special_values_and_float32() -> None:
+    x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e300, -1e300, 1e-300], dtype=torch.float64)
+    got = round_once(x, torch.bfloat16).double()
+    assert got[:4].tolist() == [0.0, -0.0, float("inf"), -float("inf")] and torch.isnan(got[4])
+    assert got[5:7].tolist() == [float("inf"), -float("inf")] and got[7].item() == 0.0
+    assert torch.signbit(got[1])
+    y = torch.randn(1000, dtype=torch.float64)
+    assert torch.equal(round_once(y, torch.float32), y.float()) and round_once(y, torch.float64) is y
+
+
+def test_round_to_odd_truncates_and_marks_inexact() -> None:
+    x = torch.tensor([1.0, 1 + 2.0**-24, 1 + 3 * 2.0**-25, -(1 + 2.0**-30), 2.0**-140], dtype=torch.float64)
+    got = round_to_odd_float32(x).double().tolist()
+    assert got[0] == 1.0  # exact: unchanged
+    assert got[1] == 1 + 2.0**-23 and got[2] == 1 + 2.0**-23  # truncated to 1, odd bit set
+    assert got[3] == -(1 + 2.0**-23)
+    assert got[4] == 2.0**-140  # a float32 subnormal, exact
+
+
+def test_chunks_do_not_change_the_result() -> None:
+    x = torch.randn(3, 1000, dtype=torch.float64)
+    assert torch.equal(round_once(x, torch.bfloat16, chunk=7), round_once(x, torch.bfloat16))
+    assert round_once(x, torch.bfloat16, chunk=7).shape == (3, 1000)
+
+
+def test_refuses_other_dtypes() -> None:
+    with pytest.raises(ValueError, match="expected float64"):
+        round_once(torch.zeros(2), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"cannot round to torch\.int8"):
+        round_once(torch.zeros(2, dtype=torch.float64), torch.int8)
