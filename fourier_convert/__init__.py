@@ -9,8 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fourier_convert.calibrate.pipeline import CalibrationOptions, CalibrationReport
-from fourier_convert.check import OutputCheck, check_from_calibration, check_lora_outputs
+from typing import TYPE_CHECKING
+
+from fourier_convert._lazy import lazy_attributes
 from fourier_convert.errors import (
     AdapterError,
     BaseMismatchError,
@@ -24,15 +25,52 @@ from fourier_convert.errors import (
     UsageError,
     VerificationError,
 )
-from fourier_convert.from_lora import FromLoraReport, from_lora
-from fourier_convert.inspect import InspectReport, inspect_adapter
-from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
-from fourier_convert.io.adapter_writer import AdapterFiles
-from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
-from fourier_convert.merge import AdapterSpec, merge
-from fourier_convert.merge_memory import MergedState, merge_in_memory
-from fourier_convert.onnx import OnnxReport, export_onnx
-from fourier_convert.report import LayerReport, MergeReport
+
+#: Public names that need torch (and more): imported on first use, so that ``import fourier_convert`` is cheap.
+_LAZY = {
+    "AdapterFiles": "fourier_convert.io.adapter_writer",
+    "AdapterSpec": "fourier_convert.merge",
+    "CalibrationOptions": "fourier_convert.calibrate.pipeline",
+    "CalibrationReport": "fourier_convert.calibrate.pipeline",
+    "FourierFTAdapter": "fourier_convert.io.adapter",
+    "FromLoraReport": "fourier_convert.from_lora",
+    "InspectReport": "fourier_convert.inspect",
+    "LayerReport": "fourier_convert.report",
+    "LoraAdapter": "fourier_convert.lora",
+    "LoraReport": "fourier_convert.lora",
+    "MergeReport": "fourier_convert.report",
+    "MergedState": "fourier_convert.merge_memory",
+    "OnnxReport": "fourier_convert.onnx",
+    "OutputCheck": "fourier_convert.check",
+    "check_from_calibration": "fourier_convert.check",
+    "check_lora_outputs": "fourier_convert.check",
+    "export_onnx": "fourier_convert.onnx",
+    "from_lora": "fourier_convert.from_lora",
+    "inspect_adapter": "fourier_convert.inspect",
+    "merge": "fourier_convert.merge",
+    "merge_in_memory": "fourier_convert.merge_memory",
+    "read_adapter": "fourier_convert.io.adapter",
+    "to_lora": "fourier_convert.lora",
+}
+__getattr__ = lazy_attributes(__name__, globals(), _LAZY)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from fourier_convert.calibrate.pipeline import CalibrationOptions, CalibrationReport
+    from fourier_convert.check import OutputCheck, check_from_calibration, check_lora_outputs
+    from fourier_convert.from_lora import FromLoraReport, from_lora
+    from fourier_convert.inspect import InspectReport, inspect_adapter
+    from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
+    from fourier_convert.io.adapter_writer import AdapterFiles
+    from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
+    from fourier_convert.merge import AdapterSpec, merge
+    from fourier_convert.merge_memory import MergedState, merge_in_memory
+    from fourier_convert.onnx import OnnxReport, export_onnx
+    from fourier_convert.report import LayerReport, MergeReport
 
 __all__ = [
     "AdapterError",

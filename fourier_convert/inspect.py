@@ -9,10 +9,6 @@ from typing import Any
 import numpy as np
 
 from fourier_convert.io.adapter import read_adapter
-from fourier_convert.io.checkpoint import open_checkpoint
-from fourier_convert.maths.delta import delta_sq_norm
-from fourier_convert.maths.indices import IndexCache
-from fourier_convert.plan import plan_with_orientation
 
 ENERGY_FRACTIONS = (0.01, 0.1, 0.5)
 
@@ -143,6 +139,12 @@ def inspect_adapter(
         if bf16:
             report.warnings.append(f"{len(bf16)} spectra saved in 16-bit floats (first: {bf16[0]})")
         return report
+    # the base's shapes, deltas and energies need torch: imported only here (inspect without --base starts fast)
+    from fourier_convert.io.checkpoint import open_checkpoint
+    from fourier_convert.maths.delta import delta_sq_norm
+    from fourier_convert.maths.indices import IndexCache
+    from fourier_convert.plan import plan_with_orientation
+
     plan = plan_with_orientation(open_checkpoint(base), [a])
     report.warnings += plan.warnings
     report.notes += plan.notes

@@ -39,10 +39,11 @@ from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.ranks import VLLM_RANKS, allocate_budget, choose_rank
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
 from fourier_convert.plan import LayerPlan, plan_with_orientation
+from fourier_convert.serving import LORA_TARGETS
 
 #: A layer keeping less of its delta's energy than this is called out in the report.
 LOW_ENERGY = 0.5
-TARGETS = ("peft", "vllm", "llama.cpp")
+TARGETS = LORA_TARGETS
 _BIAS = {"none": "none", "fourier_only": "lora_only", "all": "all"}
 
 #: The in-memory LoRA adapter :func:`to_lora` returns (``.save(path)`` writes it).

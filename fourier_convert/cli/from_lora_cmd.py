@@ -7,11 +7,8 @@ from pathlib import Path
 
 import click
 
-from fourier_convert.calibrate.pipeline import CalibrationOptions
 from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path, print_conversion
-from fourier_convert.from_lora import from_lora, parse_pattern
-from fourier_convert.io.writer import check_output_target
 
 
 @click.command("from-lora")
@@ -69,7 +66,10 @@ def from_lora_cmd(
 ) -> None:
     """Convert a PEFT LoRA adapter to the closest FourierFT adapter (least squares on PEFT's frequencies; with
     --calibration, least squares on the layers' real inputs)."""
-    check_report_path(json_path)
+    check_report_path(json_path)  # usage errors before the heavy imports below
+    from fourier_convert.calibrate.pipeline import CalibrationOptions
+    from fourier_convert.from_lora import from_lora, parse_pattern
+    from fourier_convert.io.writer import check_output_target
     check_output_target(out, overwrite)
     calibration_options = None
     if calibration is not None:

@@ -9,7 +9,6 @@ import click
 
 from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path
-from fourier_convert.inspect import inspect_adapter
 
 
 @click.command("inspect")
@@ -22,6 +21,8 @@ def inspect_cmd(
     adapter: str, base: str | None, subfolder: str | None, allow_pickle: bool, json_path: Path | None
 ) -> None:
     """Describe a FourierFT adapter (and, with --base, what it does to the base)."""
+    from fourier_convert.inspect import inspect_adapter
+
     check_report_path(json_path)
     report = inspect_adapter(adapter, base=base, subfolder=subfolder, allow_pickle=allow_pickle)
     for line in report.lines():

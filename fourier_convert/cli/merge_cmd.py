@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fourier_convert.cli import options
 from fourier_convert.errors import UsageError
-from fourier_convert.merge import AdapterSpec, merge
 from fourier_convert.report import MergeReport
+
+if TYPE_CHECKING:  # the command modules import torch-heavy code only when a command runs (fast --help)
+    from fourier_convert.merge import AdapterSpec
 
 
 def specs_from_options(
     adapters: tuple[str, ...], subfolders: tuple[str, ...], weights: tuple[float, ...]
 ) -> list[AdapterSpec]:
     """``--adapter`` / ``--adapter-subfolder`` / ``--weight`` as adapter specs (counts checked)."""
+    from fourier_convert.merge_core import AdapterSpec
     n = len(adapters)
     if len(subfolders) not in (0, 1, n):
         raise UsageError(
@@ -140,7 +143,8 @@ def merge_cmd(
     quiet: bool,
 ) -> None:
     """Merge FourierFT adapter(s) into a base model and write a Hugging Face model folder."""
-    check_report_path(json_path)
+    check_report_path(json_path)  # usage errors before the heavy imports below
+    from fourier_convert.merge import merge
     report = merge(
         base,
         specs_from_options(adapters, subfolders, weights),

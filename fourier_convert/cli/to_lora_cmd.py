@@ -7,13 +7,10 @@ from pathlib import Path
 
 import click
 
-from fourier_convert.calibrate.pipeline import CalibrationOptions
-from fourier_convert.check import check_from_calibration, check_lora_outputs
 from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path, print_conversion
 from fourier_convert.errors import UsageError
-from fourier_convert.io.writer import check_output_target
-from fourier_convert.lora import TARGETS, to_lora
+from fourier_convert.serving import LORA_TARGETS
 
 
 def parse_rank(text: str) -> float:
@@ -57,7 +54,7 @@ def parse_rank(text: str) -> float:
 )
 @click.option(
     "--target",
-    type=click.Choice(TARGETS),
+    type=click.Choice(LORA_TARGETS),
     default="peft",
     show_default=True,
     help="peft: biases and heads too; vllm: lora_A / lora_B only, prints the --max-lora-rank to serve with; "
@@ -127,7 +124,11 @@ def to_lora_cmd(
 ) -> None:
     """Approximate a FourierFT adapter by a LoRA adapter: exact spectral SVD (best rank-r per layer in weight
     space) or, with --calibration, fitted to the layers' real inputs (and distilled with --distill)."""
-    check_report_path(json_path)
+    check_report_path(json_path)  # usage errors before the heavy imports below
+    from fourier_convert.calibrate.pipeline import CalibrationOptions
+    from fourier_convert.check import check_from_calibration, check_lora_outputs
+    from fourier_convert.io.writer import check_output_target
+    from fourier_convert.lora import to_lora
     check_output_target(out, overwrite)
     options = None
     if calibration is not None:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path, specs_from_options
 from fourier_convert.errors import OnnxValidationError
-from fourier_convert.onnx.pipeline import export_onnx
-from fourier_convert.onnx.report import OnnxReport
 from fourier_convert.onnx.tasks import TASKS
+
+if TYPE_CHECKING:
+    from fourier_convert.onnx.report import OnnxReport
 
 
 def _write_json(path: Path | None, report: OnnxReport) -> None:
@@ -84,7 +86,9 @@ def to_onnx_cmd(
     quiet: bool,
 ) -> None:
     """Export a merged model (or base + FourierFT adapter, merged first) to ONNX, proven equal in onnxruntime."""
-    check_report_path(json_path)
+    check_report_path(json_path)  # usage errors before the heavy imports below
+    from fourier_convert.onnx.pipeline import export_onnx
+    from fourier_convert.onnx.report import OnnxReport
     specs = specs_from_options(adapters, (), weights)
     try:
         report = export_onnx(

@@ -1,0 +1,54 @@
+"""Commands that need no tensors start without importing torch, transformers or onnx (issue: < 0.5 s start)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+HEAVY = ("torch", "transformers", "onnx", "onnxruntime", "peft", "safetensors.torch")
+
+PROBE = """  # noqa: UP031 - the tuple is spliced into code
+import json, sys
+from click.testing import CliRunner
+from fourier_convert.cli.main import cli
+result = CliRunner().invoke(cli, sys.argv[1:])
+print(json.dumps({"code": result.exit_code, "heavy": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY,)
+
+
+def imported_by(*args: str) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--help",),
+        ("merge", "--help"),
+        ("to-lora", "--help"),
+        ("from-lora", "--help"),
+        ("to-onnx", "--help"),
+        ("inspect", str(FIXTURES / "llama" / "adapter")),
+        ("merge", "--base", "x"),  # usage error: --out missing
+        ("to-lora", "--adapter", "x", "--out", "y", "--json", "/nonexistent-folder/r.json"),
+    ],
+)
+def test_commands_that_need_no_tensors_import_nothing_heavy(args: tuple[str, ...]) -> None:
+    got = imported_by(*args)
+    assert got["heavy"] == [], got
+    assert got["code"] in (0, 2)
+
+
+def test_the_package_imports_lazily() -> None:
+    code = "import sys, fourier_convert as fc; e = fc.UsageError; print(sorted(m for m in %r if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code % (HEAVY,)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code = "import fourier_convert as fc; print(fc.to_lora.__module__, 'to_lora' in dir(fc))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fourier_convert.lora", "True"]
