@@ -83,3 +83,12 @@ def test_refuses_other_dtypes() -> None:
         round_once(torch.zeros(2), torch.bfloat16)
     with pytest.raises(ValueError, match=r"cannot round to torch\.int8"):
         round_once(torch.zeros(2, dtype=torch.float64), torch.int8)
+
+
+def test_float16_subnormals_round_once() -> None:
+    """Below float16's normal range the spacing is 2**-24: the reference is a plain half-to-even rounding."""
+    x = torch.rand(200_000, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2.0**-14
+    ties = (torch.arange(1, 1001, dtype=torch.float64) + 0.5) * 2.0**-24  # exact midpoints, and next to them
+    x = torch.cat([x, ties, ties * (1 + 2.0**-40), ties * (1 - 2.0**-40), -x[:1000]])
+    want = torch.round(x / 2.0**-24) * 2.0**-24  # torch.round: half to even
+    assert torch.equal(round_once(x, torch.float16).double(), want)

@@ -38,13 +38,23 @@ def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(inexact, bits | 1, bits).view(torch.float32)
 
 
+#: Per target dtype: (mask of the float32 bits dropped when rounding to it, the pattern of an exact midpoint,
+#: smallest normal magnitude). A float32 value whose dropped bits are exactly a midpoint may be a double-rounding
+#: tie; below the smallest normal the dropped bits are more, so those values are suspects too.
+_TIES = {torch.bfloat16: (0xFFFF, 0x8000, 0.0), torch.float16: (0x1FFF, 0x1000, 2.0**-14)}
+
+
 def round_once(x: torch.Tensor, dtype: torch.dtype, *, chunk: int = 1 << 21) -> torch.Tensor:
     """Round float64 ``x`` to ``dtype`` once, to nearest even (the correctly rounded value).
+
+    Fast path: torch's float64 -> float32 -> ``dtype`` conversion, which is already correct unless the
+    float32 value lies exactly on a midpoint of ``dtype`` (or below its normal range); those few elements
+    are redone through :func:`round_to_odd_float32`.
 
     Args:
         x: float64 values (any device).
         dtype: float64, float32, bfloat16 or float16.
-        chunk: Elements rounded at a time (the temporaries are a few times this many bytes x 8).
+        chunk: Elements converted at a time (bounds the temporaries).
 
     Returns:
         ``x`` in ``dtype``, each element the representable value nearest to it (ties to even).
@@ -63,11 +73,19 @@ def round_once(x: torch.Tensor, dtype: torch.dtype, *, chunk: int = 1 << 21) -> 
         return x
     if dtype == torch.float32:
         return x.to(torch.float32)  # one IEEE rounding
-    if dtype not in ROUNDED_DTYPES:
+    if dtype not in _TIES:
         raise ValueError(f"cannot round to {dtype}: use one of {', '.join(str(d) for d in ROUNDED_DTYPES)}")
+    mask, tie, smallest = _TIES[dtype]
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     flat_in, flat_out = x.reshape(-1), out.view(-1)
     for start in range(0, flat_in.numel(), chunk):
         part = flat_in[start : start + chunk]
-        flat_out[start : start + chunk] = round_to_odd_float32(part).to(dtype)
+        y = part.to(torch.float32)
+        flat_out[start : start + chunk] = y.to(dtype)
+        suspect = (y.view(torch.int32) & mask) == tie
+        if smallest:
+            suspect |= (y.abs() < smallest) & (y != 0)
+        where = suspect.nonzero().reshape(-1)
+        if where.numel():
+            flat_out[start + where] = round_to_odd_float32(part[where]).to(dtype)
     return out
