@@ -29,7 +29,7 @@ from fourier_convert.errors import (
 #: Public names that need torch (and more): imported on first use, so that ``import fourier_convert`` is cheap.
 _LAZY = {
     "AdapterFiles": "fourier_convert.io.adapter_writer",
-    "AdapterSpec": "fourier_convert.merge",
+    "AdapterSpec": "fourier_convert.merging.core",
     "CalibrationOptions": "fourier_convert.calibrate.pipeline",
     "CalibrationReport": "fourier_convert.calibrate.pipeline",
     "FourierFTAdapter": "fourier_convert.io.adapter",
@@ -39,7 +39,7 @@ _LAZY = {
     "LoraAdapter": "fourier_convert.lora",
     "LoraReport": "fourier_convert.lora",
     "MergeReport": "fourier_convert.report",
-    "MergedState": "fourier_convert.merge_memory",
+    "MergedState": "fourier_convert.merging.memory",
     "OnnxReport": "fourier_convert.onnx",
     "OutputCheck": "fourier_convert.check",
     "check_from_calibration": "fourier_convert.check",
@@ -47,8 +47,8 @@ _LAZY = {
     "export_onnx": "fourier_convert.onnx",
     "from_lora": "fourier_convert.from_lora",
     "inspect_adapter": "fourier_convert.inspect",
-    "merge": "fourier_convert.merge",
-    "merge_in_memory": "fourier_convert.merge_memory",
+    "merge": "fourier_convert.merging.folder",
+    "merge_in_memory": "fourier_convert.merging.memory",
     "read_adapter": "fourier_convert.io.adapter",
     "to_lora": "fourier_convert.lora",
 }
@@ -67,8 +67,9 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
     from fourier_convert.io.adapter_writer import AdapterFiles
     from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
-    from fourier_convert.merge import AdapterSpec, merge
-    from fourier_convert.merge_memory import MergedState, merge_in_memory
+    from fourier_convert.merging.core import AdapterSpec
+    from fourier_convert.merging.folder import merge
+    from fourier_convert.merging.memory import MergedState, merge_in_memory
     from fourier_convert.onnx import OnnxReport, export_onnx
     from fourier_convert.report import LayerReport, MergeReport
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import fourier_convert as fc
 from fourier_convert.cli.main import cli
-from fourier_convert.merge import AdapterSpec
+from fourier_convert.merging.folder import AdapterSpec
 from tests.conftest import FIXTURES, ROOT
 
 LLAMA_Q = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")]
@@ -88,7 +88,7 @@ def test_merge_prints_summary_and_output_loads_in_transformers(llama: tuple[Path
     ]
     assert lines[2] == f"wrote 0.4 MB in 3 file(s) to {out}"
     assert lines[3] == "tensors: 17 copy, 4 merge"
-    assert lines[4].startswith("4 deltas rebuilt on cpu (float32), each checked at ")
+    assert lines[4].startswith("4 deltas rebuilt on cpu (float64), each checked at ")
     assert lines[5].startswith("took ") and "fsync and publish" in lines[5]
     assert len(lines) == 6
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -127,7 +127,7 @@ def test_merge_json_report(llama: tuple[Path, Path], tmp_path: Path) -> None:
     assert [layer["shape"] for layer in doc["layers"]] == [[64, 64], [32, 64], [64, 64], [32, 64]]
     for layer in doc["layers"]:
         assert layer["conv1d"] is False
-        assert layer["backend"] == "torch-cpu" and layer["checked_entries"] > 0
+        assert layer["backend"] == "torch-cpu-float64" and layer["checked_entries"] > 0
         assert 0 <= layer["max_abs_error"] <= layer["tolerance"]
         assert layer["delta_norm"] > 0
 

@@ -23,7 +23,7 @@ import fourier_convert.io.writer as writer_module
 from fourier_convert.cli.main import cli
 from fourier_convert.maths.delta import DeltaCheck
 
-merge_core = importlib.import_module("fourier_convert.merge_core")  # where merge and merge_in_memory check deltas
+merge_core = importlib.import_module("fourier_convert.merging.core")  # where merge and merge_in_memory check deltas
 
 SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
 Q0 = SPECTRUM.format(i=0, m="q_proj")
@@ -625,7 +625,7 @@ def test_fallback_backend_is_reported(
     res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--device", "cpu", "-q")
     assert res.exit_code == 0, res.output
     assert res.stderr == (
-        "warning: model.layers.0.self_attn.q_proj: torch-cpu failed its check; used torch-cpu-float64-1thread\n"
+        "warning: model.layers.0.self_attn.q_proj: torch-cpu-float64 failed its check; used torch-cpu-float64-1thread\n"
     )
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import fourier_convert as fc
-from fourier_convert.merge import AdapterSpec
+from fourier_convert.merging.folder import AdapterSpec
 from tests.conftest import FIXTURE_NAMES, FIXTURES
 from tests.reference import load_model_tensors, reference_merge
 

@@ -12,13 +12,13 @@ import pytest
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 HEAVY = ("torch", "transformers", "onnx", "onnxruntime", "peft", "safetensors.torch")
 
-PROBE = """  # noqa: UP031 - the tuple is spliced into code
+PROBE = """
 import json, sys
 from click.testing import CliRunner
 from fourier_convert.cli.main import cli
 result = CliRunner().invoke(cli, sys.argv[1:])
-print(json.dumps({"code": result.exit_code, "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({"code": result.exit_code, "heavy": [m for m in HEAVY if m in sys.modules]}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def imported_by(*args: str) -> dict[str, object]:
@@ -46,8 +46,8 @@ def test_commands_that_need_no_tensors_import_nothing_heavy(args: tuple[str, ...
 
 
 def test_the_package_imports_lazily() -> None:
-    code = "import sys, fourier_convert as fc; e = fc.UsageError; print(sorted(m for m in %r if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code % (HEAVY,)], capture_output=True, text=True, check=True)
+    code = f"import sys, fourier_convert as fc; fc.UsageError; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     code = "import fourier_convert as fc; print(fc.to_lora.__module__, 'to_lora' in dir(fc))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

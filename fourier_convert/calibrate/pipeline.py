@@ -27,7 +27,7 @@ from fourier_convert.io.calibration import CalibrationData, batches, collate, pa
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.progress import StepProgress
 from fourier_convert.maths.calibrated import RIDGE, WeightedFactors, gram_factor, weighted_factors
-from fourier_convert.merge_core import resolve_device
+from fourier_convert.merging.core import resolve_device
 from fourier_convert.plan import MergePlan
 
 #: Held-out top-1 agreement below this gets a warning.

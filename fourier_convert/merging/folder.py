@@ -36,7 +36,7 @@ from fourier_convert.io.writer import (
     plan_groups,
     refuse_input_as_output,
 )
-from fourier_convert.merge_core import (
+from fourier_convert.merging.core import (
     AdapterSpec,
     TensorSink,
     adapter_specs,
@@ -99,7 +99,7 @@ def merge(
     out: str | Path,
     *,
     device: str = "auto",
-    precision: str = "float32",
+    precision: str = "float64",
     dtype: str | None = None,
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
@@ -118,7 +118,8 @@ def merge(
             in order.
         out: Output folder (published atomically).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where deltas are rebuilt and added.
-        precision: ``float32`` (default) or ``float64`` reconstruction and addition.
+        precision: ``float64`` (default: every merged element is correctly rounded) or ``float32`` (faster on
+            some CPUs; not correctly rounded where base and delta nearly cancel) reconstruction and addition.
         dtype: Output dtype for all floating tensors (``float16``, ``bfloat16``, ``float32``); None keeps each.
         max_shard_size: Re-shard the output (``"2GB"``); None mirrors the base's shard layout.
         overwrite: Replace a non-empty ``out``.

@@ -18,7 +18,7 @@ import torch
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.dtypes import parse_user_dtype
-from fourier_convert.merge_core import (
+from fourier_convert.merging.core import (
     AdapterSpec,
     adapter_specs,
     change_row,
@@ -42,7 +42,7 @@ class MergedState:
         config: The merged ``config.json`` content (the base's, or changed for a head the adapter adds);
             None when the base has none.
         config_changed: Whether ``config`` differs from the base's (write it with
-            :func:`~fourier_convert.merge_core.config_json`; else copy the base's file).
+            :func:`~fourier_convert.merging.core.config_json`; else copy the base's file).
         files: The base's small files (config, tokenizer, generation and preprocessor configs).
         report: What was done, as :func:`fourier_convert.merge` reports it (``out`` is None).
     """
@@ -59,7 +59,7 @@ def merge_in_memory(
     adapter: str | Path | AdapterSpec | Sequence[str | Path | AdapterSpec],
     *,
     device: str = "auto",
-    precision: str = "float32",
+    precision: str = "float64",
     dtype: str | None = None,
     allow_pickle: bool = False,
     revision: str | None = None,
@@ -74,7 +74,7 @@ def merge_in_memory(
         adapter: Adapter folder / hub id / ``PATH:NAME`` / :class:`AdapterSpec`, or a list, applied in order.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where deltas are rebuilt and added (results come
             back to the CPU).
-        precision: ``float32`` (default) or ``float64`` reconstruction and addition.
+        precision: ``float64`` (default, correctly rounded) or ``float32`` reconstruction and addition.
         dtype: Dtype of every floating tensor (``float16``, ``bfloat16``, ``float32``); None keeps each.
         allow_pickle: Accept ``adapter_model.bin`` through torch's weights-only loader.
         revision: Hub revision of the base.
@@ -106,7 +106,7 @@ def merge_opened(
     weights: Sequence[float],
     *,
     device: str = "auto",
-    precision: str = "float32",
+    precision: str = "float64",
     dtype: str | None = None,
     threads: int | None = None,
 ) -> MergedState:
