@@ -315,3 +315,69 @@ def test_durable_false_skips_fsync_and_writes_the_same_bytes(tmp_path: Path, mon
     assert durable_calls >= 3 and len(calls) == durable_calls  # one per shard before, none now
     for f in sorted((tmp_path / "a").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+
+
+def _wide_llama(folder: Path, spectrum: torch.Tensor, planted: int, seed: int) -> torch.Tensor:
+    """A one-layer Llama whose q_proj is 4096 x 4096 (bf16), with a FourierFT adapter on q_proj; at ``planted``
+    places the base weight is minus the delta, rounded, so that base + delta nearly cancels there. Returns the
+    float64 delta (PEFT's algorithm in numpy)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from fourier_convert.maths.delta import delta_weights_numpy
+    from fourier_convert.maths.indices import spectral_indices
+    from fourier_convert.maths.rounding import round_once
+
+    m = 4096
+    config = LlamaConfig(vocab_size=16, hidden_size=m, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {
+        "model.embed_tokens.weight": (16, m),
+        "model.layers.0.self_attn.q_proj.weight": (m, m),
+        "model.layers.0.self_attn.k_proj.weight": (128, m),
+        "model.layers.0.self_attn.v_proj.weight": (128, m),
+        "model.layers.0.self_attn.o_proj.weight": (m, m),
+        "model.layers.0.mlp.gate_proj.weight": (16, m),
+        "model.layers.0.mlp.up_proj.weight": (16, m),
+        "model.layers.0.mlp.down_proj.weight": (m, 16),
+        "model.layers.0.input_layernorm.weight": (m,),
+        "model.layers.0.post_attention_layernorm.weight": (m,),
+        "model.norm.weight": (m,),
+        "lm_head.weight": (16, m),
+    }
+    tensors = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    idx = spectral_indices(m, m, spectrum.numel(), 777).numpy()
+    delta = torch.from_numpy(delta_weights_numpy(spectrum.double().numpy(), idx, m, m, 150.0))
+    q = tensors["model.layers.0.self_attn.q_proj.weight"].view(-1)
+    where = torch.randperm(m * m, generator=gen)[:planted]
+    q[where] = round_once(-delta.view(-1)[where], torch.bfloat16)
+    (folder / "base").mkdir(parents=True)
+    save_file(tensors, str(folder / "base" / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(folder / "base")
+    (folder / "adapter").mkdir()
+    adapter_config = {
+        "peft_type": "FOURIERFT", "task_type": "CAUSAL_LM", "target_modules": ["q_proj"], "n_frequency": 1000,
+        "scaling": 150.0, "random_loc_seed": 777, "bias": "none", "fan_in_fan_out": False, "init_weights": False,
+    }  # fmt: skip
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.fourierft_spectrum"
+    save_file({key: spectrum}, str(folder / "adapter" / "adapter_model.safetensors"))
+    return delta
+
+
+def test_every_merged_element_is_correctly_rounded_at_4096_width(tmp_path: Path) -> None:
+    """bf16(base + float64 delta), rounded once, for all 16.8M elements of a 4096-wide layer, 40,000 of them
+    near-cancellations (where a float32 sum is many ulps off); float32 precision misrounds some of those."""
+    from tests.rounding_reference import nearest_even
+
+    spectrum = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    delta = _wide_llama(tmp_path, spectrum, planted=40_000, seed=4)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base = safe_open(str(tmp_path / "base" / "model.safetensors"), framework="pt").get_tensor(key)
+    want = nearest_even(base.double() + delta, 7)
+    got = fc.merge_in_memory(tmp_path / "base", tmp_path / "adapter", device="cpu").tensors[key]
+    assert got.dtype == torch.bfloat16
+    assert int((got.double() != want).sum()) == 0
+    fast = fc.merge_in_memory(tmp_path / "base", tmp_path / "adapter", device="cpu", precision="float32")
+    assert int((fast.tensors[key].double() != want).sum()) > 0  # the planted cancellations do catch misrounding

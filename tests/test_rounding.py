@@ -6,22 +6,10 @@ import pytest
 import torch
 
 from fourier_convert.maths.rounding import round_once, round_to_odd_float32
+from tests.rounding_reference import nearest_even
 
 MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
 NORMAL = {torch.bfloat16: (2.0**-126, 3.0e38), torch.float16: (2.0**-14, 65504.0)}
-
-
-def nearest_even(x: torch.Tensor, mantissa: int) -> torch.Tensor:
-    """The correctly rounded value of float64 ``x`` in a format with ``mantissa`` stored bits (normal range),
-    computed exactly in float64: the two neighbours by clearing low bits, the nearer one, ties to even."""
-    drop = 52 - mantissa
-    bits = x.view(torch.int64)
-    lo_bits = bits & ~((1 << drop) - 1)
-    lo = lo_bits.view(torch.float64)
-    hi = (lo_bits + (1 << drop)).view(torch.float64)  # the next value away from zero
-    below, above = (x - lo).abs(), (hi - x).abs()  # exact (Sterbenz)
-    even = ((lo_bits >> drop) & 1) == 0
-    return torch.where((below < above) | ((below == above) & even), lo, hi)
 
 
 def normal(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
