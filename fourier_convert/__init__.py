@@ -29,7 +29,7 @@ from fourier_convert.errors import (
 #: Public names that need torch (and more): imported on first use, so that ``import fourier_convert`` is cheap.
 _LAZY = {
     "AdapterFiles": "fourier_convert.io.adapter_writer",
-    "AdapterSpec": "fourier_convert.merging.core",
+    "AdapterSpec": "fourier_convert.merging.specs",
     "CalibrationOptions": "fourier_convert.calibrate.pipeline",
     "CalibrationReport": "fourier_convert.calibrate.pipeline",
     "FourierFTAdapter": "fourier_convert.io.adapter",
@@ -67,7 +67,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
     from fourier_convert.io.adapter_writer import AdapterFiles
     from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
-    from fourier_convert.merging.core import AdapterSpec
+    from fourier_convert.merging.specs import AdapterSpec
     from fourier_convert.merging.folder import merge
     from fourier_convert.merging.memory import MergedState, merge_in_memory
     from fourier_convert.onnx import OnnxReport, export_onnx

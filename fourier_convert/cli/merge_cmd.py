@@ -14,14 +14,14 @@ from fourier_convert.errors import UsageError
 from fourier_convert.report import MergeReport
 
 if TYPE_CHECKING:  # the command modules import torch-heavy code only when a command runs (fast --help)
-    from fourier_convert.merging.core import AdapterSpec
+    from fourier_convert.merging.specs import AdapterSpec
 
 
 def specs_from_options(
     adapters: tuple[str, ...], subfolders: tuple[str, ...], weights: tuple[float, ...]
 ) -> list[AdapterSpec]:
     """``--adapter`` / ``--adapter-subfolder`` / ``--weight`` as adapter specs (counts checked)."""
-    from fourier_convert.merging.core import AdapterSpec
+    from fourier_convert.merging.specs import AdapterSpec
     n = len(adapters)
     if len(subfolders) not in (0, 1, n):
         raise UsageError(

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
-import torch
+import functools
+from typing import TYPE_CHECKING
 
 from fourier_convert.errors import UsageError
 
-_TORCH = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_ST = {v: k for k, v in _TORCH.items()}
+if TYPE_CHECKING:
+    import torch
+
+
+@functools.cache
+def _tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """safetensors dtype string <-> torch dtype (built on first use: parsing ``--dtype`` needs no torch)."""
+    import torch
+
+    table = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+    return table, {v: k for k, v in table.items()}
 
 #: ``--dtype`` names accepted on the command line, mapped to safetensors dtype strings.
 USER_DTYPES = {
@@ -37,14 +47,14 @@ USER_DTYPES = {
 def torch_dtype(st_dtype: str) -> torch.dtype:
     """Torch dtype for a safetensors dtype string (``"BF16"`` -> ``torch.bfloat16``)."""
     try:
-        return _TORCH[st_dtype]
+        return _tables()[0][st_dtype]
     except KeyError:
         raise UsageError("dtype", f"{st_dtype!r} cannot be handled by torch here", "re-save the tensor") from None
 
 
 def st_dtype(dtype: torch.dtype) -> str:
     """safetensors dtype string for a torch dtype."""
-    return _ST[dtype]
+    return _tables()[1][dtype]
 
 
 def parse_user_dtype(name: str) -> str:

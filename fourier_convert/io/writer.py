@@ -411,8 +411,15 @@ class CheckpointWriter:
     # -- internals --------------------------------------------------------------------------------
     def _run_copies(self) -> None:
         src_fds: dict[Path, int] = {}
+        unflushed: set[str] = set()
         try:
             while not self._stop.is_set():
+                if unflushed and self.durable and self._jobs.empty():
+                    # Nothing queued: write the copied bytes back now, while the main thread computes, so that
+                    # commit's fsync only has the computed tensors left to write.
+                    for name in sorted(unflushed):
+                        self._guard(lambda name=name: os.fdatasync(self._fds[name]))
+                    unflushed.clear()
                 job = self._jobs.get()
                 if job is None:
                     return
@@ -424,6 +431,7 @@ class CheckpointWriter:
                         fd, self._fds[job.dst], job.src_offset, job.dst_offset, job.length, self._stop
                     )
                 )
+                unflushed.add(job.dst)
                 with self._lock:
                     for name in job.tensors:
                         self._pending.discard((job.dst, name))

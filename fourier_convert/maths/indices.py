@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 #: From early-2025 releases on, torch.randperm on the CPU uses another algorithm for n >= 2**32 / 20;
 #: layers above this size get torch-version-dependent positions (see docs/maths.md).
@@ -99,6 +102,8 @@ def spectral_indices(out_features: int, in_features: int, n: int, seed: int) -> 
     total = out_features * in_features
     if not 1 <= n <= total:
         raise ValueError(f"n={n} must be in [1, {total}] for a {out_features}x{in_features} layer")
+    import torch  # imported where used: planning a merge needs this module (its threshold), not torch
+
     if total < RANDPERM_THRESHOLD and n <= _PREFIX_MAX_N:
         perm = torch.from_numpy(randperm_prefix(total, n, seed))
     else:

@@ -9,28 +9,25 @@ backends when a check fails), added to the widened base weight in place and roun
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from fourier_convert.errors import UsageError, VerificationError
-from fourier_convert.io.adapter import FourierFTAdapter
 from fourier_convert.io.dtypes import torch_dtype
 from fourier_convert.io.safetensors_file import read_torch
 from fourier_convert.maths.delta import DeltaCheck, check_delta, delta_weights, delta_weights_numpy
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.rounding import ROUNDED_DTYPES, round_once
+from fourier_convert.merging.specs import check_precision, layer_stub
 from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
-from fourier_convert.report import LayerReport, MergeReport
+from fourier_convert.report import LayerReport
 
 #: Upper bound on the working set of one batch of equal-shape deltas, per device type. Batching pays on a
 #: GPU (fewer, larger kernels); on a CPU it only raises peak memory, so one layer at a time.
@@ -38,15 +35,6 @@ BATCH_BYTES = {"cpu": 0, "cuda": 2 * 1024**3}
 
 #: Receives each finished output tensor by name: a checkpoint writer, or a dict of tensors.
 TensorSink = Callable[[str, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One adapter to merge: where it is, which named sub-adapter, and the weight of its delta."""
-
-    path: str
-    subfolder: str | None = None
-    weight: float = 1.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -78,7 +66,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype deltas are rebuilt and added in: ``float32`` or ``float64``.
+    """The dtype deltas are rebuilt and added in: ``float64`` or ``float32``.
 
     Raises:
         UsageError: Another precision.
@@ -87,57 +75,7 @@ def compute_dtype(precision: str) -> torch.dtype:
         >>> compute_dtype("float64")
         torch.float64
     """
-    if precision not in ("float32", "float64"):
-        raise UsageError("--precision", f"unknown precision {precision!r}", "use float32 or float64")
-    return torch.float32 if precision == "float32" else torch.float64
-
-
-def plan_report(
-    plan: MergePlan,
-    adapters: Sequence[FourierFTAdapter],
-    base: str,
-    dev: torch.device,
-    precision: str,
-    *,
-    out: str | None = None,
-    dry_run: bool = False,
-    shards: Sequence[str] = (),
-) -> MergeReport:
-    """The report of a planned merge, before any delta is rebuilt (layers, changes and timings come later)."""
-    return MergeReport(
-        out=out,
-        dry_run=dry_run,
-        device=str(dev),
-        precision=precision,
-        tensors=plan.counts(),
-        bytes_total=plan.bytes_total,
-        bytes_changed=sum(o.nbytes for o in plan.outputs if o.raw_source is None),
-        shards=list(shards),
-        warnings=plan.warnings,
-        notes=plan.notes,
-        adapters=[a.label for a in adapters],
-        base=base,
-    )
-
-
-def adapter_specs(adapter: Any) -> list[AdapterSpec]:
-    """``adapter`` (one path / spec or a sequence of them) as a list of :class:`AdapterSpec`.
-
-    Raises:
-        UsageError: No adapter, or a weight that is not a finite number.
-
-    Example:
-        >>> [s.path for s in adapter_specs(["a", AdapterSpec("b", weight=0.5)])]
-        ['a', 'b']
-    """
-    items = adapter if isinstance(adapter, (list, tuple)) else [adapter]
-    if not items:
-        raise UsageError("--adapter", "no adapter given", "pass at least one --adapter")
-    specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(str(a)) for a in items]
-    for s in specs:
-        if not math.isfinite(s.weight):
-            raise UsageError("--weight", f"{s.weight} is not a finite number", "pass a multiplier such as 1.0 or 0.5")
-    return specs
+    return torch.float64 if check_precision(precision) == "float64" else torch.float32
 
 
 @contextlib.contextmanager
@@ -149,39 +87,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def change_row(o: OutputTensor, adapters: Sequence[FourierFTAdapter]) -> dict[str, Any]:
-    """One row of the report's ``changes``: what the merge does to an output tensor that is not a byte copy."""
-    if o.layer is not None:
-        parts = [
-            f"{'delta^T (Conv1D)' if o.layer.conv1d else 'delta'} of {adapters[c.adapter_index].label} "
-            f"(n={c.spectrum.n}, scaling={c.scaling:g})"
-            for c in o.layer.contributions
-        ]
-        how = "base + " + " + ".join(parts)
-    elif o.replacement is not None:
-        how = f"{o.replacement.key} ({o.replacement.dtype})"
-    else:
-        how = f"cast from {o.base.dtype if o.base else '?'}"
-    return {"name": o.name, "action": o.kind, "dtype": o.dtype, "shape": list(o.shape), "bytes": o.nbytes, "how": how}
-
-
-def layer_stub(layer: LayerPlan) -> LayerReport:
-    """A layer's report before its delta is rebuilt (what a dry run shows)."""
-    return LayerReport(
-        layer.module,
-        layer.key,
-        layer.delta_shape,
-        layer.conv1d,
-        layer.orientation_source,
-        [c.spectrum.n for c in layer.contributions],
-    )
-
-
-def config_json(config: dict[str, Any]) -> bytes:
-    """A merged ``config.json`` that differs from the base's, as written (sorted keys, indented)."""
-    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
 def converted_value(o: OutputTensor) -> torch.Tensor:

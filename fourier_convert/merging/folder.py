@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fourier_convert import __version__
 from fourier_convert.errors import UsageError
@@ -36,25 +36,25 @@ from fourier_convert.io.writer import (
     plan_groups,
     refuse_input_as_output,
 )
-from fourier_convert.merging.core import (
+from fourier_convert.merging.specs import (
     AdapterSpec,
-    TensorSink,
     adapter_specs,
     change_row,
-    compute_dtype,
+    check_precision,
     config_json,
-    converted_value,
     layer_stub,
-    merge_layers,
     plan_report,
-    resolve_device,
-    torch_threads,
 )
 from fourier_convert.plan import MergePlan, build_plan, guess_orientation, resolve_names, set_orientation
 from fourier_convert.report import MergeReport
 from fourier_convert.skeleton import Skeleton, SkeletonJob, build_skeleton, scan_linear_only
 
-__all__ = ["PROVENANCE_NAME", "AdapterSpec", "merge", "parse_size", "resolve_device"]
+if TYPE_CHECKING:  # torch is imported once the byte copies run (see merge)
+    import torch
+
+    from fourier_convert.merging.core import TensorSink
+
+__all__ = ["PROVENANCE_NAME", "AdapterSpec", "merge", "parse_size"]
 
 PROVENANCE_NAME = "fourier_convert.json"
 
@@ -146,14 +146,18 @@ def merge(
         {'copy': 13, 'merge': 4}
     """
     t0 = time.perf_counter()
-    compute = compute_dtype(precision)
+    check_precision(precision)
     out_dtype = parse_user_dtype(dtype) if dtype else None
     shard_bytes = parse_size(str(max_shard_size)) if max_shard_size is not None else None
-    dev = resolve_device(device)
     warm: threading.Thread | None = None
-    if dev.type == "cuda":  # create the CUDA context while the inputs are read and validated
-        warm = threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": dev}, daemon=True)
-        warm.start()
+    dev_name = "cpu"
+    if device != "cpu" and (device != "auto" or _gpu_driver_present()):
+        from fourier_convert.merging.core import resolve_device  # imports torch
+
+        dev_name = str(resolve_device(device))
+        if dev_name != "cpu":  # create the CUDA context while the inputs are read and validated
+            warm = threading.Thread(target=_warm_cuda, args=(dev_name,), daemon=True)
+            warm.start()
     check_output_target(Path(out), overwrite)
     specs = adapter_specs(adapter)
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
@@ -179,7 +183,7 @@ def merge(
         plan,
         adapters,
         str(base),
-        dev,
+        dev_name,
         precision,
         out=None if dry_run else str(out),
         dry_run=dry_run,
@@ -199,11 +203,8 @@ def merge(
         warm.join()
     report.timings["validate_and_plan"] = time.perf_counter() - t0
     bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
-    with (
-        CheckpointWriter(Path(out), overwrite=overwrite, progress=bar, durable=durable) as writer,
-        torch_threads(threads),
-    ):
-        _write_output(writer, report, ckpt, adapters, plan, layouts, (skeleton, why, job), dev, compute, t0)
+    with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar, durable=durable) as writer:
+        _write_output(writer, report, ckpt, adapters, plan, layouts, (skeleton, why, job), dev_name, threads, t0)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -226,15 +227,39 @@ def _write_output(
     plan: MergePlan,
     layouts: list[ShardLayout],
     orientation: tuple[Skeleton | None, str, SkeletonJob | None],
+    device: str,
+    threads: int | None,
+    t0: float,
+) -> None:
+    """Everything between opening the atomic writer and publishing: byte copies, deltas, small files."""
+    writer.begin(layouts, extra_bytes=sum(p.stat().st_size for p in ckpt.aux_files))
+    where = {spec.name: lay for lay in layouts for spec in lay.specs}
+    writer.copy(_raw_copies(plan, where))
+    # torch (about a second to import) only now, while the copies run in the writer's thread
+    import torch
+
+    from fourier_convert.merging.core import compute_dtype, torch_threads
+
+    with torch_threads(threads):
+        _merge_tensors(writer, report, ckpt, adapters, plan, where, orientation, torch.device(device),
+                       compute_dtype(report.precision), t0)  # fmt: skip
+
+
+def _merge_tensors(
+    writer: CheckpointWriter,
+    report: MergeReport,
+    ckpt: BaseCheckpoint,
+    adapters: list[FourierFTAdapter],
+    plan: MergePlan,
+    where: dict[str, ShardLayout],
+    orientation: tuple[Skeleton | None, str, SkeletonJob | None],
     dev: torch.device,
     compute: torch.dtype,
     t0: float,
 ) -> None:
-    """Everything between opening the atomic writer and publishing: byte copies, deltas, small files."""
+    from fourier_convert.merging.core import converted_value, merge_layers
+
     skeleton, why, job = orientation
-    writer.begin(layouts, extra_bytes=sum(p.stat().st_size for p in ckpt.aux_files))
-    where = {spec.name: lay for lay in layouts for spec in lay.specs}
-    writer.copy(_raw_copies(plan, where))
     if job is None:
         set_orientation(plan, skeleton, adapters, why)
     else:
@@ -289,7 +314,21 @@ def _raw_copies(plan: MergePlan, where: dict[str, ShardLayout]) -> list[RangeCop
     return coalesce(copies)
 
 
+def _gpu_driver_present() -> bool:
+    """Whether ``--device auto`` has a GPU to ask torch about: without an NVIDIA or AMD driver there is none, and
+    torch need not be imported before the copies start."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd"))
+
+
+def _warm_cuda(device: str) -> None:
+    import torch
+
+    torch.zeros(1, device=device)
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy().data)
 
@@ -319,6 +358,8 @@ def _sha256(path: Path) -> str:
 
 
 def _provenance(report: MergeReport, adapters: list[FourierFTAdapter], ckpt: BaseCheckpoint, plan: MergePlan) -> bytes:
+    import torch
+
     doc = {
         "tool": "fourier-convert",
         "version": __version__,

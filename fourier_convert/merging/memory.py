@@ -18,17 +18,8 @@ import torch
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.dtypes import parse_user_dtype
-from fourier_convert.merging.core import (
-    AdapterSpec,
-    adapter_specs,
-    change_row,
-    compute_dtype,
-    converted_value,
-    merge_layers,
-    plan_report,
-    resolve_device,
-    torch_threads,
-)
+from fourier_convert.merging.core import compute_dtype, converted_value, merge_layers, resolve_device, torch_threads
+from fourier_convert.merging.specs import AdapterSpec, adapter_specs, change_row, plan_report
 from fourier_convert.plan import plan_with_orientation
 from fourier_convert.report import MergeReport
 
@@ -133,7 +124,7 @@ def merge_opened(
     out_dtype = parse_user_dtype(dtype) if dtype else None
     dev = resolve_device(device)
     plan = plan_with_orientation(ckpt, adapters, weights=weights, out_dtype=out_dtype)
-    report = plan_report(plan, adapters, str(ckpt.folder), dev, precision)
+    report = plan_report(plan, adapters, str(ckpt.folder), str(dev), precision)
     report.timings["validate_and_plan"] = time.perf_counter() - t0
     tensors: dict[str, torch.Tensor] = {}
 

@@ -37,9 +37,9 @@ from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES
 from fourier_convert.io.writer import CheckpointWriter, check_output_target, refuse_input_as_output
-from fourier_convert.merging.core import AdapterSpec, adapter_specs, config_json
 from fourier_convert.merging.folder import PROVENANCE_NAME
 from fourier_convert.merging.memory import MergedState, merge_opened
+from fourier_convert.merging.specs import AdapterSpec, adapter_specs, config_json
 from fourier_convert.onnx.compare import TOLERANCES
 from fourier_convert.onnx.exporter import MODEL_FILE, export_graph, release_weights
 from fourier_convert.onnx.inputs import export_case, make_inputs

@@ -1,0 +1,126 @@
+"""What a merge is asked to do and what it reports, before any tensor is touched: adapter specs, the report of a
+plan, its rows and layer stubs, and the merged ``config.json``. No torch here: the CLI plans a merge and starts
+its byte copies while torch is still being imported."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fourier_convert.errors import UsageError
+from fourier_convert.io.adapter import FourierFTAdapter
+from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
+from fourier_convert.report import LayerReport, MergeReport
+
+#: Precisions a merge rebuilds and adds deltas in.
+PRECISIONS = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter to merge: where it is, which named sub-adapter, and the weight of its delta."""
+
+    path: str
+    subfolder: str | None = None
+    weight: float = 1.0
+
+
+def check_precision(precision: str) -> str:
+    """Validate ``--precision``.
+
+    Raises:
+        UsageError: Neither float64 nor float32.
+
+    Example:
+        >>> check_precision("float64")
+        'float64'
+    """
+    if precision not in PRECISIONS:
+        raise UsageError("--precision", f"unknown precision {precision!r}", "use float32 or float64")
+    return precision
+
+
+def plan_report(
+    plan: MergePlan,
+    adapters: Sequence[FourierFTAdapter],
+    base: str,
+    device: str,
+    precision: str,
+    *,
+    out: str | None = None,
+    dry_run: bool = False,
+    shards: Sequence[str] = (),
+) -> MergeReport:
+    """The report of a planned merge, before any delta is rebuilt (layers, changes and timings come later)."""
+    return MergeReport(
+        out=out,
+        dry_run=dry_run,
+        device=device,
+        precision=precision,
+        tensors=plan.counts(),
+        bytes_total=plan.bytes_total,
+        bytes_changed=sum(o.nbytes for o in plan.outputs if o.raw_source is None),
+        shards=list(shards),
+        warnings=plan.warnings,
+        notes=plan.notes,
+        adapters=[a.label for a in adapters],
+        base=base,
+    )
+
+
+def adapter_specs(adapter: Any) -> list[AdapterSpec]:
+    """``adapter`` (one path / spec or a sequence of them) as a list of :class:`AdapterSpec`.
+
+    Raises:
+        UsageError: No adapter, or a weight that is not a finite number.
+
+    Example:
+        >>> [s.path for s in adapter_specs(["a", AdapterSpec("b", weight=0.5)])]
+        ['a', 'b']
+    """
+    items = adapter if isinstance(adapter, (list, tuple)) else [adapter]
+    if not items:
+        raise UsageError("--adapter", "no adapter given", "pass at least one --adapter")
+    specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(str(a)) for a in items]
+    for s in specs:
+        if not math.isfinite(s.weight):
+            raise UsageError("--weight", f"{s.weight} is not a finite number", "pass a multiplier such as 1.0 or 0.5")
+    return specs
+
+
+def change_row(o: OutputTensor, adapters: Sequence[FourierFTAdapter]) -> dict[str, Any]:
+    """One row of the report's ``changes``: what the merge does to an output tensor that is not a byte copy."""
+    if o.layer is not None:
+        parts = [
+            f"{'delta^T (Conv1D)' if o.layer.conv1d else 'delta'} of {adapters[c.adapter_index].label} "
+            f"(n={c.spectrum.n}, scaling={c.scaling:g})"
+            for c in o.layer.contributions
+        ]
+        how = "base + " + " + ".join(parts)
+    elif o.replacement is not None:
+        how = f"{o.replacement.key} ({o.replacement.dtype})"
+    else:
+        how = f"cast from {o.base.dtype if o.base else '?'}"
+    return {"name": o.name, "action": o.kind, "dtype": o.dtype, "shape": list(o.shape), "bytes": o.nbytes, "how": how}
+
+
+def layer_stub(layer: LayerPlan) -> LayerReport:
+    """A layer's report before its delta is rebuilt (what a dry run shows)."""
+    return LayerReport(
+        layer.module,
+        layer.key,
+        layer.delta_shape,
+        layer.conv1d,
+        layer.orientation_source,
+        [c.spectrum.n for c in layer.contributions],
+    )
+
+
+def config_json(config: dict[str, Any]) -> bytes:
+    """A merged ``config.json`` that differs from the base's, as written (sorted keys, indented)."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
