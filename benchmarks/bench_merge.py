@@ -19,9 +19,10 @@ What it does, in one run:
    output is deleted and ``sync`` run between stages. Also recorded: the CPU time all other processes used
    during each stage (from ``/proc/stat``; the machine may be shared) and a hash of the measured
    fourier-convert package, taken again at the end to catch code edited mid-run.
-4. Prints medians over ``--repeat`` runs, the ratios and PASS/FAIL for the targets (merge <= 1.3x copy,
-   >= 2.5x faster than PEFT, peak RSS <= 1 GiB; with ``--device cuda``: merge-cuda <= 1.2x copy and >= 3x
-   faster than PEFT on the GPU); ``--verify`` compares fourier-convert's merged q_proj /
+4. Prints medians over ``--repeat`` runs, the ratios and PASS/FAIL for the targets (merge <= 1.3x copy+sync,
+   >= 3.5x faster than PEFT, peak RSS <= 1 GiB; with ``--device cuda``: merge-cpu <= 1.15x and merge-cuda
+   <= 1.1x copy+sync, merge-cuda never slower than merge-cpu, >= 3x faster than PEFT on the GPU), and the
+   CLI's own start (``fourier-convert --help``, median of 5); ``--verify`` compares fourier-convert's merged q_proj /
    v_proj of the first and last layer with PEFT's and with a float64 reference (PEFT's formula), in bf16
    ulps, and checks that a few untouched tensors are identical.
 
@@ -81,10 +82,12 @@ TARGET_MODULES = ("q_proj", "v_proj")
 POLL_SECONDS = 0.02
 MIB = 1024 * 1024
 
-TARGET_COPY_RATIO = 1.3  # merge wall time <= 1.3x cp -r (CPU machine)
-TARGET_PEFT_SPEEDUP = 2.5  # PEFT wall time >= 2.5x merge (CPU machine)
-#: The issue's targets for --device cuda on a GPU machine: <= 1.2x cp -r, >= 3x faster than PEFT on the GPU.
-TARGET_COPY_RATIO_CUDA = 1.2
+#: Wall time of merge over ``cp -r`` + ``sync`` (what a writer that fsyncs its output cannot beat): <= 1.3x on
+#: the 2-core CPU machine (1.1B) with ``--device cpu``; on the GPU machine (7B) <= 1.15x for merge-cpu and <= 1.1x
+#: for merge-cuda, and merge-cuda never slower than merge-cpu.
+TARGET_SYNC_RATIO = 1.3
+TARGET_SYNC_RATIO_GPU_HOST = {"merge-cpu": 1.15, "merge-cuda": 1.1}
+TARGET_PEFT_SPEEDUP = 3.5  # PEFT wall time >= 3.5x merge (CPU machine)
 TARGET_PEFT_SPEEDUP_CUDA = 3.0
 TARGET_RSS_MIB = 1024.0  # merge peak RSS <= 1 GiB
 
@@ -375,6 +378,19 @@ def reference_delta(spectrum: torch.Tensor, shape: tuple[int, int], seed: int, s
     return delta
 
 
+def nearest_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> bfloat16 rounded once to nearest even, computed exactly on the float64 bits (normal range):
+    the two neighbours by clearing the 45 low mantissa bits, the nearer one, ties to the even one."""
+    import torch
+
+    bits = x.view(torch.int64)
+    lo_bits = bits & ~((1 << 45) - 1)
+    lo, hi = lo_bits.view(torch.float64), (lo_bits + (1 << 45)).view(torch.float64)
+    below, above = (x - lo).abs(), (hi - x).abs()
+    even = ((lo_bits >> 45) & 1) == 0
+    return torch.where((below < above) | ((below == above) & even), lo, hi).to(torch.bfloat16)
+
+
 def bf16_ulps(x: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``|x - ref|`` in bf16 ulps at the operands' scale ``max(|ref|, |base|)``.
 
@@ -425,7 +441,7 @@ def worker_verify(argv: Sequence[str]) -> int:
             spectrum = spectra[f"base_model.model.{name.removesuffix('.weight')}.fourierft_spectrum"]
             m, n = w.shape
             delta = reference_delta(spectrum, (m, n), config["random_loc_seed"], config["scaling"])
-            ref = (w.double() + delta).to(torch.bfloat16)
+            ref = nearest_bf16(w.double() + delta)  # rounded once (torch's own cast rounds twice)
             rows.append(
                 {
                     "tensor": name,
@@ -772,20 +788,20 @@ def evaluate(stages: list[Stage], device: str) -> tuple[dict[str, float], list[d
     targets: list[dict[str, Any]] = []
     peft = f"peft-{device}"
     for merge in (n for n in by if n.startswith("merge-")):
-        copy_target = TARGET_COPY_RATIO_CUDA if merge == "merge-cuda" else TARGET_COPY_RATIO
+        sync_target = TARGET_SYNC_RATIO_GPU_HOST[merge] if device == "cuda" else TARGET_SYNC_RATIO
         peft_target = TARGET_PEFT_SPEEDUP_CUDA if merge == "merge-cuda" else TARGET_PEFT_SPEEDUP
         if "copy" in wall:
             ratios[f"{merge}/copy"] = wall[merge] / wall["copy"]
-            targets.append(
-                {
-                    "target": f"{merge} wall <= {copy_target}x copy",
-                    "value": ratios[f"{merge}/copy"],
-                    "unit": "x",
-                    "passed": ratios[f"{merge}/copy"] <= copy_target,
-                }
-            )
         if "copy+sync" in wall:
             ratios[f"{merge}/copy+sync"] = wall[merge] / wall["copy+sync"]
+            targets.append(
+                {
+                    "target": f"{merge} wall <= {sync_target}x copy+sync",
+                    "value": ratios[f"{merge}/copy+sync"],
+                    "unit": "x",
+                    "passed": ratios[f"{merge}/copy+sync"] <= sync_target,
+                }
+            )
         if merge == f"merge-{device}":
             if peft in wall:
                 ratios[f"{peft}/{merge}"] = wall[peft] / wall[merge]
@@ -815,7 +831,37 @@ def evaluate(stages: list[Stage], device: str) -> tuple[dict[str, float], list[d
                 "passed": rss <= TARGET_RSS_MIB,
             }
         )
+    if "merge-cuda" in wall and "merge-cpu" in wall:
+        ratios["merge-cuda/merge-cpu"] = wall["merge-cuda"] / wall["merge-cpu"]
+        targets.append(
+            {
+                "target": "merge-cuda never slower than merge-cpu",
+                "value": ratios["merge-cuda/merge-cpu"],
+                "unit": "x",
+                "passed": ratios["merge-cuda/merge-cpu"] <= 1.0,
+            }
+        )
     return ratios, targets
+
+
+def cli_start(adapter: Path) -> list[dict[str, Any]]:
+    """The CLI's own start: median wall time of 5 runs of commands that need no tensors (target < 0.5 s)."""
+    rows = []
+    for label, extra in (("--help", ["--help"]), ("inspect ADAPTER", ["inspect", str(adapter)])):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            subprocess.run([*_fourier_convert_cmd(), *extra], capture_output=True, check=True)
+            times.append(time.perf_counter() - start)
+        rows.append(
+            {
+                "target": f"fourier-convert {label} starts in < 0.5 s",
+                "value": statistics.median(times),
+                "unit": " s",
+                "passed": statistics.median(times) < 0.5,
+            }
+        )
+    return rows
 
 
 def run_verify(
@@ -823,8 +869,9 @@ def run_verify(
 ) -> dict[str, Any] | None:
     """Compare the kept merge and PEFT outputs in a ``_verify`` subprocess; print and return the result.
 
-    PASS needs fourier-convert within 1 bf16 ulp of the float64 reference and the untouched tensors
-    identical; PEFT's own distance to the reference is reported alongside.
+    PASS needs every fourier-convert element to equal the reference (bf16 of base + float64 delta, rounded
+    once to nearest even) and the untouched tensors identical; PEFT's own distance to the reference is reported
+    alongside.
     """
     merged, peft_out = runs / f"merge-{args.device}", runs / f"peft-{args.device}"
     verify: dict[str, Any] | None = None
@@ -845,9 +892,12 @@ def run_verify(
                     f"{r['peft_vs_ref_max_ulp']:>15.2f} {r['peft_vs_ref_differing']:>8}"
                 )
             print(f"  untouched tensors identical in both outputs: {all(verify['untouched_identical'].values())}")
-            worst = max(r["fc_vs_ref_max_ulp"] for r in verify["targets"])
-            verify["passed"] = worst <= 1.0 and all(verify["untouched_identical"].values())
-            print(f"  {'PASS' if verify['passed'] else 'FAIL'}  fourier-convert within 1 bf16 ulp of the reference")
+            differing = sum(r["fc_vs_ref_differing"] for r in verify["targets"])
+            verify["passed"] = differing == 0 and all(verify["untouched_identical"].values())
+            print(
+                f"  {'PASS' if verify['passed'] else 'FAIL'}  every fourier-convert element is the correctly rounded "
+                f"reference ({differing} differ)"
+            )
             peft_worst = max(r["peft_vs_ref_max_ulp"] for r in verify["targets"])
             if peft_worst > 1.0:
                 print(f"  NOTE  PEFT's output is up to {peft_worst:.0f} ulp from the reference")
@@ -971,6 +1021,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     print_table(stages, args.repeat)
     ratios, targets = evaluate(stages, args.device)
+    targets += cli_start(adapter)
     print("ratios (of medians): " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()))
     print("targets:")
     for t in targets:

@@ -22,9 +22,25 @@ def test_cuda_merge_equals_cpu_merge(name: str, tmp_path: Path) -> None:
     gpu = fc.merge(FIXTURES / name / "base", FIXTURES / name / "adapter", tmp_path / "gpu", device="cuda")
     assert gpu.device.startswith("cuda") and not gpu.fallbacks
     a, b = load_model_tensors(tmp_path / "cpu"), load_model_tensors(tmp_path / "gpu")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6)
+    for key in a:  # float64 deltas, rounded once: both are the correctly rounded value, bit for bit
+        assert torch.equal(a[key], b[key]), key
     assert [r.key for r in cpu.layers] == [r.key for r in gpu.layers]
+
+
+def test_cuda_merge_is_correctly_rounded_at_4096_width(tmp_path: Path) -> None:
+    from tests.rounding_reference import nearest_even
+    from tests.test_merge import _wide_llama
+
+    spectrum = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    delta = _wide_llama(tmp_path, spectrum, planted=40_000, seed=4)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    cpu = fc.merge_in_memory(tmp_path / "base", tmp_path / "adapter", device="cpu").tensors
+    gpu = fc.merge_in_memory(tmp_path / "base", tmp_path / "adapter", device="cuda").tensors
+    base = load_model_tensors(tmp_path / "base")[key]
+    want = nearest_even(base.double() + delta, 7)
+    assert int((gpu[key].double() != want).sum()) == 0
+    for name in cpu:
+        assert torch.equal(cpu[name], gpu[name]), name
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)])
