@@ -67,9 +67,9 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
     from fourier_convert.io.adapter_writer import AdapterFiles
     from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
-    from fourier_convert.merging.specs import AdapterSpec
     from fourier_convert.merging.folder import merge
     from fourier_convert.merging.memory import MergedState, merge_in_memory
+    from fourier_convert.merging.specs import AdapterSpec
     from fourier_convert.onnx import OnnxReport, export_onnx
     from fourier_convert.report import LayerReport, MergeReport
 

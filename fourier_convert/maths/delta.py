@@ -6,8 +6,10 @@ For an ``(M, N)`` layer with coefficients ``c_k`` at ``(u_k, v_k)`` and scaling 
 
 which is ``Re(ifft2(S)) * s`` for the dense spectrum ``S`` (PEFT's definition). Because only the real part
 is kept, ``Re(ifft2(S)) = irfft2(half of (S + S[-u, -v]) / 2)`` (docs/maths.md): each coefficient puts
-``c/2`` at its bin and at the mirrored bin, and only the non-negative column half is transformed. That halves
-memory and work against a complex ``ifft2`` and gives the same values to float32 rounding.
+``c/2`` at its bin and at the mirrored bin, and only the non-negative column half is transformed. The column
+pass of that ``irfft2`` touches only the columns holding coefficients, so :func:`delta_weights` does it as a
+sparse inverse DFT with exact twiddles and streams row blocks through the row pass (``irfft``): no dense
+spectrum, half the work of a dense ``irfft2``, the same values to rounding.
 
 :func:`delta_at` evaluates the closed form above in float64 at chosen entries in O(n) each;
 :func:`check_delta` uses it (plus whole rows and columns through numpy's independent FFT) to verify a
@@ -21,6 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+#: Elements per row block of the second pass (bounds the temporaries of :func:`delta_weights`).
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def delta_weights(
@@ -65,12 +70,23 @@ def delta_weights(
     u_all = torch.cat([u, (-u) % m])
     v_all = torch.cat([v, (-v) % n_cols])
     keep = v_all < half
-    flat = (u_all * half + v_all)[keep]
-    vals = (coeffs.to(device=device, dtype=dtype) * 0.5).repeat(1, 2)[:, keep]
+    rows_of, cols_of = u_all[keep], v_all[keep]
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    spec = torch.zeros(coeffs.shape[0], m * half, dtype=complex_dtype, device=device)
-    torch.view_as_real(spec)[..., 0].index_add_(1, flat, vals)  # real parts; imaginary parts stay 0
-    out: torch.Tensor = torch.fft.irfft2(spec.view(-1, m, half), s=(m, n_cols))
+    vals = (coeffs.to(device=device, dtype=dtype) * 0.5).repeat(1, 2)[:, keep].to(complex_dtype)
+    # The first (column) pass of irfft2 is a sparse inverse DFT: each output row p gets
+    # sum_k vals_k e^{2 pi i u_k p / M} / M in column v_k, with the phase u_k p reduced modulo M in integers
+    # and looked up in a table of exact twiddles. Row blocks of it then go through the second pass (irfft along
+    # the rows): the dense complex spectrum (as large as the delta itself) never exists.
+    t = torch.arange(m, device=device, dtype=torch.float64)
+    twiddle = torch.polar(torch.full_like(t, 1.0 / m), t * (2 * math.pi / m)).to(complex_dtype)
+    out = torch.empty(coeffs.shape[0], m, n_cols, dtype=dtype, device=device)
+    step = max(1, _BLOCK_ELEMENTS // max(half, rows_of.numel(), 1))
+    for start in range(0, m, step):
+        p = torch.arange(start, min(m, start + step), device=device)
+        phase = twiddle[(p[:, None] * rows_of[None, :]) % m]
+        block = torch.zeros(coeffs.shape[0], p.numel(), half, dtype=complex_dtype, device=device)
+        block.index_add_(2, cols_of, phase.unsqueeze(0) * vals.unsqueeze(1))
+        out[:, start : start + p.numel()] = torch.fft.irfft(block, n=n_cols, dim=2)
     out.mul_(scaling)
     return out[0] if squeeze else out
 

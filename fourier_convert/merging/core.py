@@ -154,19 +154,22 @@ def merge_layers(
             o = outputs[layer.key]
             base = read_torch(layer.weight)
             acc_dtype = torch.float64 if torch.float64 in (compute, base.dtype) else torch.float32
-            total = base.to(device=dev, dtype=acc_dtype)  # widen once, then add every delta in place
-            for d in deltas[layer.key]:
-                total.add_(d.T if layer.conv1d else d)
+            parts = deltas.pop(layer.key)
+            total = parts[0].to(acc_dtype)  # the deltas are summed in place, then the base is added to them:
+            for d in parts[1:]:  # no second layer-sized buffer
+                total.add_(d)
+            del parts
+            rep = layer_stub(layer)
+            rep.delta_norm = float(torch.linalg.vector_norm(total).item())
+            oriented = total.T if layer.conv1d else total
+            oriented.add_(base.to(dev))
             out_dtype = torch_dtype(o.dtype)
             # float64 sums are rounded once into the output dtype (torch's own cast rounds twice via float32)
-            put(o.name, round_once(total, out_dtype) if total.dtype == torch.float64 else total.to(out_dtype))
+            put(o.name, round_once(oriented, out_dtype) if total.dtype == torch.float64 else oriented.to(out_dtype))
+            del total, oriented
             worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
-            rep = layer_stub(layer)
             rep.backend, rep.checked_entries = worst[0], worst[1].entries
             rep.max_abs_error, rep.tolerance = worst[1].max_abs_error, worst[1].tolerance
-            parts = deltas[layer.key]
-            summed = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-            rep.delta_norm = float(torch.linalg.vector_norm(summed).item())
             reports[layer.key] = rep
         del deltas
     return reports, fallbacks
@@ -186,6 +189,7 @@ def _ahead(items: Iterator[_T]) -> Iterator[_T]:
                 if stop.is_set():
                     return
                 slot.put((True, item))
+                slot.join()  # the next item is computed only once the consumer has taken this one
             slot.put((False, None))
         except BaseException as exc:  # handed to the consumer, which raises it
             slot.put((False, exc))
@@ -195,6 +199,7 @@ def _ahead(items: Iterator[_T]) -> Iterator[_T]:
     try:
         while True:
             ok, value = slot.get()
+            slot.task_done()
             if not ok:
                 if value is not None:
                     raise value
@@ -202,8 +207,9 @@ def _ahead(items: Iterator[_T]) -> Iterator[_T]:
             yield value
     finally:
         stop.set()
-        with contextlib.suppress(queue.Empty):
-            slot.get_nowait()  # let a worker blocked on a full slot see the stop flag
+        with contextlib.suppress(queue.Empty, ValueError):
+            slot.get_nowait()  # let a worker blocked on the slot see the stop flag
+            slot.task_done()
 
 
 def _chunk_deltas(
