@@ -199,12 +199,11 @@ def merge(
         return report
 
     _warn_leftovers(Path(out), report)
-    if warm is not None:
-        warm.join()
     report.timings["validate_and_plan"] = time.perf_counter() - t0
     bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
     with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar, durable=durable) as writer:
-        _write_output(writer, report, ckpt, adapters, plan, layouts, (skeleton, why, job), dev_name, threads, t0)
+        orientation = (skeleton, why, job)
+        _write_output(writer, report, ckpt, adapters, plan, layouts, orientation, (dev_name, warm), threads, t0)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -227,11 +226,12 @@ def _write_output(
     plan: MergePlan,
     layouts: list[ShardLayout],
     orientation: tuple[Skeleton | None, str, SkeletonJob | None],
-    device: str,
+    device: tuple[str, threading.Thread | None],
     threads: int | None,
     t0: float,
 ) -> None:
     """Everything between opening the atomic writer and publishing: byte copies, deltas, small files."""
+    name, warm = device
     writer.begin(layouts, extra_bytes=sum(p.stat().st_size for p in ckpt.aux_files))
     where = {spec.name: lay for lay in layouts for spec in lay.specs}
     writer.copy(_raw_copies(plan, where))
@@ -240,8 +240,10 @@ def _write_output(
 
     from fourier_convert.merging.core import compute_dtype, torch_threads
 
+    if warm is not None:  # the CUDA context was being created while the inputs were read and the copies started
+        warm.join()
     with torch_threads(threads):
-        _merge_tensors(writer, report, ckpt, adapters, plan, where, orientation, torch.device(device),
+        _merge_tensors(writer, report, ckpt, adapters, plan, where, orientation, torch.device(name),
                        compute_dtype(report.precision), t0)  # fmt: skip
 
 
