@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-import threading
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +57,11 @@ if TYPE_CHECKING:  # torch is imported once the byte copies run (see merge)
 __all__ = ["PROVENANCE_NAME", "AdapterSpec", "merge", "parse_size"]
 
 PROVENANCE_NAME = "fourier_convert.json"
+#: Why ``--device auto`` merges on the CPU.
+AUTO_DEVICE_NOTE = (
+    "device auto: merging on the CPU; a merge is bound by disk I/O, and the GPU path (CUDA start-up and "
+    "transfers) was measured no faster (docs/benchmarks.md); --device cuda uses the GPU"
+)
 
 
 def parse_size(text: str) -> int:
@@ -117,7 +122,8 @@ def merge(
         adapter: Adapter folder / hub id / ``PATH:NAME`` / :class:`AdapterSpec`, or a list of them, applied
             in order.
         out: Output folder (published atomically).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where deltas are rebuilt and added.
+        device: ``auto`` (the CPU: a merge is bound by disk I/O; see :data:`AUTO_DEVICE_NOTE`), ``cpu``, ``cuda`` or
+            ``cuda:N``: where deltas are rebuilt and added.
         precision: ``float64`` (default: every merged element is correctly rounded) or ``float32`` (faster on
             some CPUs; not correctly rounded where base and delta nearly cancel) reconstruction and addition.
         dtype: Output dtype for all floating tensors (``float16``, ``bfloat16``, ``float32``); None keeps each.
@@ -149,15 +155,7 @@ def merge(
     check_precision(precision)
     out_dtype = parse_user_dtype(dtype) if dtype else None
     shard_bytes = parse_size(str(max_shard_size)) if max_shard_size is not None else None
-    warm: threading.Thread | None = None
-    dev_name = "cpu"
-    if device != "cpu" and (device != "auto" or _gpu_driver_present()):
-        from fourier_convert.merging.core import resolve_device  # imports torch
-
-        dev_name = str(resolve_device(device))
-        if dev_name != "cpu":  # create the CUDA context while the inputs are read and validated
-            warm = threading.Thread(target=_warm_cuda, args=(dev_name,), daemon=True)
-            warm.start()
+    dev_name = _merge_device(device)
     check_output_target(Path(out), overwrite)
     specs = adapter_specs(adapter)
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
@@ -198,12 +196,14 @@ def merge(
         report.seconds = time.perf_counter() - t0
         return report
 
+    if device == "auto" and _gpu_driver_present():
+        report.notes.append(AUTO_DEVICE_NOTE)
     _warn_leftovers(Path(out), report)
     report.timings["validate_and_plan"] = time.perf_counter() - t0
     bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
     with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar, durable=durable) as writer:
         orientation = (skeleton, why, job)
-        _write_output(writer, report, ckpt, adapters, plan, layouts, orientation, (dev_name, warm), threads, t0)
+        _write_output(writer, report, ckpt, adapters, plan, layouts, orientation, dev_name, threads, t0)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -226,24 +226,24 @@ def _write_output(
     plan: MergePlan,
     layouts: list[ShardLayout],
     orientation: tuple[Skeleton | None, str, SkeletonJob | None],
-    device: tuple[str, threading.Thread | None],
+    device: str,
     threads: int | None,
     t0: float,
 ) -> None:
     """Everything between opening the atomic writer and publishing: byte copies, deltas, small files."""
-    name, warm = device
     writer.begin(layouts, extra_bytes=sum(p.stat().st_size for p in ckpt.aux_files))
     where = {spec.name: lay for lay in layouts for spec in lay.specs}
     writer.copy(_raw_copies(plan, where))
     # torch (about a second to import) only now, while the copies run in the writer's thread
     import torch
 
-    from fourier_convert.merging.core import compute_dtype, torch_threads
+    from fourier_convert.merging.core import compute_dtype, resolve_device, torch_threads
 
-    if warm is not None:  # the CUDA context was being created while the inputs were read and the copies started
-        warm.join()
+    # a CUDA device is fully checked (and its context created) here, while the copies run; an error still
+    # publishes nothing
+    dev = resolve_device(device) if device != "cpu" else torch.device("cpu")
     with torch_threads(threads):
-        _merge_tensors(writer, report, ckpt, adapters, plan, where, orientation, torch.device(name),
+        _merge_tensors(writer, report, ckpt, adapters, plan, where, orientation, dev,
                        compute_dtype(report.precision), t0)  # fmt: skip
 
 
@@ -322,10 +322,20 @@ def _gpu_driver_present() -> bool:
     return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd"))
 
 
-def _warm_cuda(device: str) -> None:
-    import torch
+def _merge_device(device: str) -> str:
+    """``--device`` for a merge, checked without importing torch: ``auto`` is the CPU (:data:`AUTO_DEVICE_NOTE`);
+    ``cuda`` / ``cuda:N`` need a GPU driver (torch checks the rest once the byte copies run).
 
-    torch.zeros(1, device=device)
+    Raises:
+        UsageError: An unknown device, or CUDA on a machine without a GPU driver.
+    """
+    if device in ("auto", "cpu"):
+        return "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not _gpu_driver_present():
+            raise UsageError("--device", f"{device} requested but no CUDA GPU is available", "use --device cpu")
+        return device
+    raise UsageError("--device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N")
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
