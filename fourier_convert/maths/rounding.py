@@ -44,7 +44,7 @@ def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:
 _TIES = {torch.bfloat16: (0xFFFF, 0x8000, 0.0), torch.float16: (0x1FFF, 0x1000, 2.0**-14)}
 
 
-def round_once(x: torch.Tensor, dtype: torch.dtype, *, chunk: int = 1 << 21) -> torch.Tensor:
+def round_once(x: torch.Tensor, dtype: torch.dtype, *, chunk: int = 1 << 20) -> torch.Tensor:
     """Round float64 ``x`` to ``dtype`` once, to nearest even (the correctly rounded value).
 
     Fast path: torch's float64 -> float32 -> ``dtype`` conversion, which is already correct unless the
