@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 #: Elements per row block of the second pass (bounds the temporaries of :func:`delta_weights`).
-_BLOCK_ELEMENTS = 1 << 20
+_BLOCK_ELEMENTS = 1 << 19
 
 
 def delta_weights(
