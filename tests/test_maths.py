@@ -87,6 +87,23 @@ def test_delta_equals_reference_for_every_n(shape: tuple[int, int]) -> None:
         assert check_delta(got32, values, idx.numpy(), 150.0, rng=rng).passed
 
 
+@pytest.mark.parametrize(("m", "n_cols", "n"), [(1024, 1024, 300), (1023, 769, 500), (5, 1, 3), (1, 6, 4), (2, 2, 4)])
+def test_sparse_column_pass_equals_dense_irfft2(m: int, n_cols: int, n: int) -> None:
+    """The sparse inverse DFT of the columns, streamed in row blocks (two blocks at 1024 x 1024), equals torch's
+    dense irfft2 of the half spectrum (the direct formulation) to float64 rounding."""
+    idx = spectral_indices(m, n_cols, n, 777)
+    values = torch.randn(2, n, generator=torch.Generator().manual_seed(m + n_cols), dtype=torch.float64)
+    half = n_cols // 2 + 1
+    u, v = idx[0], idx[1]
+    u_all, v_all = torch.cat([u, (-u) % m]), torch.cat([v, (-v) % n_cols])
+    keep = v_all < half
+    spec = torch.zeros(2, m * half, dtype=torch.complex128)
+    torch.view_as_real(spec)[..., 0].index_add_(1, (u_all * half + v_all)[keep], (values * 0.5).repeat(1, 2)[:, keep])
+    want = torch.fft.irfft2(spec.view(2, m, half), s=(m, n_cols)) * 2.5
+    got = delta_weights(values, idx, m, n_cols, 2.5, dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14 * float(want.abs().max()))
+
+
 def test_batched_equals_single() -> None:
     idx = spectral_indices(32, 20, 100, 777)
     spectra = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
