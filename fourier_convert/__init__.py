@@ -33,7 +33,7 @@ _LAZY = {
     "CalibrationOptions": "fourier_convert.calibrate.pipeline",
     "CalibrationReport": "fourier_convert.calibrate.pipeline",
     "FourierFTAdapter": "fourier_convert.io.adapter",
-    "FromLoraReport": "fourier_convert.from_lora",
+    "FromLoraReport": "fourier_convert.lora_to_fourierft",
     "InspectReport": "fourier_convert.inspect",
     "LayerReport": "fourier_convert.report",
     "LoraAdapter": "fourier_convert.lora",
@@ -45,7 +45,7 @@ _LAZY = {
     "check_from_calibration": "fourier_convert.check",
     "check_lora_outputs": "fourier_convert.check",
     "export_onnx": "fourier_convert.onnx",
-    "from_lora": "fourier_convert.from_lora",
+    "from_lora": "fourier_convert.lora_to_fourierft",
     "inspect_adapter": "fourier_convert.inspect",
     "merge": "fourier_convert.merging.folder",
     "merge_in_memory": "fourier_convert.merging.memory",
@@ -62,11 +62,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from fourier_convert.calibrate.pipeline import CalibrationOptions, CalibrationReport
     from fourier_convert.check import OutputCheck, check_from_calibration, check_lora_outputs
-    from fourier_convert.from_lora import FromLoraReport, from_lora
     from fourier_convert.inspect import InspectReport, inspect_adapter
     from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
     from fourier_convert.io.adapter_writer import AdapterFiles
     from fourier_convert.lora import LoraAdapter, LoraReport, to_lora
+    from fourier_convert.lora_to_fourierft import FromLoraReport, from_lora
     from fourier_convert.merging.folder import merge
     from fourier_convert.merging.memory import MergedState, merge_in_memory
     from fourier_convert.merging.specs import AdapterSpec

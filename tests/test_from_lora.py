@@ -12,7 +12,7 @@ import torch
 from safetensors.numpy import load_file
 
 import fourier_convert as fc
-from fourier_convert.from_lora import from_lora, parse_pattern
+from fourier_convert.lora_to_fourierft import from_lora, parse_pattern
 from fourier_convert.maths.indices import spectral_indices
 from fourier_convert.maths.project import project_lowrank
 from tests.conftest import FIXTURES

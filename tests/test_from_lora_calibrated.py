@@ -14,8 +14,8 @@ import torch
 import fourier_convert as fc
 from fourier_convert.calibrate.pipeline import CalibrationOptions
 from fourier_convert.errors import UsageError
-from fourier_convert.from_lora import FromLoraReport, from_lora
 from fourier_convert.io.calibration import batches, pad_token_id, read_calibration
+from fourier_convert.lora_to_fourierft import FromLoraReport, from_lora
 from fourier_convert.maths.calibrated import gram_factor
 from fourier_convert.maths.indices import spectral_indices
 from fourier_convert.maths.project import project_lowrank, project_lowrank_weighted

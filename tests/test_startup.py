@@ -52,3 +52,22 @@ def test_the_package_imports_lazily() -> None:
     code = "import fourier_convert as fc; print(fc.to_lora.__module__, 'to_lora' in dir(fc))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["fourier_convert.lora", "True"]
+
+
+def test_public_names_are_not_shadowed_by_submodules() -> None:
+    """A submodule named like a public function would replace it on the package once imported (PEP 562 lazy
+    names are looked up only when the attribute is missing): no public name may equal a submodule's name."""
+    import pkgutil
+
+    import fourier_convert as fc
+
+    submodules = {m.name for m in pkgutil.iter_modules(fc.__path__)}
+    assert not submodules & set(fc.__all__)
+    code = (
+        "import importlib, pkgutil, fourier_convert as fc\n"
+        "for m in pkgutil.walk_packages(fc.__path__, 'fourier_convert.'):\n"
+        "    if not m.name.endswith('__main__'):\n        importlib.import_module(m.name)\n"
+        "print(sorted(n for n in fc.__all__ if type(getattr(fc, n)).__name__ == 'module'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

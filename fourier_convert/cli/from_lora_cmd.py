@@ -68,8 +68,8 @@ def from_lora_cmd(
     --calibration, least squares on the layers' real inputs)."""
     check_report_path(json_path)  # usage errors before the heavy imports below
     from fourier_convert.calibrate.pipeline import CalibrationOptions
-    from fourier_convert.from_lora import from_lora, parse_pattern
     from fourier_convert.io.writer import check_output_target
+    from fourier_convert.lora_to_fourierft import from_lora, parse_pattern
     check_output_target(out, overwrite)
     calibration_options = None
     if calibration is not None:
