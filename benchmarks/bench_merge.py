@@ -788,7 +788,8 @@ def evaluate(stages: list[Stage], device: str) -> tuple[dict[str, float], list[d
     targets: list[dict[str, Any]] = []
     peft = f"peft-{device}"
     for merge in (n for n in by if n.startswith("merge-")):
-        sync_target = TARGET_SYNC_RATIO_GPU_HOST[merge] if device == "cuda" else TARGET_SYNC_RATIO
+        gpu_host = device == "cuda" or os.path.exists("/dev/nvidiactl")  # the GPU machine's targets, CPU stage too
+        sync_target = TARGET_SYNC_RATIO_GPU_HOST[merge] if gpu_host else TARGET_SYNC_RATIO
         peft_target = TARGET_PEFT_SPEEDUP_CUDA if merge == "merge-cuda" else TARGET_PEFT_SPEEDUP
         if "copy" in wall:
             ratios[f"{merge}/copy"] = wall[merge] / wall["copy"]
