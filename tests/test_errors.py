@@ -652,3 +652,34 @@ def test_non_finite_weight_is_a_usage_error(llama: tuple[Path, Path], tmp_path: 
     assert res.exit_code == 2
     assert res.stderr.startswith("error: --weight: ") and res.stderr.count("\n") == 1
     assert snapshot(tmp_path) == before
+
+
+# -- the --json report ----------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["merge", "to-lora", "inspect"])
+def test_json_report_never_lands_in_an_input(command: str, llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """--json is written after success: a path in an input folder would overwrite an input file."""
+    base, adapter = llama
+    before = snapshot(base.parent)
+    target = base / "config.json" if command != "inspect" else adapter / "adapter_config.json"
+    args = {
+        "merge": ["merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "out"],
+        "to-lora": ["to-lora", "--adapter", adapter, "--base", base, "--out", tmp_path / "out"],
+        "inspect": ["inspect", adapter],
+    }[command]
+    res = invoke(*args, "--json", target)
+    where = base if command != "inspect" else adapter
+    assert res.exit_code == 2
+    assert res.stderr == f"error: --json: {target} lies in the input {where}; write the report outside the inputs\n"
+    assert snapshot(base.parent) == before and not (tmp_path / "out").exists()
+
+
+def test_a_merge_that_overflows_publishes_nothing(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """A scaling of 1e300 makes every merged value infinite in bf16: refused, not published with a warning."""
+    base, adapter = llama
+    edit_config(adapter, scaling=1e300)
+    with pytest.raises(fc.VerificationError) as info:
+        fc.merge(base, adapter, tmp_path / "merged", device="cpu")
+    msg = str(info.value)
+    assert msg.startswith("model.layers.0.self_attn.q_proj.weight: merging gives 4096 non-finite value(s) in F32")
+    assert msg.endswith("scaling 1e+300); nothing was written; check the adapter's scaling and spectrum")
+    fails(tmp_path, fc.VerificationError, msg, base, adapter)

@@ -23,7 +23,7 @@ def inspect_cmd(
     """Describe a FourierFT adapter (and, with --base, what it does to the base)."""
     from fourier_convert.inspect import inspect_adapter
 
-    check_report_path(json_path)
+    check_report_path(json_path, [adapter, base])
     report = inspect_adapter(adapter, base=base, subfolder=subfolder, allow_pickle=allow_pickle)
     for line in report.lines():
         click.echo(line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,14 +41,30 @@ def specs_from_options(
     return specs
 
 
-def check_report_path(path: Path | None) -> None:
-    """Refuse a --json path whose folder does not exist, before any work is done."""
-    if path is not None and not path.parent.is_dir():
+def check_report_path(path: Path | None, inputs: Sequence[str | Path | None] = ()) -> None:
+    """Refuse, before any work is done, a --json path whose folder does not exist or that is, or lies inside, one
+    of the command's local inputs (the report is written after success and would overwrite an input file).
+
+    Raises:
+        UsageError: Either case.
+    """
+    if path is None:
+        return
+    if not path.parent.is_dir():
         raise UsageError(
             "--json",
             f"cannot write {path}: folder {path.parent} does not exist",
             "create it or choose another --json path",
         )
+    target = path.resolve()
+    for spec in inputs:
+        if not spec:
+            continue
+        local = Path(str(spec))
+        if not local.exists() and ":" in str(spec):  # PATH:NAME
+            local = Path(str(spec).rsplit(":", 1)[0])
+        if local.exists() and (target == local.resolve() or target.is_relative_to(local.resolve())):
+            raise UsageError("--json", f"{path} lies in the input {spec}", "write the report outside the inputs")
 
 
 def print_conversion(
@@ -144,7 +161,7 @@ def merge_cmd(
     quiet: bool,
 ) -> None:
     """Merge FourierFT adapter(s) into a base model and write a Hugging Face model folder."""
-    check_report_path(json_path)  # usage errors before the heavy imports below
+    check_report_path(json_path, [base, *adapters])  # usage errors before the heavy imports below
     from fourier_convert.merging.folder import merge
     report = merge(
         base,

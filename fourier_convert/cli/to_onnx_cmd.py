@@ -86,7 +86,7 @@ def to_onnx_cmd(
     quiet: bool,
 ) -> None:
     """Export a merged model (or base + FourierFT adapter, merged first) to ONNX, proven equal in onnxruntime."""
-    check_report_path(json_path)  # usage errors before the heavy imports below
+    check_report_path(json_path, [base, *adapters, model])  # usage errors before the heavy imports below
     from fourier_convert.onnx.pipeline import export_onnx
     from fourier_convert.onnx.report import OnnxReport
     specs = specs_from_options(adapters, (), weights)

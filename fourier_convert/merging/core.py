@@ -162,11 +162,22 @@ def merge_layers(
             rep = layer_stub(layer)
             rep.delta_norm = float(torch.linalg.vector_norm(total).item())
             oriented = total.T if layer.conv1d else total
-            oriented.add_(base.to(dev))
+            base = base.to(dev)
+            oriented.add_(base)
             out_dtype = torch_dtype(o.dtype)
             # float64 sums are rounded once into the output dtype (torch's own cast rounds twice via float32)
-            put(o.name, round_once(oriented, out_dtype) if total.dtype == torch.float64 else oriented.to(out_dtype))
+            merged = round_once(oriented, out_dtype) if total.dtype == torch.float64 else oriented.to(out_dtype)
             del total, oriented
+            broken = int((~torch.isfinite(merged) & torch.isfinite(base)).sum())
+            if broken:  # never publish inf / nan weights the base did not have
+                scalings = ", ".join(f"{c.scaling:g}" for c in layer.contributions)
+                raise VerificationError(
+                    layer.key,
+                    f"merging gives {broken} non-finite value(s) in {o.dtype} (delta norm {rep.delta_norm:.3g}, "
+                    f"scaling {scalings}); nothing was written",
+                    "check the adapter's scaling and spectrum",
+                )
+            put(o.name, merged)
             worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
             rep.backend, rep.checked_entries = worst[0], worst[1].entries
             rep.max_abs_error, rep.tolerance = worst[1].max_abs_error, worst[1].tolerance
