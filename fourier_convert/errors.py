@@ -14,16 +14,21 @@ from typing import Any
 
 
 class FourierConvertError(Exception):
-    """Base class of every error fourier-convert raises on purpose.
+    r"""Base class of every error fourier-convert raises on purpose.
 
     Args:
         where: The file, tensor key or option the problem is about.
         found: What was found there.
         fix: What the user can do about it.
 
+    The message is one printable line: control characters from file or tensor names (a newline, a terminal
+    escape) are shown escaped (``\n``, ``\x1b``).
+
     Example:
         >>> str(FourierConvertError("a.json", "not valid JSON", "re-save the file"))
         'a.json: not valid JSON; re-save the file'
+        >>> str(FourierConvertError("odd\nname", "bad"))
+        'odd\\nname: bad'
     """
 
     def __init__(self, where: str, found: str, fix: str = "") -> None:
@@ -33,7 +38,17 @@ class FourierConvertError(Exception):
         message = f"{where}: {found}"
         if fix:
             message += f"; {fix}"
-        super().__init__(message)
+        super().__init__(printable(message))
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every non-printable character escaped as Python writes it (one line, no terminal codes).
+
+    Example:
+        >>> printable("a\tb\x1b[31m")
+        'a\\tb\\x1b[31m'
+    """
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 class InputFileError(FourierConvertError):

@@ -683,3 +683,44 @@ def test_a_merge_that_overflows_publishes_nothing(llama: tuple[Path, Path], tmp_
     assert msg.startswith("model.layers.0.self_attn.q_proj.weight: merging gives 4096 non-finite value(s) in F32")
     assert msg.endswith("scaling 1e+300); nothing was written; check the adapter's scaling and spectrum")
     fails(tmp_path, fc.VerificationError, msg, base, adapter)
+
+
+# -- hostile inputs -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_config_that_is_not_a_regular_file_is_refused_without_reading(
+    kind: str, llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A FIFO would block and /dev/zero would never end: both are refused from their file type."""
+    base, adapter = llama
+    config = adapter / "adapter_config.json"
+    config.unlink()
+    if kind == "fifo":
+        os.mkfifo(config)
+    else:
+        config.symlink_to("/dev/zero")
+    msg = f"{config}: is not a regular file (a folder, FIFO or device); pass a JSON file"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_json_nested_too_deeply_is_an_error_not_a_crash(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    config = adapter / "adapter_config.json"
+    config.write_text("[" * 200_000 + "]" * 200_000)
+    fails(tmp_path, fc.InputFileError, f"{config}: is JSON nested too deeply to read; fix or re-save it", base, adapter)
+
+
+def test_random_loc_seed_beyond_64_bits_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """PEFT seeds torch.Generator with it, which takes at most 64 bits: such an adapter cannot be loaded."""
+    base, adapter = llama
+    edit_config(adapter, random_loc_seed=2**70)
+    msg = (
+        f"{adapter / 'adapter_config.json'}: random_loc_seed is {2**70}, expected an integer >= 0 and < {2**64}; "
+        "fix the config"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+def test_control_characters_in_names_are_escaped_in_messages() -> None:
+    err = fc.AdapterError("model.layers.0.q\nproj\x1b[31m", "not in the base", "check the adapter")
+    assert str(err) == "model.layers.0.q\\nproj\\x1b[31m: not in the base; check the adapter"
+    assert "\n" not in str(err) and "\x1b" not in str(err)

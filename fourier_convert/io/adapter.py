@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,12 +187,39 @@ def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle
     return FourierFTAdapter(folder, label, settings, spectra, biases, heads, files)
 
 
+#: Largest JSON file read (configs, model indexes): a FIFO, a device or a huge file is refused, not read.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
 def load_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object file with one-line errors naming the file and position."""
+    """Read a JSON object file with one-line errors naming the file and position.
+
+    Only regular files of at most :data:`MAX_JSON_BYTES` are read (a FIFO would block, ``/dev/zero`` would
+    never end), and JSON nested too deeply to parse is an error, not a crash.
+
+    Raises:
+        InputFileError: Missing, not a regular file, too large, unreadable, not JSON, or not an object.
+
+    Example:
+        >>> load_json(Path("fixtures/llama/adapter/adapter_config.json"))["peft_type"]
+        'FOURIERFT'
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
     except FileNotFoundError:
         raise InputFileError(str(path), "file not found", "check the folder") from None
+    except OSError as exc:
+        raise InputFileError(str(path), f"cannot be read ({exc})", "check the file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputFileError(str(path), "is not a regular file (a folder, FIFO or device)", "pass a JSON file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise InputFileError(
+                str(path), f"is larger than {MAX_JSON_BYTES // 2**20} MiB, too large for a config", "check the file"
+            )
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputFileError(str(path), f"cannot be read ({exc})", "check the file") from None
     try:
@@ -200,6 +228,8 @@ def load_json(path: Path) -> dict[str, Any]:
         raise InputFileError(
             str(path), f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", "fix or re-save it"
         ) from None
+    except RecursionError:
+        raise InputFileError(str(path), "is JSON nested too deeply to read", "fix or re-save it") from None
     if not isinstance(data, dict):
         raise InputFileError(str(path), f"expected a JSON object, found {type(data).__name__}", "re-save it")
     return data
@@ -222,14 +252,17 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
             )
         raise AdapterError(where, f"peft_type is {peft_type!r}, expected 'FOURIERFT'", fix)
 
-    def need_int(name: str, default: Any, minimum: int | None = None) -> int:
+    def need_int(name: str, default: Any, minimum: int, below: int | None = None) -> int:
         value = cfg.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-            raise AdapterError(where, f"{name} is {value!r}, expected an integer >= {minimum}", "fix the config")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (below and value >= below):
+            limit = f" and < {below}" if below else ""
+            raise AdapterError(
+                where, f"{name} is {value!r}, expected an integer >= {minimum}{limit}", "fix the config"
+            )
         return value
 
     n_frequency = need_int("n_frequency", 1000, 1)
-    seed = need_int("random_loc_seed", 777, 0)
+    seed = need_int("random_loc_seed", 777, 0, 2**64)  # torch.Generator.manual_seed takes at most 64 bits
     scaling = cfg.get("scaling", 150.0)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise AdapterError(where, f"scaling is {scaling!r}, expected a finite number", "fix the config")
