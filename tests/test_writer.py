@@ -173,3 +173,17 @@ def test_wrong_tensor_size_is_refused(tmp_path: Path) -> None:
         w.begin(layout_shards([[TensorSpec("w", "F32", (2,))]]))
         with pytest.raises(OutputError, match="computed 4 bytes, the plan says 8"):
             w.write_tensor("model.safetensors", "w", b"\0" * 4)
+
+
+def test_coalesce_is_linear_in_the_number_of_tensors() -> None:
+    """200,000 zero-size tensors in one shard (a hostile but valid file) took minutes with tuple concatenation."""
+    import time
+
+    from fourier_convert.io.writer import RangeCopy, coalesce
+
+    copies = [RangeCopy(Path("s"), 10 * (i // 1000), "d", 50 + 10 * (i // 1000), 0, (f"t{i}",)) for i in range(200_000)]
+    copies += [RangeCopy(Path("s"), 10 * k, "d", 50 + 10 * k, 10, (f"w{k}",)) for k in range(200)]
+    start = time.perf_counter()
+    runs = coalesce(copies)
+    assert time.perf_counter() - start < 5.0
+    assert len(runs) == 1 and runs[0].length == 2000 and len(runs[0].tensors) == 200_200

@@ -174,23 +174,32 @@ class RangeCopy:
 
 
 def coalesce(copies: Iterable[RangeCopy]) -> list[RangeCopy]:
-    """Merge copies that are contiguous in both source and destination into single ranges."""
-    out: list[RangeCopy] = []
+    """Merge copies that are contiguous in both source and destination into single ranges.
+
+    Linear in the number of copies (after sorting): each run's tensor names are gathered once, so 200,000
+    zero-size tensors in one shard take milliseconds, not minutes.
+
+    Example:
+        >>> a = RangeCopy(Path("s"), 0, "d", 8, 4, ("a",))
+        >>> b = RangeCopy(Path("s"), 4, "d", 12, 4, ("b",))
+        >>> coalesce([b, a])
+        [RangeCopy(src=PosixPath('s'), src_offset=0, dst='d', dst_offset=8, length=8, tensors=('a', 'b'))]
+    """
+    runs: list[tuple[RangeCopy, int, list[str]]] = []  # first copy of the run, its length, its tensors
     for c in sorted(copies, key=lambda c: (c.dst, c.dst_offset)):
-        last = out[-1] if out else None
-        if (
-            last is not None
-            and last.dst == c.dst
-            and last.src == c.src
-            and last.src_offset + last.length == c.src_offset
-            and last.dst_offset + last.length == c.dst_offset
-        ):
-            out[-1] = RangeCopy(
-                last.src, last.src_offset, last.dst, last.dst_offset, last.length + c.length, last.tensors + c.tensors
-            )
-        else:
-            out.append(c)
-    return out
+        if runs:
+            first, length, names = runs[-1]
+            if (
+                first.dst == c.dst
+                and first.src == c.src
+                and first.src_offset + length == c.src_offset
+                and first.dst_offset + length == c.dst_offset
+            ):
+                names.extend(c.tensors)
+                runs[-1] = (first, length + c.length, names)
+                continue
+        runs.append((c, c.length, list(c.tensors)))
+    return [RangeCopy(f.src, f.src_offset, f.dst, f.dst_offset, length, tuple(names)) for f, length, names in runs]
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int, stop: threading.Event) -> int:
