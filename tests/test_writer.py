@@ -187,3 +187,38 @@ def test_coalesce_is_linear_in_the_number_of_tensors() -> None:
     runs = coalesce(copies)
     assert time.perf_counter() - start < 5.0
     assert len(runs) == 1 and runs[0].length == 2000 and len(runs[0].tensors) == 200_200
+
+
+def test_an_output_filled_by_another_run_meanwhile_is_never_replaced(tmp_path: Path) -> None:
+    """Two runs into one --out without --overwrite: both find it empty at the start; the second to finish must
+    not replace the first's output."""
+    out = tmp_path / "out"
+    with pytest.raises(OutputError) as info, CheckpointWriter(out) as w:
+        w.begin([])
+        w.write_file("model.onnx", b"mine")
+        out.mkdir()
+        (out / "model.onnx").write_bytes(b"the other run's")
+        w.commit()
+    assert str(info.value) == (
+        f"{out}: appeared or filled up while this run was writing (another run?); nothing was published; "
+        "choose another --out or pass --overwrite"
+    )
+    assert (out / "model.onnx").read_bytes() == b"the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwriting_a_linked_output_leaves_no_folder_behind(tmp_path: Path) -> None:
+    """--out a symlink to a non-empty folder, with --overwrite: the link is replaced by the output, the folder
+    it pointed to is left as it was, and no .out.old-* folder stays behind."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("kept")
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    with CheckpointWriter(out, overwrite=True) as w:
+        w.begin([])
+        w.write_file("model.onnx", b"graph")
+        w.commit()
+    assert not out.is_symlink() and [p.name for p in out.iterdir()] == ["model.onnx"]
+    assert (target / "keep.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]

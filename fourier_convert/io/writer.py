@@ -478,15 +478,26 @@ class CheckpointWriter:
     def _publish(self) -> None:
         assert self.temp is not None
         old: Path | None = None
-        if self.out.exists():
-            if self.out.is_dir() and not any(self.out.iterdir()):
+        if self.out.is_symlink() or self.out.exists():
+            empty = self.out.is_dir() and not any(self.out.iterdir())
+            if empty and not self.out.is_symlink():
                 self.out.rmdir()
+            elif not empty and not self.overwrite:
+                # checked empty at the start: something (another run?) wrote there meanwhile; never replace it
+                raise OutputError(
+                    str(self.out),
+                    "appeared or filled up while this run was writing (another run?); nothing was published",
+                    "choose another --out or pass --overwrite",
+                )
             else:
                 old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
                 self.out.rename(old)
         self.temp.rename(self.out)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # a link (replaced; the folder it pointed to is left alone) or a file
+                old.unlink()
 
 
 def check_output_target(out: Path, overwrite: bool) -> None:
