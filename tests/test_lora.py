@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -340,3 +341,17 @@ def test_adapter_outputs_hold_exactly_the_peft_files(tmp_path: Path) -> None:
     fft.save(tmp_path / "fft")
     for folder in (tmp_path / "lora", tmp_path / "fft"):
         assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_missing_base_named_by_the_adapter_says_so_and_suggests_base(tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(FIXTURES / "llama" / "adapter", adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "nowhere")
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fc.FourierConvertError) as info:
+        to_lora(adapter, rank=4)
+    assert str(info.value) == (
+        f"{tmp_path / 'nowhere'}: base model folder not found (the base named by the adapter's "
+        "base_model_name_or_path; no --base was given); pass --base with the base model's folder or hub id"
+    )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fourier_convert.errors import InputFileError, UsageError
+from fourier_convert.errors import FourierConvertError, InputFileError, UsageError
 from fourier_convert.io.adapter import load_json
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
@@ -147,7 +147,15 @@ def open_adapter_base(base: str | Path | None, named_by_adapter: str | None) -> 
         >>> open_adapter_base(None, "fixtures/llama/base").folder.name  # doctest: +SKIP
         'base'
     """
-    spec = base if base is not None else named_by_adapter
-    if not spec:
+    if base is not None:
+        return open_checkpoint(base)
+    if not named_by_adapter:
         raise UsageError("--base", "not given and the adapter names no base_model_name_or_path", "pass --base")
-    return open_checkpoint(spec)
+    try:
+        return open_checkpoint(named_by_adapter)
+    except FourierConvertError as exc:  # say where the path came from, and how to give another
+        raise type(exc)(
+            exc.where,
+            f"{exc.found} (the base named by the adapter's base_model_name_or_path; no --base was given)",
+            "pass --base with the base model's folder or hub id",
+        ) from None
