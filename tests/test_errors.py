@@ -113,8 +113,35 @@ def test_named_adapter_missing(llama: tuple[Path, Path], tmp_path: Path) -> None
 def test_adapter_config_missing(llama: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = llama
     (adapter / "adapter_config.json").unlink()
+    msg = (  # the fixture holds a second, named adapter: it is offered
+        f"{adapter / 'adapter_config.json'}: file not found; adapter folders inside it: second; "
+        f"pass {adapter / 'second'}, or {adapter}:second"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+    shutil.rmtree(adapter / "second")
     msg = f"{adapter / 'adapter_config.json'}: file not found; check the folder"
     fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_swapped_or_wrong_folders_are_recognised(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """A model given as the adapter, an adapter given as the base, the folder above an adapter."""
+    base, adapter = llama
+    msg = (
+        f"{base}: is a model folder (config.json and weights), not a FourierFT adapter; pass it as --base "
+        "(or --model for to-onnx), and the adapter folder as --adapter"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, base)
+    msg = (
+        f"{adapter}: is a PEFT adapter folder (adapter_config.json), not a base model; pass it as --adapter and "
+        "the model it was trained on as --base"
+    )
+    fails(tmp_path, fc.InputFileError, msg, adapter, adapter)
+    parent = adapter.parent
+    msg = (
+        f"{parent / 'adapter_config.json'}: file not found; adapter folders inside it: adapter; "
+        f"pass {parent / 'adapter'}, or {parent}:adapter"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, parent)
 
 
 def test_adapter_config_invalid_json(llama: tuple[Path, Path], tmp_path: Path) -> None:

@@ -168,6 +168,8 @@ def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle
         str(spec), what="adapter", subfolder=subfolder, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME]
     )
     config_path = folder / CONFIG_NAME
+    if folder.is_dir() and not config_path.exists():
+        _not_an_adapter(folder)
     settings = parse_settings(load_json(config_path), config_path)
     weights = folder / WEIGHTS_NAME
     tensors: dict[str, StoredTensor]
@@ -185,6 +187,25 @@ def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle
     spectra, biases, heads = _classify(tensors, settings, weights)
     label = f"{spec}:{subfolder}" if subfolder and not str(spec).endswith(f":{subfolder}") else str(spec)
     return FourierFTAdapter(folder, label, settings, spectra, biases, heads, files)
+
+
+def _not_an_adapter(folder: Path) -> None:
+    """Raise the error for a folder without ``adapter_config.json``, saying what the folder is instead."""
+    where = str(folder / CONFIG_NAME)
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        raise AdapterError(
+            str(folder),
+            "is a model folder (config.json and weights), not a FourierFT adapter",
+            "pass it as --base (or --model for to-onnx), and the adapter folder as --adapter",
+        )
+    inside = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+    if inside:
+        raise InputFileError(
+            where,
+            f"file not found; adapter folders inside it: {', '.join(inside)}",
+            f"pass {folder / inside[0]}, or {folder}:{inside[0]}",
+        )
+    raise InputFileError(where, "file not found", "check the folder")
 
 
 #: Largest JSON file read (configs, model indexes): a FIFO, a device or a huge file is refused, not read.

@@ -124,6 +124,12 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
                 "base weights are pickles, which can run code when loaded and cannot be streamed",
                 "convert them once: AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)",
             )
+        if (folder / "adapter_config.json").is_file():
+            raise InputFileError(
+                str(folder),
+                "is a PEFT adapter folder (adapter_config.json), not a base model",
+                "pass it as --adapter and the model it was trained on as --base",
+            )
         raise InputFileError(str(folder), f"no {SINGLE_NAME} or {INDEX_NAME} found", "pass a Hugging Face model folder")
     aux = sorted(
         p
