@@ -614,3 +614,17 @@ def test_sigterm_publishes_nothing(slow: tuple[Path, Path], tmp_path: Path) -> N
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1].startswith("interrupted: nothing was published")
     assert not out.exists() and not list(tmp_path.glob(".merged.partial-*"))
+
+
+def test_inspect_quiet_and_debug_anywhere(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["inspect", str(FIXTURES / "llama" / "adapter"), "-q", "--json", str(report)])
+    assert res.exit_code == 0 and res.stdout == "" and json.loads(report.read_text())["layers"]
+    args = ["merge", "--base", str(tmp_path / "nobase"), "--adapter", str(tmp_path / "noadapter"), "--out", "x"]
+    plain = subprocess.run([sys.executable, "-m", "fourier_convert", *args], capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, "-m", "fourier_convert", *args, "--debug"], capture_output=True, text=True)
+    assert plain.stderr.startswith("error: ") and "Traceback" not in plain.stderr
+    assert "Traceback" in debug.stderr and "InputFileError" in debug.stderr

@@ -129,6 +129,18 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM takes the Ctrl-C path: clean up, publish nothing
 
 
+def debug_first(args: list[str]) -> list[str]:
+    """Accept ``--debug`` anywhere on the command line: it belongs to the command group, so it is moved first.
+
+    Example:
+        >>> debug_first(["merge", "--out", "x", "--debug"])
+        ['--debug', 'merge', '--out', 'x']
+    """
+    if "--debug" in args[1:]:
+        args = ["--debug", *(a for a in args if a != "--debug")]
+    return args
+
+
 def main() -> None:
     """Console-script entry point."""
     _keep_freed_memory()
@@ -137,7 +149,7 @@ def main() -> None:
     # clean up on an interrupt, so take it explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        cli(prog_name="fourier-convert")
+        cli(args=debug_first(sys.argv[1:]), prog_name="fourier-convert")
     except SystemExit as exc:
         if threading.active_count() > 1:
             # After an error or an interrupt, a background thread (skeleton import, permutation draws) may still
