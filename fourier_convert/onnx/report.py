@@ -102,7 +102,7 @@ class OnnxReport:
         if self.merge:
             lines.append(
                 f"merged {', '.join(self.adapters)} into {self.base}: {self.merge.get('layers', 0)} layer(s), "
-                f"tensors {self.merge.get('tensors', {})}"
+                "tensors: " + ", ".join(f"{v} {k}" for k, v in sorted(self.merge.get("tensors", {}).items()))
             )
         if self.merge_proof:
             verdict = "passed" if self.proof_passed else "FAILED"
