@@ -751,3 +751,50 @@ def test_control_characters_in_names_are_escaped_in_messages() -> None:
     err = fc.AdapterError("model.layers.0.q\nproj\x1b[31m", "not in the base", "check the adapter")
     assert str(err) == "model.layers.0.q\\nproj\\x1b[31m: not in the base; check the adapter"
     assert "\n" not in str(err) and "\x1b" not in str(err)
+
+
+# -- tensors PEFT would not read --------------------------------------------------------------------
+def test_modules_to_save_copies_without_modules_to_save_are_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """modules_to_save is null, but the file holds a modules_to_save copy of the embeddings: PEFT ignores it, so
+    merging it would make the output differ from what PEFT loads."""
+    base, adapter = llama
+    weights = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(weights)
+    tensors["base_model.model.modules_to_save.default.model.embed_tokens.weight"] = torch.zeros(256, 64)
+    write_tensors(weights, tensors)
+    msg = (
+        f"{weights}: tensor 'model.embed_tokens.weight' is saved as a modules_to_save copy, but modules_to_save "
+        "is [], so PEFT would ignore it; list the module in modules_to_save, or remove the tensor"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_spectra_without_peft_prefix_are_refused(both: bool, llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """PEFT loads only keys under base_model.model.: an unprefixed spectrum (alone, or beside the prefixed one)
+    would be ignored by PEFT."""
+    base, adapter = llama
+    weights = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(weights)
+    bare = Q0.removeprefix("base_model.model.")
+    tensors[bare] = tensors[Q0].clone() if both else tensors.pop(Q0)
+    write_tensors(weights, tensors)
+    msg = (
+        f"{weights}: tensor {bare!r} lacks PEFT's 'base_model.model.' prefix, so PEFT would ignore it; "
+        "re-save the adapter with PEFT (or add the prefix)"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+def test_one_tensor_stored_twice_is_refused() -> None:
+    from fourier_convert.io.adapter import classify_tensors
+
+    with pytest.raises(fc.AdapterError) as info:
+        classify_tensors(
+            {"base_model.model.a.lora_A.weight": object(), "a.lora_A.weight": object()},  # type: ignore[dict-item]
+            is_method=lambda k: ".lora_" in k, method_noun="a factor", bias="none", modules_to_save=[], where="f",
+        )  # fmt: skip
+    assert str(info.value) == (
+        "f: 'base_model.model.a.lora_A.weight' and 'a.lora_A.weight' are one tensor stored twice; keep one of them "
+        "and re-save"
+    )

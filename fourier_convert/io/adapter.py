@@ -418,6 +418,7 @@ def classify_tensors(
     bias: str,
     modules_to_save: list[str],
     where: str,
+    require_prefix: bool = False,
 ) -> TensorGroups:
     """Sort a PEFT adapter's tensors into the method's own, trained biases and ``modules_to_save`` heads.
 
@@ -431,19 +432,33 @@ def classify_tensors(
         bias: The config's bias mode (``"none"``, ``"all"`` or ``"<method>_only"``).
         modules_to_save: The config's ``modules_to_save``.
         where: The file, for messages.
+        require_prefix: Refuse keys without PEFT's ``base_model.model.`` prefix (PEFT ignores them on loading).
 
     Returns:
         The groups.
 
     Raises:
-        AdapterError: A tensor that fits none of the roles, or a non-float bias / head.
+        AdapterError: A tensor that fits none of the roles, PEFT would ignore, or that is stored twice; or a
+            non-float bias / head.
     """
     method: dict[str, StoredTensor] = {}
+    seen: dict[str, str] = {}
     biases: dict[str, StoredTensor] = {}
     heads: dict[str, StoredTensor] = {}
     wrapped: dict[str, StoredTensor] = {}
     for key, t in tensors.items():
+        if require_prefix and not key.startswith(KEY_PREFIX):
+            raise AdapterError(
+                where,
+                f"tensor {key!r} lacks PEFT's {KEY_PREFIX!r} prefix, so PEFT would ignore it",
+                "re-save the adapter with PEFT (or add the prefix)",
+            )
         clean = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        if clean in seen:
+            raise AdapterError(
+                where, f"{seen[clean]!r} and {key!r} are one tensor stored twice", "keep one of them and re-save"
+            )
+        seen[clean] = key
         if ".original_module." in f".{clean}":
             continue  # stale copy of a modules_to_save module, never used
         m = re.match(r"^(.*?)\.?modules_to_save\.[^.]+\.(.*)$", clean)
@@ -473,6 +488,13 @@ def classify_tensors(
                 "check that adapter_config.json belongs to these weights",
             )
     for clean, t in wrapped.items():
+        if not _is_head(clean, modules_to_save):  # no ModulesToSaveWrapper there: PEFT would ignore the tensor
+            raise AdapterError(
+                where,
+                f"tensor {clean!r} is saved as a modules_to_save copy, but modules_to_save is {modules_to_save}, "
+                "so PEFT would ignore it",
+                "list the module in modules_to_save, or remove the tensor",
+            )
         # PEFT saves some modules_to_save tensors only under the wrapper's path (bias="all" heads).
         if clean not in heads and clean not in biases:
             (heads if _is_head(clean, modules_to_save) else biases)[clean] = t
@@ -493,6 +515,7 @@ def _classify(
         bias=settings.bias,
         modules_to_save=settings.modules_to_save,
         where=where,
+        require_prefix=True,
     )
     spectra: dict[str, Spectrum] = {}
     for clean, t in groups.method.items():
