@@ -798,3 +798,14 @@ def test_one_tensor_stored_twice_is_refused() -> None:
         "f: 'base_model.model.a.lora_A.weight' and 'a.lora_A.weight' are one tensor stored twice; keep one of them "
         "and re-save"
     )
+
+
+def test_a_single_file_beside_an_index_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """transformers loads model.safetensors when both exist; merging the shards would not be that model."""
+    base, adapter = llama
+    shutil.copy(next(base.glob("model-0000*.safetensors")), base / "model.safetensors")
+    msg = (
+        f"{base}: holds both model.safetensors and model.safetensors.index.json: transformers loads "
+        "model.safetensors and ignores the shards, so which weights are meant is unclear; remove the stale one"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)

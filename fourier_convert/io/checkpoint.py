@@ -77,6 +77,13 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
     shards: list[SafetensorsFile] = []
     tensors: dict[str, TensorInfo] = {}
     index_metadata: dict[str, Any] = {}
+    if index_path.is_file() and (folder / SINGLE_NAME).is_file():
+        raise InputFileError(
+            str(folder),
+            f"holds both {SINGLE_NAME} and {INDEX_NAME}: transformers loads {SINGLE_NAME} and ignores the shards, "
+            "so which weights are meant is unclear",
+            "remove the stale one",
+        )
     if index_path.is_file():
         index = load_json(index_path)
         weight_map = index.get("weight_map")
