@@ -821,3 +821,17 @@ def test_a_config_claiming_200000_layers_is_refused_quickly(fixture_copy, tmp_pa
     msg = "config.json: n_layer is 200000, but the checkpoint's weights hold 2 layer(s); pass the config.json that "
     msg += "belongs to these weights"
     fails(tmp_path, fc.BaseMismatchError, msg, d / "base", d / "adapter")
+
+
+def test_a_small_file_linked_from_outside_the_model_is_not_copied(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """tokenizer.json -> a file outside the model (a secret, say) would be published in the output."""
+    base, adapter = llama
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not publish")
+    (base / "tokenizer.json").unlink()
+    (base / "tokenizer.json").symlink_to(secret)
+    msg = (
+        f"{base / 'tokenizer.json'}: is a link to {secret.resolve()}, outside the model folder, and would be copied "
+        "into the output; copy the file into the model folder, or remove the link"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)

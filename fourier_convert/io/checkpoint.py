@@ -146,7 +146,30 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
         and not p.name.endswith(_WEIGHT_SUFFIXES)
         and p.name not in _WEIGHT_INDEXES
     )
+    for path in aux:
+        _refuse_outside_link(path, folder)
     return BaseCheckpoint(folder, config, shards, tensors, index_metadata, aux)
+
+
+def _refuse_outside_link(path: Path, folder: Path) -> None:
+    """The small files are copied into the output: a link to a file outside the model (say, a key file) would be
+    published with it. Links inside the folder, and a Hugging Face cache's snapshot -> blob links, are fine.
+
+    Raises:
+        InputFileError: ``path`` is a link leading outside the model.
+    """
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    root = folder.resolve()
+    if root.parent.name == "snapshots":  # hub cache: models--org--name/snapshots/<rev>/f -> ../../blobs/<hash>
+        root = root.parent.parent
+    if not target.is_relative_to(root):
+        raise InputFileError(
+            str(path),
+            f"is a link to {target}, outside the model folder, and would be copied into the output",
+            "copy the file into the model folder, or remove the link",
+        )
 
 
 def open_adapter_base(base: str | Path | None, named_by_adapter: str | None) -> BaseCheckpoint:
