@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fourier_convert.errors import BaseMismatchError
-
 LINEAR = "linear"
 CONV1D = "conv1d"
 
@@ -130,26 +128,6 @@ def _installed_version() -> str:
         return "?"
 
 
-#: Config keys that give a model's number of layers (the meta-device model is built with that many).
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-
-
-def _check_layer_count(config: dict[str, Any], keys: list[str]) -> None:
-    """Refuse a config that claims far more layers than the checkpoint holds: building that many modules on the
-    meta device would take hours (200,000 layers) for a model whose weights have two. Shared-layer models
-    (ALBERT: 12 layers, one stored) stay well inside the margin."""
-    indices = [int(m.group(1)) for k in keys for m in [re.search(r"\.(\d+)\.", k)] if m]
-    stored = max(indices) + 1 if indices else 0
-    for name in LAYER_COUNT_KEYS:
-        claimed = config.get(name)
-        if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed > 64 * stored + 64:
-            raise BaseMismatchError(
-                "config.json",
-                f"{name} is {claimed}, but the checkpoint's weights hold {stored} layer(s)",
-                "pass the config.json that belongs to these weights",
-            )
-
-
 def build_skeleton(config: dict[str, Any], checkpoint_keys: Iterable[str]) -> tuple[Skeleton | None, str]:
     """Build the model named by ``config["architectures"][0]`` on the meta device.
 
@@ -171,7 +149,6 @@ def build_skeleton(config: dict[str, Any], checkpoint_keys: Iterable[str]) -> tu
         return None, "config.json names no architecture"
     arch = str(archs[0])
     keys = list(checkpoint_keys)
-    _check_layer_count(config, keys)
     try:
         import torch
         import transformers
@@ -229,7 +206,6 @@ class SkeletonJob:
     def __init__(self, config: dict[str, Any], checkpoint_keys: Iterable[str]) -> None:
         self._config = config
         self._keys = list(checkpoint_keys)
-        _check_layer_count(config, self._keys)  # raised here, in the caller, not in the thread
         self._result: tuple[Skeleton | None, str] = (None, "the skeleton was not built")
         self._thread = threading.Thread(target=self._run, name="fourier-convert-skeleton", daemon=True)
         self._thread.start()

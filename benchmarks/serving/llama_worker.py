@@ -10,11 +10,10 @@ RESULT: {"ok": true, "outputs": [{"tokens": [...], "logits": [[vocab floats], ..
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-import traceback
 from typing import Any
+
+from worker_io import serve_job
 
 GGML_TYPE = {"f32": 0, "f16": 1}
 
@@ -55,14 +54,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    with open(sys.argv[1]) as f:
-        job = json.loads(f.read())
-    try:
-        result = run(job)
-    except Exception as exc:  # reported to serving_check.py, which prints the table
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
+    serve_job(run)
 
 
 if __name__ == "__main__":

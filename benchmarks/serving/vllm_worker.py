@@ -16,10 +16,11 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 import urllib.error
 import urllib.request
 from typing import Any
+
+from worker_io import serve_job
 
 
 def dense(entries: dict[int, float], vocab: int) -> list[float]:
@@ -147,16 +148,13 @@ def server(job: dict[str, Any]) -> dict[str, Any]:
         log.close()
 
 
-def main() -> None:
-    with open(sys.argv[1]) as f:
-        job = json.loads(f.read())
+def run(job: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    try:
-        result = offline(job) if job["mode"] == "offline" else server(job)
-    except Exception as exc:  # reported to serving_check.py, which prints the table
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
+    return offline(job) if job["mode"] == "offline" else server(job)
+
+
+def main() -> None:
+    serve_job(run)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ Supports ``model.safetensors`` and sharded ``model-XXXXX-of-YYYYY.safetensors`` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fourier_convert.errors import FourierConvertError, InputFileError, UsageError
+from fourier_convert.errors import BaseMismatchError, FourierConvertError, InputFileError, UsageError
 from fourier_convert.io.adapter import load_json
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
@@ -148,7 +149,33 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
     )
     for path in aux:
         _refuse_outside_link(path, folder)
+    if config is not None:
+        _check_layer_count(config, list(tensors), config_path)
     return BaseCheckpoint(folder, config, shards, tensors, index_metadata, aux)
+
+
+#: Config keys that give a model's number of layers (a model skeleton is built with that many).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _check_layer_count(config: dict[str, Any], keys: list[str], where: Path) -> None:
+    """Refuse a config that claims far more layers than the weights hold: building that many modules on the meta
+    device did not finish in 40 s for 200,000 GPT-2 blocks whose weights hold two. Shared-layer models (ALBERT:
+    12 layers, one stored) stay well inside the margin.
+
+    Raises:
+        BaseMismatchError: More than 64 x the stored layers + 64.
+    """
+    indices = [int(m.group(1)) for k in keys for m in [re.search(r"\.(\d+)\.", k)] if m]
+    stored = max(indices) + 1 if indices else 0
+    for name in LAYER_COUNT_KEYS:
+        claimed = config.get(name)
+        if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed > 64 * stored + 64:
+            raise BaseMismatchError(
+                str(where),
+                f"{name} is {claimed}, but the checkpoint's weights hold {stored} layer(s)",
+                "pass the config.json that belongs to these weights",
+            )
 
 
 def _refuse_outside_link(path: Path, folder: Path) -> None:

@@ -14,6 +14,7 @@ others the error gives the script's command.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,12 @@ class GGUFLoraLayout:
     n_head_kv: int
     tied_head: bool
 
+    @functools.cached_property
+    def _names(self) -> Any:
+        """gguf's tensor name table for this architecture and depth (built once: it is not cheap)."""
+        gguf = _import_gguf()
+        return gguf.get_tensor_name_map(_arch_enum(gguf, self.architecture), self.n_blocks)
+
     def tensor_name(self, module: str) -> str:
         """The GGUF name of a module's weight (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q.weight``).
 
@@ -62,9 +69,7 @@ class GGUFLoraLayout:
             ...              "num_attention_heads": 2}).tensor_name("model.layers.1.mlp.down_proj")
             'blk.1.ffn_down.weight'
         """
-        gguf = _import_gguf()
-        table = gguf.get_tensor_name_map(_arch_enum(gguf, self.architecture), self.n_blocks)
-        name = table.get_name(f"{module}.weight", try_suffixes=(".weight", ".bias"))
+        name = self._names.get_name(f"{module}.weight", try_suffixes=(".weight", ".bias"))
         if name is None or (module.endswith("lm_head") and self.tied_head):
             why = "ties lm_head to the embeddings" if name is not None else f"has no tensor for {module!r}"
             raise UsageError(
