@@ -148,7 +148,7 @@ def check_lora_outputs(
     for layer in plan.layers:
         c = layer.contributions[0]
         m, n = layer.delta_shape
-        idx = cache.get(m, n, c.seed, c.spectrum.n)
+        idx = torch.from_numpy(cache.get(m, n, c.seed, c.spectrum.n))
         d_fourier = delta_weights(torch.from_numpy(c.spectrum.values), idx, m, n, c.scaling, dtype=torch.float64)
         key = f"{KEY_PREFIX}{layer.module}"
         a, b = lora.tensors.get(f"{key}.lora_A.weight"), lora.tensors.get(f"{key}.lora_B.weight")

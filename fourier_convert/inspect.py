@@ -152,7 +152,7 @@ def inspect_adapter(
     for layer in plan.layers:
         m, n = layer.delta_shape
         c = layer.contributions[0]
-        idx = cache.get(m, n, c.seed, c.spectrum.n).numpy()
+        idx = cache.get(m, n, c.seed, c.spectrum.n)
         values = c.spectrum.values
         total = delta_sq_norm(values, idx, (m, n), c.scaling)
         info = layers[layer.module]

@@ -267,7 +267,7 @@ def to_lora(
         for layer in plan.layers:
             c = layer.contributions[0]
             m, n = layer.delta_shape
-            idx = cache.get(m, n, c.seed, c.spectrum.n).numpy()
+            idx = cache.get(m, n, c.seed, c.spectrum.n)
             svds.append(spectral_svd(c.spectrum.values, idx, (m, n), c.scaling))
     session: CalibrationSession | None = None
     values = [s.values for s in svds]
@@ -330,9 +330,7 @@ def to_lora(
     if target == "llama.cpp":
         _fold_scales(tensors, written, config["lora_alpha"])
     params = sum(int(t.numel()) for k, t in tensors.items() if ".lora_" in k)
-    result = LoraReport(
-        str(adapter), layers, params, target, uniform, None, param_budget, bound, dropped, warnings
-    )
+    result = LoraReport(str(adapter), layers, params, target, uniform, None, param_budget, bound, dropped, warnings)
     if target == "vllm":
         result.max_lora_rank = min(w for w in VLLM_RANKS if w >= max(written.values()))
     if session is not None:

@@ -240,7 +240,7 @@ def from_lora(
     for module, mod in lora.modules.items():
         m, n_in = mod.shape
         n = settings.n_for(module)
-        fit = project_lowrank(mod.b, mod.a, mod.scale, cache.get(m, n_in, seed, n).numpy(), scaling)
+        fit = project_lowrank(mod.b, mod.a, mod.scale, cache.get(m, n_in, seed, n), scaling)
         fits[module] = fit
         values32 = torch.from_numpy(fit.values).float()
         key = f"{KEY_PREFIX}{module}.fourierft_spectrum"
@@ -268,12 +268,10 @@ def from_lora(
         warnings += [w for w in plan.warnings if "fan_in_fan_out" not in w]
         if options is not None:
             positions = {
-                module: cache.get(mod.shape[0], mod.shape[1], seed, settings.n_for(module)).numpy()
+                module: cache.get(mod.shape[0], mod.shape[1], seed, settings.n_for(module))
                 for module, mod in lora.modules.items()
             }
-            weighted, calibrated = calibrate(
-                ckpt, out_adapter, plan, lora, positions, fits, scaling, options, progress
-            )
+            weighted, calibrated = calibrate(ckpt, out_adapter, plan, lora, positions, fits, scaling, options, progress)
             for i, module in enumerate(lora.modules):
                 values32 = torch.from_numpy(weighted[module].values).float()
                 tensors[f"{KEY_PREFIX}{module}.fourierft_spectrum"] = values32

@@ -127,7 +127,7 @@ def test_merge_json_report(llama: tuple[Path, Path], tmp_path: Path) -> None:
     assert [layer["shape"] for layer in doc["layers"]] == [[64, 64], [32, 64], [64, 64], [32, 64]]
     for layer in doc["layers"]:
         assert layer["conv1d"] is False
-        assert layer["backend"] == "torch-cpu-float64" and layer["checked_entries"] > 0
+        assert layer["backend"] == "numpy-cpu-float64" and layer["checked_entries"] > 0
         assert 0 <= layer["max_abs_error"] <= layer["tolerance"]
         assert layer["delta_norm"] > 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -13,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -21,9 +21,7 @@ from safetensors.torch import load_file, save_file
 import fourier_convert as fc
 import fourier_convert.io.writer as writer_module
 from fourier_convert.cli.main import cli
-from fourier_convert.maths.delta import DeltaCheck
-
-merge_core = importlib.import_module("fourier_convert.merging.core")  # where merge and merge_in_memory check deltas
+from fourier_convert.maths.closed_form import DeltaCheck, DeltaSample
 
 SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
 Q0 = SPECTRUM.format(i=0, m="q_proj")
@@ -622,11 +620,11 @@ def test_verification_failure_publishes_nothing(
     llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base, adapter = llama
-    monkeypatch.setattr(merge_core, "check_delta", lambda *a, **k: DeltaCheck(10, 1.0, 1e-6, False))
+    monkeypatch.setattr(DeltaSample, "check", lambda *a, **k: DeltaCheck(10, 1.0, 1e-6, False))
     msg = (
         "model.layers.0.self_attn.q_proj.weight: reconstructed delta differs from the float64 closed form by "
         "1.000e+00 (tolerance 1.000e-06) on every backend; nothing was written; report this with the layer shape "
-        "and your torch version"
+        f"and your numpy version ({np.__version__})"
     )
     fails(tmp_path, fc.VerificationError, msg, base, adapter)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
@@ -635,25 +633,46 @@ def test_verification_failure_publishes_nothing(
     assert str(e.value) == msg
 
 
-def test_fallback_backend_is_reported(
+def test_verification_failure_on_the_torch_path(
     llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fourier_convert.maths import delta
+    base, adapter = llama
+    monkeypatch.setattr(DeltaSample, "check", lambda *a, **k: DeltaCheck(10, 1.0, 1e-6, False))
+    msg = (
+        "model.layers.0.self_attn.q_proj.weight: reconstructed delta differs from the float64 closed form by "
+        "1.000e+00 (tolerance 1.000e-06) on every backend; nothing was written; report this with the layer shape "
+        f"and your torch version ({torch.__version__})"
+    )
+    fails(tmp_path, fc.VerificationError, msg, base, adapter, "--precision", "float32", precision="float32")
 
+
+@pytest.mark.parametrize(
+    ("precision", "warning"),
+    [
+        ("float64", "numpy-cpu-float64 failed its check; used numpy-float64"),
+        ("float32", "torch-cpu failed its check; used torch-cpu-float64-1thread"),
+    ],
+)
+def test_fallback_backend_is_reported(
+    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, warning: str
+) -> None:
     calls = {"n": 0}
+    check = DeltaSample.check
 
     def first_fails(*args: Any, **kwargs: Any) -> DeltaCheck:
         calls["n"] += 1
-        result = delta.check_delta(*args, **kwargs)
+        result = check(*args, **kwargs)
         return DeltaCheck(result.entries, 1.0, result.tolerance, False) if calls["n"] == 1 else result
 
-    monkeypatch.setattr(merge_core, "check_delta", first_fails)
+    monkeypatch.setattr(DeltaSample, "check", first_fails)
     base, adapter = llama
-    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--device", "cpu", "-q")
+    out = tmp_path / "m"
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--precision", precision, "-q")
     assert res.exit_code == 0, res.output
-    assert res.stderr == (
-        "warning: model.layers.0.self_attn.q_proj: torch-cpu-float64 failed its check; used torch-cpu-float64-1thread\n"
-    )
+    assert res.stderr == f"warning: model.layers.0.self_attn.q_proj: {warning}\n"
+    report = json.loads((out / "fourier_convert.json").read_text())["report"]
+    assert report["layers"][0]["backend"] == warning.rsplit(" ", 1)[1]
+    assert {layer["backend"] for layer in report["layers"][1:]} == {warning.split(" ", 1)[0]}
 
 
 def test_more_coefficients_than_positions(llama: tuple[Path, Path], tmp_path: Path) -> None:

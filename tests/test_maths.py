@@ -61,11 +61,11 @@ def test_index_cache_draws_once_per_shape_and_serves_prefixes() -> None:
     for n in (5, 50, 17):
         cache.reserve(30, 20, 777, n)
     full = cache.get(30, 20, 777, 50)
-    assert torch.equal(cache.get(30, 20, 777, 17), full[:, :17])
-    assert torch.equal(cache.get(30, 20, 777, 5), spectral_indices(30, 20, 5, 777))
+    assert np.array_equal(cache.get(30, 20, 777, 17), full[:, :17])
+    assert np.array_equal(cache.get(30, 20, 777, 5), spectral_indices(30, 20, 5, 777).numpy())
     assert cache.draws == 1
     cache.get(30, 20, 777, 60)  # larger than reserved: redrawn, still exact
-    assert torch.equal(cache.get(30, 20, 777, 60), spectral_indices(30, 20, 60, 777))
+    assert np.array_equal(cache.get(30, 20, 777, 60), spectral_indices(30, 20, 60, 777).numpy())
 
 
 @pytest.mark.parametrize(
@@ -196,5 +196,57 @@ def test_index_cache_prefetch_gives_the_same_positions() -> None:
         cache.reserve(m, n, seed, k)
     cache.prefetch()
     for m, n, seed, k in reversed(shapes):
-        assert torch.equal(cache.get(m, n, seed, k), spectral_indices(m, n, k, seed))
+        assert np.array_equal(cache.get(m, n, seed, k), spectral_indices(m, n, k, seed).numpy())
     assert cache.draws == 3
+
+
+# -- the numpy float64 backend of the CPU merge ---------------------------------------------------
+@pytest.mark.parametrize(("m", "n_cols", "k"), [(64, 64, 50), (33, 17, 200), (17, 33, 561), (1, 8, 3), (48, 1, 20)])
+def test_numpy_delta_equals_the_torch_float64_delta(m: int, n_cols: int, k: int) -> None:
+    """Even and odd sizes, every position taken (561 = 17 * 33), vectors: the same values as torch's float64
+    reconstruction and the dense ifft2, to float64 rounding."""
+    from fourier_convert.maths.delta_numpy import delta_float64, delta_weights_numpy
+
+    idx = spectral_indices(m, n_cols, k, 777)
+    c = torch.randn(k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    got = delta_float64(c.numpy(), idx.numpy(), (m, n_cols), 150.0)
+    want = delta_weights(c, idx, m, n_cols, 150.0, dtype=torch.float64).numpy()
+    dense = delta_weights_numpy(c.numpy(), idx.numpy(), m, n_cols, 150.0)
+    scale = np.abs(dense).max()
+    assert np.abs(got - want).max() <= 1e-14 * scale and np.abs(got - dense).max() <= 1e-14 * scale
+
+
+def test_numpy_delta_row_blocks_and_threads_give_the_same_bits() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fourier_convert.maths.delta_numpy import column_pass, delta_rows
+
+    idx = spectral_indices(300, 200, 900, 5).numpy()
+    c = np.random.default_rng(0).standard_normal(900)
+    whole = delta_rows(column_pass(c, idx, (300, 200), 2.0), 0, 300)
+    with ThreadPoolExecutor(4) as pool:
+        cp = column_pass(c, idx, (300, 200), 2.0, map_fn=pool.map)
+    blocks = np.concatenate([delta_rows(cp, a, min(300, a + 7)) for a in range(0, 300, 7)])
+    assert np.array_equal(whole, blocks)
+
+
+def test_delta_sample_checks_blocks_in_any_order_and_catches_a_wrong_entry() -> None:
+    from fourier_convert.maths.closed_form import DeltaSample
+    from fourier_convert.maths.delta_numpy import delta_float64
+
+    idx = spectral_indices(40, 30, 60, 9).numpy()
+    c = np.random.default_rng(1).standard_normal(60)
+    full = delta_float64(c, idx, (40, 30), 3.0)
+    sample = DeltaSample((40, 30), np.random.default_rng(2))
+    for start in (30, 0, 10, 20):
+        sample.take(start, full[start : start + 10])
+    result = sample.check(c, idx, 3.0, eps=2.0**-52)
+    assert result.passed and result.entries == 128 + 2 * 30 + 2 * 40
+    broken = full.copy()
+    broken[:, sample.line_cols[0]] += 1e-6  # a wrong column: the column check sees it
+    again = DeltaSample((40, 30), np.random.default_rng(2))
+    again.take(0, broken)
+    assert not again.check(c, idx, 3.0, eps=2.0**-52).passed
+    missing = DeltaSample((40, 30), np.random.default_rng(2))
+    missing.take(0, full[:20])  # rows never taken count as failures
+    assert not missing.check(c, idx, 3.0, eps=2.0**-52).passed

@@ -324,7 +324,7 @@ def _wide_llama(folder: Path, spectrum: torch.Tensor, planted: int, seed: int) -
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from fourier_convert.maths.delta import delta_weights_numpy
+    from fourier_convert.maths.delta_numpy import delta_weights_numpy
     from fourier_convert.maths.indices import spectral_indices
     from fourier_convert.maths.rounding import round_once
 
@@ -381,3 +381,26 @@ def test_every_merged_element_is_correctly_rounded_at_4096_width(tmp_path: Path)
     assert int((got.double() != want).sum()) == 0
     fast = fc.merge_in_memory(tmp_path / "base", tmp_path / "adapter", device="cpu", precision="float32")
     assert int((fast.tensors[key].double() != want).sum()) > 0  # the planted cancellations do catch misrounding
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_numpy_and_torch_float64_paths_write_the_same_bits(name: str) -> None:
+    """The default CPU merge (numpy, row blocks over threads) and the torch float64 path (the CUDA path's code,
+    run on the CPU) both round once from float64: the same bits, Conv1D (gpt2) included."""
+    from fourier_convert.io.adapter import read_adapter
+    from fourier_convert.io.checkpoint import open_checkpoint
+    from fourier_convert.merging.core import merge_layers
+    from fourier_convert.merging.cpu import merge_layers_cpu
+    from fourier_convert.merging.memory import stored_to_torch
+    from fourier_convert.plan import plan_with_orientation
+
+    ckpt = open_checkpoint(FIXTURES / name / "base")
+    plan = plan_with_orientation(ckpt, [read_adapter(FIXTURES / name / "adapter")], weights=[1.0], out_dtype=None)
+    assert any(layer.conv1d for layer in plan.layers) == (name == "gpt2")
+    with_numpy: dict[str, torch.Tensor] = {}
+    with_torch: dict[str, torch.Tensor] = {}
+    merge_layers_cpu(plan.layers, plan, lambda k, v: with_numpy.__setitem__(k, stored_to_torch(v)), threads=3)
+    merge_layers(plan.layers, plan, with_torch.__setitem__, torch.device("cpu"), torch.float64)
+    assert with_numpy.keys() == with_torch.keys() and with_numpy
+    for key, value in with_torch.items():
+        assert torch.equal(with_numpy[key], value), key

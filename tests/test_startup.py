@@ -71,3 +71,14 @@ def test_public_names_are_not_shadowed_by_submodules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_cpu_merge_runs_without_torch(tmp_path: Path) -> None:
+    """The default merge (CPU, float64) is numpy alone: ``import torch`` costs as long as copying a 1B model on
+    2 cores. The output is the one the torch path writes (tests/test_merge.py compares it with PEFT's)."""
+    base, adapter = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
+    got = imported_by("merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m"), "-q")
+    assert got == {"code": 0, "heavy": []}
+    provenance = json.loads((tmp_path / "m" / "fourier_convert.json").read_text())
+    assert provenance["torch"] is None and provenance["numpy"]
+    assert {layer["backend"] for layer in provenance["report"]["layers"]} == {"numpy-cpu-float64"}

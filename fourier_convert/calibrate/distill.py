@@ -107,8 +107,23 @@ def distill(
     base_lrs = [float(g["lr"]) for g in groups]
     val_batches = [collate(validation[i : i + batch_size]) for i in range(0, len(validation), batch_size)]
     with _tf32(model.device):
-        return _train(model, train, val_batches, collate, params, opt, base_lrs, steps, batch_size, gen, head_loss,
-                      every, patience, progress, t0)
+        return _train(
+            model,
+            train,
+            val_batches,
+            collate,
+            params,
+            opt,
+            base_lrs,
+            steps,
+            batch_size,
+            gen,
+            head_loss,
+            every,
+            patience,
+            progress,
+            t0,
+        )
 
 
 @contextlib.contextmanager

@@ -70,9 +70,7 @@ def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows
 
 
-def collect_grams(
-    model: CalibModel, batches: Iterable[Mapping[str, torch.Tensor]], *, mode: str = "fourier"
-) -> Grams:
+def collect_grams(model: CalibModel, batches: Iterable[Mapping[str, torch.Tensor]], *, mode: str = "fourier") -> Grams:
     """Run ``model`` in ``mode`` over ``batches`` and accumulate each adapted layer's input Gram matrix.
 
     Args:

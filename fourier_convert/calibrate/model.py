@@ -238,7 +238,7 @@ def load_calib_model(
             continue
         c = layer.contributions[0]
         m, n = layer.delta_shape
-        idx = cache.get(m, n, c.seed, c.spectrum.n)
+        idx = torch.from_numpy(cache.get(m, n, c.seed, c.spectrum.n))
         delta = delta_weights(torch.from_numpy(c.spectrum.values), idx, m, n, c.scaling, dtype=torch.float64)
         planned[layer.module] = (layer, delta)
     return wrap_layers(model, planned, task, device)

@@ -70,6 +70,7 @@ def from_lora_cmd(
     from fourier_convert.calibrate.pipeline import CalibrationOptions
     from fourier_convert.io.writer import check_output_target
     from fourier_convert.lora_to_fourierft import from_lora, parse_pattern
+
     check_output_target(out, overwrite)
     calibration_options = None
     if calibration is not None:

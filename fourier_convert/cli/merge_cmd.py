@@ -23,6 +23,7 @@ def specs_from_options(
 ) -> list[AdapterSpec]:
     """``--adapter`` / ``--adapter-subfolder`` / ``--weight`` as adapter specs (counts checked)."""
     from fourier_convert.merging.specs import AdapterSpec
+
     n = len(adapters)
     if len(subfolders) not in (0, 1, n):
         raise UsageError(
@@ -163,6 +164,7 @@ def merge_cmd(
     """Merge FourierFT adapter(s) into a base model and write a Hugging Face model folder."""
     check_report_path(json_path, [base, *adapters])  # usage errors before the heavy imports below
     from fourier_convert.merging.folder import merge
+
     report = merge(
         base,
         specs_from_options(adapters, subfolders, weights),

@@ -129,6 +129,7 @@ def to_lora_cmd(
     from fourier_convert.check import check_from_calibration, check_lora_outputs
     from fourier_convert.io.writer import check_output_target
     from fourier_convert.lora import to_lora
+
     check_output_target(out, overwrite)
     options = None
     if calibration is not None:

@@ -89,6 +89,7 @@ def to_onnx_cmd(
     check_report_path(json_path, [base, *adapters, model])  # usage errors before the heavy imports below
     from fourier_convert.onnx.pipeline import export_onnx
     from fourier_convert.onnx.report import OnnxReport
+
     specs = specs_from_options(adapters, (), weights)
     try:
         report = export_onnx(

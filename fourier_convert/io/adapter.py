@@ -277,9 +277,7 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
         value = cfg.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (below and value >= below):
             limit = f" and < {below}" if below else ""
-            raise AdapterError(
-                where, f"{name} is {value!r}, expected an integer >= {minimum}{limit}", "fix the config"
-            )
+            raise AdapterError(where, f"{name} is {value!r}, expected an integer >= {minimum}{limit}", "fix the config")
         return value
 
     n_frequency = need_int("n_frequency", 1000, 1)

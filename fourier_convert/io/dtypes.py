@@ -32,6 +32,7 @@ def _tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
     }
     return table, {v: k for k, v in table.items()}
 
+
 #: ``--dtype`` names accepted on the command line, mapped to safetensors dtype strings.
 USER_DTYPES = {
     "float32": "F32",

@@ -213,4 +213,3 @@ def _import_gguf() -> Any:
             "pip install 'fourier-convert[gguf]' (or: pip install gguf)",
         ) from None
     return gguf
-

@@ -8,13 +8,13 @@ __getattr__ = lazy_attributes(
     __name__,
     globals(),
     {
-        "DeltaCheck": "fourier_convert.maths.delta",
+        "DeltaCheck": "fourier_convert.maths.closed_form",
         "check_delta": "fourier_convert.maths.delta",
         "delta_apply": "fourier_convert.maths.delta",
-        "delta_at": "fourier_convert.maths.delta",
+        "delta_at": "fourier_convert.maths.closed_form",
         "delta_sq_norm": "fourier_convert.maths.delta",
         "delta_weights": "fourier_convert.maths.delta",
-        "delta_weights_numpy": "fourier_convert.maths.delta",
+        "delta_weights_numpy": "fourier_convert.maths.delta_numpy",
         "spectral_basis": "fourier_convert.maths.delta",
         "RANDPERM_THRESHOLD": "fourier_convert.maths.indices",
         "IndexCache": "fourier_convert.maths.indices",
@@ -25,16 +25,9 @@ __getattr__ = lazy_attributes(
 )
 
 if TYPE_CHECKING:
-    from fourier_convert.maths.delta import (
-        DeltaCheck,
-        check_delta,
-        delta_apply,
-        delta_at,
-        delta_sq_norm,
-        delta_weights,
-        delta_weights_numpy,
-        spectral_basis,
-    )
+    from fourier_convert.maths.closed_form import DeltaCheck, delta_at
+    from fourier_convert.maths.delta import check_delta, delta_apply, delta_sq_norm, delta_weights, spectral_basis
+    from fourier_convert.maths.delta_numpy import delta_weights_numpy
     from fourier_convert.maths.indices import RANDPERM_THRESHOLD, IndexCache, spectral_indices
     from fourier_convert.maths.svd import SpectralSVD, spectral_svd
 

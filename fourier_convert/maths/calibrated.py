@@ -187,9 +187,7 @@ def weighted_factors(delta: torch.Tensor, factor: torch.Tensor) -> WeightedFacto
     return WeightedFactors(s, u, back, float(torch.sum(s**2)))
 
 
-def reduced_rank_fit(
-    cross: torch.Tensor, factor: torch.Tensor, target_energy: float
-) -> tuple[WeightedFactors, float]:
+def reduced_rank_fit(cross: torch.Tensor, factor: torch.Tensor, target_energy: float) -> tuple[WeightedFactors, float]:
     """Best rank-r ``D`` for ``min ||T - D X~||_F`` given only second moments (reduced-rank regression).
 
     With ``C~ = X~ X~^T = L L^T`` and the cross-Gram ``K = T X~^T``, ``||T - D X~||^2 = ||T||^2 - 2 tr(D K^T)

@@ -9,20 +9,22 @@ is kept, ``Re(ifft2(S)) = irfft2(half of (S + S[-u, -v]) / 2)`` (docs/maths.md):
 ``c/2`` at its bin and at the mirrored bin, and only the non-negative column half is transformed. The column
 pass of that ``irfft2`` touches only the columns holding coefficients, so :func:`delta_weights` does it as a
 sparse inverse DFT with exact twiddles and streams row blocks through the row pass (``irfft``): no dense
-spectrum, half the work of a dense ``irfft2``, the same values to rounding.
+spectrum, half the work of a dense ``irfft2``, the same values to rounding. (The CPU merge uses the torch-free
+float64 version of the same algorithm in :mod:`fourier_convert.maths.delta_numpy`.)
 
-:func:`delta_at` evaluates the closed form above in float64 at chosen entries in O(n) each;
-:func:`check_delta` uses it (plus whole rows and columns through numpy's independent FFT) to verify a
-reconstructed delta, because FFT backends can silently return wrong values (docs/pitfalls).
+:func:`check_delta` verifies a reconstructed delta against the float64 closed form
+(:mod:`fourier_convert.maths.closed_form`), because FFT backends can silently return wrong values
+(docs/pitfalls).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fourier_convert.maths.closed_form import DeltaCheck, DeltaSample
 
 #: Elements per row block of the second pass (bounds the temporaries of :func:`delta_weights`).
 _BLOCK_ELEMENTS = 1 << 19
@@ -91,73 +93,6 @@ def delta_weights(
     return out[0] if squeeze else out
 
 
-def delta_weights_numpy(
-    values: np.ndarray, indices: np.ndarray, out_features: int, in_features: int, scaling: float
-) -> np.ndarray:
-    """PEFT's literal algorithm in float64 numpy (dense complex spectrum, ``ifft2``, real part).
-
-    Used as the independent fallback backend when a torch FFT fails its spot check.
-
-    Example:
-        >>> delta_weights_numpy(np.ones(1), np.array([[0], [0]]), 2, 2, 4.0)
-        array([[1., 1.],
-               [1., 1.]])
-    """
-    dense = np.zeros((out_features, in_features), dtype=np.complex128)
-    np.add.at(dense, (indices[0], indices[1]), values)
-    return np.fft.ifft2(dense).real * scaling
-
-
-def delta_at(
-    values: np.ndarray,
-    indices: np.ndarray,
-    shape: tuple[int, int],
-    scaling: float,
-    rows: np.ndarray,
-    cols: np.ndarray,
-) -> np.ndarray:
-    """Evaluate ``dW[rows[i], cols[i]]`` from the closed form in float64.
-
-    Phases are reduced modulo M and N in integers before conversion, so large layers lose no precision.
-
-    Example:
-        >>> float(delta_at(np.array([2.0]), np.array([[0], [0]]), (2, 2), 1.0, np.array([1]), np.array([1]))[0])
-        0.5
-    """
-    m, n_cols = shape
-    u = indices[0].astype(np.int64)
-    v = indices[1].astype(np.int64)
-    p = rows.astype(np.int64)[:, None]
-    q = cols.astype(np.int64)[:, None]
-    phase = ((p * u[None, :]) % m) / m + ((q * v[None, :]) % n_cols) / n_cols
-    result: np.ndarray = np.cos(2.0 * np.pi * phase) @ values * (scaling / (m * n_cols))
-    return result
-
-
-def _row_float64(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float, p: int) -> np.ndarray:
-    m, n_cols = shape
-    g = np.zeros(n_cols, dtype=np.complex128)
-    np.add.at(g, indices[1], values * np.exp(2j * np.pi * ((indices[0].astype(np.int64) * p) % m) / m))
-    return np.fft.ifft(g).real * (scaling / m)
-
-
-@dataclass(frozen=True)
-class DeltaCheck:
-    """Result of a float64 spot check of one reconstructed delta.
-
-    Attributes:
-        entries: How many entries were compared.
-        max_abs_error: Largest absolute difference from the float64 closed form.
-        tolerance: The bound it had to stay within.
-        passed: ``max_abs_error <= tolerance`` and every checked value finite.
-    """
-
-    entries: int
-    max_abs_error: float
-    tolerance: float
-    passed: bool
-
-
 def check_delta(
     delta: torch.Tensor,
     values: np.ndarray,
@@ -196,28 +131,14 @@ def check_delta(
         >>> check_delta(d, c, idx.numpy(), 2.0, rng=np.random.default_rng(0)).passed
         True
     """
-    m, n_cols = int(delta.shape[0]), int(delta.shape[1])
-    eps = float(torch.finfo(delta.dtype).eps)
-    scale = abs(scaling) * float(np.linalg.norm(values)) / (m * n_cols)
-    tol = 16.0 * eps * math.log2(m * n_cols + 1) * scale
-    rows = rng.integers(0, m, size=points)
-    cols = rng.integers(0, n_cols, size=points)
-    sel = torch.stack([torch.as_tensor(rows), torch.as_tensor(cols)]).to(delta.device)
-    got = delta[sel[0], sel[1]].double().cpu().numpy()
-    want = delta_at(values, indices, (m, n_cols), scaling, rows, cols)
-    errs = [np.abs(got - want)]
-    for p in rng.integers(0, m, size=lines):
-        row = _row_float64(values, indices, (m, n_cols), scaling, int(p))
-        errs.append(np.abs(delta[int(p)].double().cpu().numpy() - row))
-    swapped = indices[::-1]
-    for q in rng.integers(0, n_cols, size=lines):
-        col = _row_float64(values, swapped, (n_cols, m), scaling, int(q))
-        errs.append(np.abs(delta[:, int(q)].double().cpu().numpy() - col))
-    all_err = np.concatenate(errs)
+    sample = DeltaSample((int(delta.shape[0]), int(delta.shape[1])), rng, points=points, lines=lines)
+    sel = torch.stack([torch.as_tensor(sample.rows), torch.as_tensor(sample.cols)]).to(delta.device)
+    sample.got = delta[sel[0], sel[1]].double().cpu().numpy()
+    sample.got_rows = delta[torch.as_tensor(sample.line_rows).to(delta.device)].double().cpu().numpy()
+    sample.got_cols = delta[:, torch.as_tensor(sample.line_cols).to(delta.device)].T.double().cpu().numpy()
     # one reduction instead of a full boolean mask: any NaN / inf entry makes the sum non-finite
-    finite = bool(np.isfinite(all_err).all()) and bool(torch.isfinite(delta.sum()))
-    max_err = float(all_err.max()) if finite else float("inf")
-    return DeltaCheck(int(all_err.size), max_err, tol, finite and max_err <= tol)
+    sample.finite = bool(torch.isfinite(delta.sum()))
+    return sample.check(values, indices, scaling, eps=float(torch.finfo(delta.dtype).eps))
 
 
 def delta_sq_norm(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float) -> float:
@@ -301,6 +222,7 @@ def delta_apply(
 
     Example:
         >>> idx = np.array([[1, 2], [0, 3]]); c = np.array([1.0, -2.0]); x = torch.randn(3, 4, dtype=torch.float64)
+        >>> from fourier_convert.maths.delta_numpy import delta_weights_numpy
         >>> dense = torch.from_numpy(delta_weights_numpy(c, idx, 5, 4, 7.0))
         >>> torch.allclose(delta_apply(x, c, idx, (5, 4), 7.0), x @ dense.T)
         True

@@ -80,8 +80,43 @@ def randperm_prefix(total: int, n: int, seed: int) -> np.ndarray:
     return out
 
 
+def spectral_positions(out_features: int, in_features: int, n: int, seed: int) -> np.ndarray:
+    """The ``(2, n)`` row / column positions PEFT uses for a layer, as a numpy array.
+
+    torch is imported only for the permutations :func:`randperm_prefix` cannot replay (more than 65,536 kept
+    positions, or a layer of ``RANDPERM_THRESHOLD`` positions or more).
+
+    Args:
+        out_features: Rows of the delta (M).
+        in_features: Columns of the delta (N).
+        n: Number of coefficients, ``1 <= n <= M * N``.
+        seed: ``random_loc_seed``.
+
+    Returns:
+        int64 array ``[[rows...], [cols...]]``.
+
+    Raises:
+        ValueError: ``n`` is out of range.
+
+    Example:
+        >>> spectral_positions(4, 3, 2, 777).shape
+        (2, 2)
+    """
+    total = out_features * in_features
+    if not 1 <= n <= total:
+        raise ValueError(f"n={n} must be in [1, {total}] for a {out_features}x{in_features} layer")
+    if total < RANDPERM_THRESHOLD and n <= _PREFIX_MAX_N:
+        perm = randperm_prefix(total, n, seed)
+    else:
+        import torch  # imported where used: the common case needs no torch
+
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].numpy()
+    return np.stack([perm // in_features, perm % in_features])
+
+
 def spectral_indices(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
-    """The ``(2, n)`` row / column indices PEFT uses for a layer.
+    """The ``(2, n)`` row / column indices PEFT uses for a layer, as a torch tensor
+    (:func:`spectral_positions`).
 
     Args:
         out_features: Rows of the delta (M).
@@ -99,16 +134,9 @@ def spectral_indices(out_features: int, in_features: int, n: int, seed: int) -> 
         >>> spectral_indices(4, 3, 2, 777).shape
         torch.Size([2, 2])
     """
-    total = out_features * in_features
-    if not 1 <= n <= total:
-        raise ValueError(f"n={n} must be in [1, {total}] for a {out_features}x{in_features} layer")
-    import torch  # imported where used: planning a merge needs this module (its threshold), not torch
+    import torch
 
-    if total < RANDPERM_THRESHOLD and n <= _PREFIX_MAX_N:
-        perm = torch.from_numpy(randperm_prefix(total, n, seed))
-    else:
-        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.stack([perm // in_features, perm % in_features])
+    return torch.from_numpy(spectral_positions(out_features, in_features, n, seed))
 
 
 @dataclass
@@ -128,15 +156,15 @@ class IndexCache:
     """
 
     _wanted: dict[tuple[int, int, int], int] = field(default_factory=dict)
-    _cache: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+    _cache: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
     _ready: dict[tuple[int, int, int], threading.Event] = field(default_factory=dict)
     draws: int = 0
 
     def prefetch(self) -> None:
         """Draw every reserved permutation in a background thread, in reservation order.
 
-        ``torch.randperm`` releases the GIL, so the draws overlap with work on the first layers;
-        :meth:`get` waits for a permutation that is still being drawn.
+        Whole permutations (``torch.randperm``) release the GIL and overlap with work on the first layers; the
+        O(n) prefix replays are short. :meth:`get` waits for a permutation that is still being drawn.
         """
         keys = [k for k in self._wanted if k not in self._cache and k not in self._ready]
         for key in keys:
@@ -145,7 +173,7 @@ class IndexCache:
         def run() -> None:
             for key in keys:
                 try:
-                    self._cache[key] = spectral_indices(key[0], key[1], self._wanted[key], key[2])
+                    self._cache[key] = spectral_positions(key[0], key[1], self._wanted[key], key[2])
                     self.draws += 1
                 finally:
                     self._ready[key].set()
@@ -156,7 +184,8 @@ class IndexCache:
         key = (out_features, in_features, seed)
         self._wanted[key] = max(n, self._wanted.get(key, 0))
 
-    def get(self, out_features: int, in_features: int, seed: int, n: int) -> torch.Tensor:
+    def get(self, out_features: int, in_features: int, seed: int, n: int) -> np.ndarray:
+        """The ``(2, n)`` positions of a layer (:func:`spectral_positions`), drawn once per shape and seed."""
         key = (out_features, in_features, seed)
         ready = self._ready.get(key)
         if ready is not None:
@@ -164,7 +193,7 @@ class IndexCache:
         have = self._cache.get(key)
         if have is None or have.shape[1] < n:
             want = max(n, self._wanted.get(key, 0))
-            have = spectral_indices(out_features, in_features, want, seed)
+            have = spectral_positions(out_features, in_features, want, seed)
             self._cache[key] = have
             self.draws += 1
         return have[:, :n]

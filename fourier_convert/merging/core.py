@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from fourier_convert.errors import UsageError, VerificationError
+from fourier_convert.errors import UsageError
 from fourier_convert.io.dtypes import torch_dtype
 from fourier_convert.io.safetensors_file import read_torch
-from fourier_convert.maths.delta import DeltaCheck, check_delta, delta_weights, delta_weights_numpy
+from fourier_convert.maths.closed_form import DeltaCheck
+from fourier_convert.maths.delta import check_delta, delta_weights
+from fourier_convert.maths.delta_numpy import delta_weights_numpy
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.rounding import ROUNDED_DTYPES, round_once
+from fourier_convert.merging.ahead import run_ahead
+from fourier_convert.merging.cpu import non_finite_error, verification_error
 from fourier_convert.merging.specs import check_precision, layer_stub
 from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
 from fourier_convert.report import LayerReport
@@ -149,7 +151,7 @@ def merge_layers(
 
     # Deltas of the next chunk are rebuilt and checked in a worker thread while this thread reads, adds and
     # writes the current one (the FFTs and the I/O release the GIL): on two cores this nearly halves the time.
-    for chunk, deltas, checks in _ahead(rebuilt()):
+    for chunk, deltas, checks in run_ahead(rebuilt()):
         for layer in chunk:
             o = outputs[layer.key]
             base = read_torch(layer.weight)
@@ -170,13 +172,7 @@ def merge_layers(
             del total, oriented
             broken = int((~torch.isfinite(merged) & torch.isfinite(base)).sum())
             if broken:  # never publish inf / nan weights the base did not have
-                scalings = ", ".join(f"{c.scaling:g}" for c in layer.contributions)
-                raise VerificationError(
-                    layer.key,
-                    f"merging gives {broken} non-finite value(s) in {o.dtype} (delta norm {rep.delta_norm:.3g}, "
-                    f"scaling {scalings}); nothing was written",
-                    "check the adapter's scaling and spectrum",
-                )
+                raise non_finite_error(layer, o, broken, rep.delta_norm)
             put(o.name, merged)
             worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
             rep.backend, rep.checked_entries = worst[0], worst[1].entries
@@ -184,43 +180,6 @@ def merge_layers(
             reports[layer.key] = rep
         del deltas
     return reports, fallbacks
-
-
-_T = TypeVar("_T")
-
-
-def _ahead(items: Iterator[_T]) -> Iterator[_T]:
-    """Run ``items`` one element ahead in a daemon thread; errors (and their types) reach the consumer."""
-    slot: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                slot.put((True, item))
-                slot.join()  # the next item is computed only once the consumer has taken this one
-            slot.put((False, None))
-        except BaseException as exc:  # handed to the consumer, which raises it
-            slot.put((False, exc))
-
-    worker = threading.Thread(target=run, name="fourier-convert-deltas", daemon=True)
-    worker.start()
-    try:
-        while True:
-            ok, value = slot.get()
-            slot.task_done()
-            if not ok:
-                if value is not None:
-                    raise value
-                return
-            yield value
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty, ValueError):
-            slot.get_nowait()  # let a worker blocked on the slot see the stop flag
-            slot.task_done()
 
 
 def _chunk_deltas(
@@ -241,8 +200,8 @@ def _chunk_deltas(
     checks: dict[str, list[tuple[str, DeltaCheck]]] = {layer.key: [] for layer in chunk}
     backend = f"torch-{dev}" if compute == torch.float32 else f"torch-{dev}-float64"
     for (seed, k, scaling), members in jobs.items():
-        idx = cache.get(m, n, seed, k)
-        idx_np = idx.numpy()
+        idx_np = cache.get(m, n, seed, k)
+        idx = torch.from_numpy(idx_np)
         spectra = torch.from_numpy(np.stack([layer.contributions[j].spectrum.values for layer, j in members]))
         batch = delta_weights(spectra, idx, m, n, scaling, dtype=compute, device=dev)
         for b, (layer, j) in enumerate(members):
@@ -282,9 +241,4 @@ def _fallback(
     result = check_delta(d, values, idx.numpy(), scaling, rng=rng)
     if result.passed:
         return d, "numpy-float64", result
-    raise VerificationError(
-        layer.key,
-        f"reconstructed delta differs from the float64 closed form by {first.max_abs_error:.3e} "
-        f"(tolerance {first.tolerance:.3e}) on every backend; nothing was written",
-        "report this with the layer shape and your torch version",
-    )
+    raise verification_error(layer, first, "torch", torch.__version__)

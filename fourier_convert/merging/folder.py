@@ -14,10 +14,13 @@ import json
 import math
 import os
 import re
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fourier_convert import __version__
 from fourier_convert.errors import UsageError
@@ -45,14 +48,15 @@ from fourier_convert.merging.specs import (
     layer_stub,
     plan_report,
 )
-from fourier_convert.plan import MergePlan, build_plan, guess_orientation, resolve_names, set_orientation
-from fourier_convert.report import MergeReport
+from fourier_convert.plan import LayerPlan, MergePlan, build_plan, guess_orientation, resolve_names, set_orientation
+from fourier_convert.report import LayerReport, MergeReport
 from fourier_convert.skeleton import Skeleton, SkeletonJob, build_skeleton, scan_linear_only
 
 if TYPE_CHECKING:  # torch is imported once the byte copies run (see merge)
     import torch
 
-    from fourier_convert.merging.core import TensorSink
+    #: Receives each finished output tensor by name: a torch tensor, or the CPU merge's numpy array.
+    Sink = Callable[[str, torch.Tensor | np.ndarray], None]
 
 __all__ = ["PROVENANCE_NAME", "AdapterSpec", "merge", "parse_size"]
 
@@ -234,17 +238,31 @@ def _write_output(
     writer.begin(layouts, extra_bytes=sum(p.stat().st_size for p in ckpt.aux_files))
     where = {spec.name: lay for lay in layouts for spec in lay.specs}
     writer.copy(_raw_copies(plan, where))
+    sink = _sink(writer, where)
+    if device == "cpu" and report.precision == "float64":
+        # the default: numpy alone, no torch import (about a second of CPU, as long as the copies on 2 cores)
+        from fourier_convert.merging.cpu import merge_layers_cpu
+
+        def on_cpu(layers: list[LayerPlan]) -> tuple[dict[str, LayerReport], list[str]]:
+            return merge_layers_cpu(layers, plan, sink, threads=threads)
+
+        _merge_tensors(writer, report, ckpt, adapters, plan, sink, orientation, on_cpu, t0)
+        return
     # torch (about a second to import) only now, while the copies run in the writer's thread
     import torch
 
-    from fourier_convert.merging.core import compute_dtype, resolve_device, torch_threads
+    from fourier_convert.merging.core import compute_dtype, merge_layers, resolve_device, torch_threads
 
     # a CUDA device is fully checked (and its context created) here, while the copies run; an error still
     # publishes nothing
     dev = resolve_device(device) if device != "cpu" else torch.device("cpu")
+    compute = compute_dtype(report.precision)
+
+    def with_torch(layers: list[LayerPlan]) -> tuple[dict[str, LayerReport], list[str]]:
+        return merge_layers(layers, plan, sink, dev, compute)
+
     with torch_threads(threads):
-        _merge_tensors(writer, report, ckpt, adapters, plan, where, orientation, dev,
-                       compute_dtype(report.precision), t0)  # fmt: skip
+        _merge_tensors(writer, report, ckpt, adapters, plan, sink, orientation, with_torch, t0)
 
 
 def _merge_tensors(
@@ -253,21 +271,18 @@ def _merge_tensors(
     ckpt: BaseCheckpoint,
     adapters: list[FourierFTAdapter],
     plan: MergePlan,
-    where: dict[str, ShardLayout],
+    sink: Sink,
     orientation: tuple[Skeleton | None, str, SkeletonJob | None],
-    dev: torch.device,
-    compute: torch.dtype,
+    merge_fn: Callable[[list[LayerPlan]], tuple[dict[str, LayerReport], list[str]]],
     t0: float,
 ) -> None:
-    from fourier_convert.merging.core import converted_value, merge_layers
-
     skeleton, why, job = orientation
     if job is None:
         set_orientation(plan, skeleton, adapters, why)
     else:
         guess_orientation(plan, adapters)
     t1 = time.perf_counter()
-    done, report.fallbacks = merge_layers(plan.layers, plan, _sink(writer, where), dev, compute)
+    done, report.fallbacks = merge_fn(plan.layers)
     report.timings["deltas_and_merge"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     if job is not None:
@@ -275,7 +290,7 @@ def _merge_tensors(
         skeleton, why = job.result()
         flipped = set_orientation(plan, skeleton, adapters, why)
         if flipped:
-            redone, more = merge_layers(flipped, plan, _sink(writer, where), dev, compute)
+            redone, more = merge_fn(flipped)
             done.update(redone)
             report.fallbacks += more
         for layer in plan.layers:
@@ -283,9 +298,12 @@ def _merge_tensors(
     report.timings["skeleton_wait"] = time.perf_counter() - t1
     report.layers = [done[layer.key] for layer in plan.layers]
     report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
-    for o in plan.outputs:
-        if o.raw_source is None and o.kind != "merge":
-            _sink(writer, where)(o.name, converted_value(o))
+    converted = [o for o in plan.outputs if o.raw_source is None and o.kind != "merge"]
+    if converted:  # replacements and dtype casts (torch casts them)
+        from fourier_convert.merging.core import converted_value
+
+        for o in converted:
+            sink(o.name, converted_value(o))
     _write_small_files(writer, ckpt, plan)
     t1 = time.perf_counter()
     writer.wait()
@@ -338,15 +356,17 @@ def _merge_device(device: str) -> str:
     raise UsageError("--device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N")
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
+def _tensor_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
+    if isinstance(t, np.ndarray):  # the CPU merge's arrays, in the output dtype's storage form
+        return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8).data)
     import torch
 
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy().data)
 
 
-def _sink(writer: CheckpointWriter, where: dict[str, ShardLayout]) -> TensorSink:
-    def put(name: str, value: torch.Tensor) -> None:
+def _sink(writer: CheckpointWriter, where: dict[str, ShardLayout]) -> Sink:
+    def put(name: str, value: torch.Tensor | np.ndarray) -> None:
         writer.write_tensor(where[name].filename, name, _tensor_bytes(value))
 
     return put
@@ -370,12 +390,12 @@ def _sha256(path: Path) -> str:
 
 
 def _provenance(report: MergeReport, adapters: list[FourierFTAdapter], ckpt: BaseCheckpoint, plan: MergePlan) -> bytes:
-    import torch
-
+    torch = sys.modules.get("torch")  # None when the merge ran without it (the CPU path is numpy alone)
     doc = {
         "tool": "fourier-convert",
         "version": __version__,
-        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch": getattr(torch, "__version__", None),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base": {
             "path": report.base,

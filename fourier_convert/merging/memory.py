@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.dtypes import parse_user_dtype
 from fourier_convert.merging.core import compute_dtype, converted_value, merge_layers, resolve_device, torch_threads
+from fourier_convert.merging.cpu import merge_layers_cpu
 from fourier_convert.merging.specs import AdapterSpec, adapter_specs, change_row, plan_report
 from fourier_convert.plan import plan_with_orientation
 from fourier_convert.report import MergeReport
@@ -43,6 +45,18 @@ class MergedState:
     config_changed: bool
     files: list[Path]
     report: MergeReport
+
+
+def stored_to_torch(stored: np.ndarray) -> torch.Tensor:
+    """A CPU merge's array as a torch tensor sharing its memory (``uint16`` holds bfloat16 bits).
+
+    Example:
+        >>> stored_to_torch(np.array([0x3F80], dtype=np.uint16))
+        tensor([1.], dtype=torch.bfloat16)
+    """
+    if stored.dtype == np.uint16:
+        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(stored)
 
 
 def merge_in_memory(
@@ -132,8 +146,12 @@ def merge_opened(
         tensors[name] = value.to("cpu").contiguous()
 
     t1 = time.perf_counter()
-    with torch_threads(threads):
-        done, report.fallbacks = merge_layers(plan.layers, plan, put, dev, compute)
+    if dev.type == "cpu" and compute == torch.float64:  # the same numpy path as merge(): bit-identical output
+        done, report.fallbacks = merge_layers_cpu(plan.layers, plan, lambda k, v: put(k, stored_to_torch(v)),
+                                                  threads=threads)  # fmt: skip
+    else:
+        with torch_threads(threads):
+            done, report.fallbacks = merge_layers(plan.layers, plan, put, dev, compute)
     report.timings["deltas_and_merge"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     for o in plan.outputs:

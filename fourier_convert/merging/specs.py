@@ -122,5 +122,3 @@ def layer_stub(layer: LayerPlan) -> LayerReport:
 def config_json(config: dict[str, Any]) -> bytes:
     """A merged ``config.json`` that differs from the base's, as written (sorted keys, indented)."""
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-
-
