@@ -105,8 +105,11 @@ def delta_rows(cp: ColumnPass, start: int, stop: int, out: np.ndarray | None = N
     n_cols = cp.shape[1]
     block = np.zeros((stop - start, n_cols // 2 + 1), dtype=np.complex128)
     block[:, cp.columns] = cp.values[:, start:stop].T
-    result: np.ndarray = np.fft.irfft(block, n=n_cols, axis=1, out=out)
-    return result
+    result: np.ndarray = np.fft.irfft(block, n=n_cols, axis=1)
+    if out is None:
+        return result
+    out[...] = result  # numpy < 2.0 has no out= on its FFTs
+    return out
 
 
 def delta_float64(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float) -> np.ndarray:
