@@ -25,6 +25,8 @@ class LayerReport:
         max_abs_error: Largest difference found.
         tolerance: The bound it had to stay within.
         delta_norm: Frobenius norm of the summed delta.
+        near_ties: Merged elements within the FFT's error of a rounding midpoint of the output dtype, taken
+            from the float64 closed form instead (so every backend writes the same bits; docs/maths.md).
     """
 
     module: str
@@ -38,6 +40,7 @@ class LayerReport:
     max_abs_error: float = 0.0
     tolerance: float = 0.0
     delta_norm: float = 0.0
+    near_ties: int = 0
 
 
 @dataclass

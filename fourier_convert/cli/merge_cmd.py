@@ -123,6 +123,12 @@ def print_report(report: MergeReport, quiet: bool) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (published atomically).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for the deltas (default: every core for the CPU merge, all but one with torch).",
+)
+@click.option(
     "--precision",
     type=click.Choice(["float32", "float64"]),
     default="float64",
@@ -151,6 +157,7 @@ def merge_cmd(
     weights: tuple[float, ...],
     out: Path,
     device: str,
+    threads: int | None,
     precision: str,
     dtype: str | None,
     max_shard_size: str | None,
@@ -170,6 +177,7 @@ def merge_cmd(
         specs_from_options(adapters, subfolders, weights),
         out,
         device=device,
+        threads=threads,
         precision=precision,
         dtype=dtype,
         max_shard_size=max_shard_size,

@@ -9,6 +9,7 @@ backends when a check fails), added to the widened base weight in place and roun
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -26,8 +27,9 @@ from fourier_convert.maths.delta_numpy import delta_weights_numpy
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.rounding import ROUNDED_DTYPES, round_once
 from fourier_convert.merging.ahead import run_ahead
-from fourier_convert.merging.cpu import non_finite_error, verification_error
+from fourier_convert.merging.cpu import non_finite_error, stored_spectra, verification_error
 from fourier_convert.merging.specs import check_precision, layer_stub
+from fourier_convert.merging.ties import closed_form_sums, tie_width
 from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
 from fourier_convert.report import LayerReport
 
@@ -169,6 +171,9 @@ def merge_layers(
             out_dtype = torch_dtype(o.dtype)
             # float64 sums are rounded once into the output dtype (torch's own cast rounds twice via float32)
             merged = round_once(oriented, out_dtype) if total.dtype == torch.float64 else oriented.to(out_dtype)
+            merged = merged.contiguous()  # a Conv1D's float32 cast keeps the transposed strides
+            if compute == torch.float64 and out_dtype != torch.float64:
+                rep.near_ties = _settle_near_ties(merged, oriented, base, layer, stored_spectra(layer, cache))
             del total, oriented
             broken = int((~torch.isfinite(merged) & torch.isfinite(base)).sum())
             if broken:  # never publish inf / nan weights the base did not have
@@ -180,6 +185,31 @@ def merge_layers(
             reports[layer.key] = rep
         del deltas
     return reports, fallbacks
+
+
+def _settle_near_ties(
+    merged: torch.Tensor,
+    exact: torch.Tensor,
+    base: torch.Tensor,
+    layer: LayerPlan,
+    spectra: list[tuple[np.ndarray, np.ndarray, float]],
+) -> int:
+    """Redo, from the float64 closed form, the merged elements whose rounding changes within the FFT's error
+    (the same elements and values as the CPU merge: merging/ties.py). Returns how many."""
+    rows, cols = merged.shape
+    width = tie_width([(values, scaling) for values, _, scaling in spectra], (rows, cols))
+    low = torch.nextafter(exact - width, torch.tensor(-math.inf, dtype=exact.dtype, device=exact.device))
+    high = torch.nextafter(exact + width, torch.tensor(math.inf, dtype=exact.dtype, device=exact.device))
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[merged.element_size()]
+    a, b = round_once(low, merged.dtype), round_once(high, merged.dtype)
+    near = (a.view(bits) != b.view(bits)).reshape(-1).nonzero().reshape(-1).cpu().numpy()
+    del low, high, a, b
+    if near.size:
+        base_at = base.reshape(-1)[torch.from_numpy(near).to(base.device)].double().cpu().numpy()
+        values = closed_form_sums(base_at, spectra, (rows, cols), near // cols, near % cols)
+        fixed = round_once(torch.from_numpy(values), merged.dtype).to(merged.device)
+        merged.view(-1)[torch.from_numpy(near).to(merged.device)] = fixed
+    return int(near.size)
 
 
 def _chunk_deltas(

@@ -32,7 +32,8 @@ from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.rounding_numpy import STORAGE, finite_stored, round_into, to_float64
 from fourier_convert.merging.ahead import run_ahead
 from fourier_convert.merging.specs import layer_stub
-from fourier_convert.plan import Contribution, LayerPlan, MergePlan, OutputTensor
+from fourier_convert.merging.ties import closed_form_sums, near_ties, tie_width
+from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
 from fourier_convert.report import LayerReport
 
 #: Receives each merged weight by output name, in its stored form (bfloat16 as ``uint16`` bits).
@@ -122,40 +123,48 @@ def merge_layers_cpu(
     return reports, fallbacks
 
 
-def _positions(layer: LayerPlan, c: Contribution, cache: IndexCache) -> np.ndarray:
-    """A contribution's positions in the frame of the stored weight (swapped for a Conv1D, whose weight holds
-    the transposed delta: the transpose of a FourierFT delta is the delta of the transposed spectrum)."""
+def stored_spectra(layer: LayerPlan, cache: IndexCache) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Each contribution's ``(values, positions, scaling)``, positions in the frame of the stored weight
+    (swapped for a Conv1D, whose weight holds the transposed delta: the transpose of a FourierFT delta is the
+    delta of the transposed spectrum).
+
+    Example:
+        >>> [idx.shape for _, idx, _ in stored_spectra(layer, cache)]  # doctest: +SKIP
+        [(2, 1000)]
+    """
     m, n = layer.delta_shape
-    idx = cache.get(m, n, c.seed, c.spectrum.n)
-    return idx[::-1] if layer.conv1d else idx
+    found = []
+    for c in layer.contributions:
+        idx = cache.get(m, n, c.seed, c.spectrum.n)
+        found.append((c.spectrum.values, idx[::-1] if layer.conv1d else idx, c.scaling))
+    return found
 
 
 def _merge_layer(
     layer: LayerPlan, o: OutputTensor, cache: IndexCache, pool: ThreadPoolExecutor, rng: np.random.Generator
 ) -> _Merged:
     shape = (int(layer.weight.shape[0]), int(layer.weight.shape[1]))  # stored orientation
-    positions = [_positions(layer, c, cache) for c in layer.contributions]
+    spectra = stored_spectra(layer, cache)
     sources: list[RowSource] = []
-    for c, idx in zip(layer.contributions, positions, strict=True):
-        cp = column_pass(c.spectrum.values, idx, shape, c.scaling, map_fn=pool.map)
+    for values, idx, scaling in spectra:
+        cp = column_pass(values, idx, shape, scaling, map_fn=pool.map)
         sources.append(functools.partial(delta_rows, cp))
     used = [BACKEND] * len(sources)
-    out, samples, norm, broken = _blocks(layer, o, sources, pool, rng)
-    checks = [s.check(c.spectrum.values, idx, c.scaling, eps=_EPS64)
-              for s, c, idx in zip(samples, layer.contributions, positions, strict=True)]  # fmt: skip
+    out, samples, norm, broken, settled = _blocks(layer, o, sources, spectra, pool, rng)
+    checks = _checks(samples, spectra)
     notes: list[str] = []
     if not all(ch.passed for ch in checks):
         first = next(ch for ch in checks if not ch.passed)
         notes.append(f"{layer.module}: {BACKEND} failed its check; used {FALLBACK}")
-        sources = [_dense_source(c, idx, shape) for c, idx in zip(layer.contributions, positions, strict=True)]
+        sources = [_dense_source(values, idx, shape, scaling) for values, idx, scaling in spectra]
         used = [FALLBACK] * len(sources)
-        out, samples, norm, broken = _blocks(layer, o, sources, pool, rng)
-        checks = [s.check(c.spectrum.values, idx, c.scaling, eps=_EPS64)
-                  for s, c, idx in zip(samples, layer.contributions, positions, strict=True)]  # fmt: skip
+        out, samples, norm, broken, settled = _blocks(layer, o, sources, spectra, pool, rng)
+        checks = _checks(samples, spectra)
         if not all(ch.passed for ch in checks):
             raise verification_error(layer, first, "numpy", np.__version__)
     rep = layer_stub(layer)
     rep.delta_norm = norm
+    rep.near_ties = settled
     if broken:
         raise non_finite_error(layer, o, broken, rep.delta_norm)
     worst = max(range(len(checks)), key=lambda i: checks[i].max_abs_error / max(checks[i].tolerance, 1e-300))
@@ -164,8 +173,14 @@ def _merge_layer(
     return _Merged(layer, out, rep, notes)
 
 
-def _dense_source(c: Contribution, idx: np.ndarray, shape: tuple[int, int]) -> RowSource:
-    full = delta_weights_numpy(c.spectrum.values, idx, shape[0], shape[1], c.scaling)
+def _checks(samples: list[DeltaSample], spectra: list[tuple[np.ndarray, np.ndarray, float]]) -> list[DeltaCheck]:
+    return [
+        s.check(values, idx, scaling, eps=_EPS64) for s, (values, idx, scaling) in zip(samples, spectra, strict=True)
+    ]
+
+
+def _dense_source(values: np.ndarray, idx: np.ndarray, shape: tuple[int, int], scaling: float) -> RowSource:
+    full = delta_weights_numpy(values, idx, shape[0], shape[1], scaling)
     return lambda a, b: full[a:b]
 
 
@@ -173,11 +188,12 @@ def _blocks(
     layer: LayerPlan,
     o: OutputTensor,
     sources: list[RowSource],
+    spectra: list[tuple[np.ndarray, np.ndarray, float]],
     pool: ThreadPoolExecutor,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, list[DeltaSample], float, int]:
+) -> tuple[np.ndarray, list[DeltaSample], float, int, int]:
     """Merge a layer block by block: returns the output, each contribution's sample, the summed delta's
-    Frobenius norm and how many elements became non-finite."""
+    Frobenius norm, how many elements became non-finite and how many were settled next to a midpoint."""
     info = layer.weight
     rows, cols = int(info.shape[0]), int(info.shape[1])
     base = np.frombuffer(read_bytes(info), dtype=STORAGE[info.dtype]).reshape(rows, cols)
@@ -186,8 +202,9 @@ def _blocks(
     lock = threading.Lock()
     limit = _MAX_FINITE[o.dtype]
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    width = tie_width([(values, scaling) for values, _, scaling in spectra], (rows, cols))
 
-    def block(start: int) -> tuple[float, float, int]:
+    def block(start: int) -> tuple[float, float, int, int]:
         stop = min(rows, start + step)
         total = None
         for source, sample in zip(sources, samples, strict=True):
@@ -203,16 +220,23 @@ def _blocks(
         x = to_float64(base[start:stop], info.dtype)
         x += total
         round_into(x, out[start:stop], o.dtype)  # overflow to inf is counted below, and refused
+        near = near_ties(x, width, o.dtype)
+        if near.size:  # settled from the closed form, as every backend does (merging/ties.py)
+            exact = closed_form_sums(to_float64(base[start:stop].reshape(-1)[near], info.dtype), spectra,
+                                     (rows, cols), start + near // cols, near % cols)  # fmt: skip
+            fixed = np.empty(near.size, dtype=out.dtype)
+            round_into(exact, fixed, o.dtype)
+            out[start:stop].reshape(-1)[near] = fixed
         lo, hi = x.min(), x.max()
         if np.isfinite(lo) and np.isfinite(hi) and max(-lo, hi) <= limit:
-            return scale, sq, 0
+            return scale, sq, 0, near.size
         bad = ~finite_stored(out[start:stop], o.dtype) & finite_stored(base[start:stop], info.dtype)
-        return scale, sq, int(bad.sum())
+        return scale, sq, int(bad.sum()), near.size
 
     results = list(pool.map(block, range(0, rows, step)))
     top = max(r[0] for r in results)
     norm = top * float(np.sqrt(sum(r[1] * (r[0] / top) ** 2 for r in results)))
-    return out, samples, norm, sum(r[2] for r in results)
+    return out, samples, norm, sum(r[2] for r in results), sum(r[3] for r in results)
 
 
 def _sum_of_squares(flat: np.ndarray) -> tuple[float, float]:

@@ -83,7 +83,7 @@ def merge_in_memory(
         dtype: Dtype of every floating tensor (``float16``, ``bfloat16``, ``float32``); None keeps each.
         allow_pickle: Accept ``adapter_model.bin`` through torch's weights-only loader.
         revision: Hub revision of the base.
-        threads: torch CPU threads while merging (default: all cores but one).
+        threads: CPU threads for the deltas (as for :func:`fourier_convert.merge`).
 
     Returns:
         A :class:`MergedState`.
