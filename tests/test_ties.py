@@ -54,3 +54,28 @@ def test_two_backends_within_the_error_write_the_same_bits(st: str) -> None:
         settled.append(out.view(f"u{out.itemsize}"))
     assert (plain[0] != plain[1]).sum() > 50  # the planted midpoints do split the two backends
     assert np.array_equal(settled[0], settled[1])
+
+
+@pytest.mark.parametrize("st", ["BF16", "F16", "F32"])
+def test_the_prefilter_misses_nothing(st: str) -> None:
+    """near_ties equals rounding both ends of every value's window (no prefilter), on values at all magnitudes
+    with a tenth of them planted within the window of a midpoint."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(200_000) * np.exp(rng.uniform(-30, 5, 200_000))
+    stored = np.empty(x.shape, dtype=STORAGE[st])
+    round_into(x, stored, st)
+    grid = to_float64(stored, st)
+    ulp = np.abs(np.nextafter(stored[::10], np.inf).astype(np.float64) - grid[::10]) if st != "BF16" else None
+    if ulp is None:
+        ulp = np.abs(to_float64(stored[::10] + 1, st) - grid[::10])
+    width = 1e-12
+    x[::10] = grid[::10] + np.sign(grid[::10]) * ulp / 2 + rng.uniform(-width, width, ulp.shape)
+    reach = width + np.abs(x) * 2.0**-51
+    a = np.empty(x.shape, dtype=STORAGE[st])
+    b = np.empty(x.shape, dtype=STORAGE[st])
+    round_into(x - reach, a, st)
+    round_into(x + reach, b, st)
+    bits = f"<u{a.itemsize}"
+    want = np.flatnonzero(a.view(bits) != b.view(bits))
+    got = near_ties(x, width, st)
+    assert want.size > 1000 and np.array_equal(got, want)
