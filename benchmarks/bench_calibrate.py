@@ -44,9 +44,7 @@ from bench_merge import SHAPES, ModelShape, write_adapter, write_base
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_inputs(
-    work: Path, family: str, layers: int, samples: int, length: int, seed: int
-) -> tuple[Path, Path, Path]:
+def build_inputs(work: Path, family: str, layers: int, samples: int, length: int, seed: int) -> tuple[Path, Path, Path]:
     """The base, the adapter and the calibration file (built once per shape / size, then reused)."""
     import torch
     from safetensors.torch import save_file

@@ -114,9 +114,7 @@ def task_sentences() -> list[str]:
 
 def ood_sentences(count: int = SAMPLES, seed: int = 1) -> list[str]:
     """Comparisons of the same kind with numbers 100..199 (the task has 0..49)."""
-    rows = [
-        f"{a} is {word} than {b}" for a, b in itertools.permutations(range(100, 200), 2) for word in mf.RELATIONS
-    ]
+    rows = [f"{a} is {word} than {b}" for a, b in itertools.permutations(range(100, 200), 2) for word in mf.RELATIONS]
     return sorted(__import__("random").Random(seed).sample(rows, count))
 
 

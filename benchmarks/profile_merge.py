@@ -5,10 +5,11 @@
 Phases, each measured in isolation (so they do not add up to the merge, which overlaps them):
 
 - ``cli start``: ``fourier-convert --help`` (Python, click, the package without torch);
-- ``import torch``: a fresh interpreter importing torch;
-- ``read``: reading every adapted base weight (page-cached) into a tensor;
-- ``delta``: rebuilding every delta in float64 (``delta_weights``), with the merge's thread count;
-- ``add + round``: widening each base weight to float64, adding its delta, rounding once to bf16;
+- ``import torch``: a fresh interpreter importing torch (the CUDA path pays it; the CPU merge does not);
+- ``read``: reading every adapted base weight (page-cached);
+- ``--device cpu`` (the numpy merge's steps, one thread, summed over the layers): the column pass, the rows'
+  ``irfft``, widening + adding + rounding once to bf16, and finding the elements next to a midpoint;
+- ``--device cuda`` (torch): rebuilding every delta in float64 (``delta_weights``), then adding and rounding;
 - ``write``: writing the merged tensors' bytes to a file and ``fdatasync``;
 - ``merge``: the real command, wall time, and the phase timings its own report gives.
 
@@ -28,6 +29,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,61 +58,20 @@ def main() -> None:
     from fourier_convert.cli.main import _keep_freed_memory
 
     _keep_freed_memory()  # the allocator setting the CLI uses, so the phases run as they do in a merge
-    import torch
-
     from fourier_convert.io.adapter import read_adapter
     from fourier_convert.io.checkpoint import open_checkpoint
-    from fourier_convert.io.safetensors_file import read_torch
-    from fourier_convert.maths.delta import delta_weights
-    from fourier_convert.maths.indices import spectral_indices
-    from fourier_convert.maths.rounding import round_once
-    from fourier_convert.merging.core import torch_threads
     from fourier_convert.plan import plan_with_orientation
 
-    fourier = read_adapter(adapter)
-    plan = plan_with_orientation(open_checkpoint(base), [fourier])
-    dev = torch.device(args.device)
-    with torch_threads(None):
-        threads = torch.get_num_threads()
-        start = time.perf_counter()
-        bases = [read_torch(layer.weight).clone() for layer in plan.layers]
-        rows.append(("read adapted weights", time.perf_counter() - start, f"{len(bases)} tensors"))
-        indices = {}
-        for layer in plan.layers:
-            c = layer.contributions[0]
-            key = (*layer.delta_shape, c.seed, c.spectrum.n)
-            if key not in indices:
-                indices[key] = spectral_indices(*key[:2], key[3], key[2])
-        deltas = []
-        if dev.type == "cuda":
-            torch.zeros(1, device=dev)
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for layer in plan.layers:
-            c = layer.contributions[0]
-            idx = indices[(*layer.delta_shape, c.seed, c.spectrum.n)]
-            values = torch.from_numpy(c.spectrum.values)
-            deltas.append(delta_weights(values, idx, *layer.delta_shape, c.scaling, dtype=torch.float64, device=dev))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        rows.append(("delta (float64)", time.perf_counter() - start, f"{threads} threads, {args.device}"))
-        start = time.perf_counter()
-        merged = []
-        for b, d in zip(bases, deltas, strict=True):
-            d.add_(b.to(dev))
-            merged.append(round_once(d, torch.bfloat16).cpu())
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        rows.append(("add + round once", time.perf_counter() - start, ""))
-        del deltas
+    plan = plan_with_orientation(open_checkpoint(base), [read_adapter(adapter)])
+    merged = _numpy_phases(plan, rows) if args.device == "cpu" else _torch_phases(plan, rows)
     with tempfile.TemporaryDirectory(dir=REPO / "bench-work") as tmp:
         start = time.perf_counter()
         with open(Path(tmp) / "w.bin", "wb") as f:
             for t in merged:
-                f.write(t.view(torch.uint8).numpy().tobytes())
+                f.write(t.tobytes())
             f.flush()
             os.fdatasync(f.fileno())
-        nbytes = sum(t.numel() * 2 for t in merged)
+        nbytes = sum(t.nbytes for t in merged)
         rows.append(("write + fdatasync merged", time.perf_counter() - start, f"{nbytes / 1e6:.0f} MB"))
         subprocess.run(["sync"], check=True)
         out = Path(tmp) / "merged"
@@ -123,6 +86,84 @@ def main() -> None:
     print(f"{'phase':<28} {'seconds':>8}  note")
     for name, seconds, note in rows:
         print(f"{name:<28} {seconds:>8.2f}  {note}")
+
+
+def _numpy_phases(plan: Any, rows: list[tuple[str, float, str]]) -> list[np.ndarray]:
+    """The CPU merge's steps for every layer, one thread, each step timed and summed over the layers."""
+    from fourier_convert.io.safetensors_file import read_bytes
+    from fourier_convert.maths.delta_numpy import column_pass, delta_rows
+    from fourier_convert.maths.indices import spectral_positions
+    from fourier_convert.maths.rounding_numpy import round_into, to_float64
+    from fourier_convert.merging.cpu import BLOCK_ELEMENTS
+    from fourier_convert.merging.ties import near_ties, tie_width
+
+    start = time.perf_counter()
+    bases = [np.frombuffer(read_bytes(layer.weight), dtype="<u2").reshape(layer.weight.shape) for layer in plan.layers]
+    rows.append(("read adapted weights", time.perf_counter() - start, f"{len(bases)} tensors"))
+    spent = dict.fromkeys(["column pass", "rows (irfft)", "add + round once", "near midpoints"], 0.0)
+    merged = []
+    for layer, base in zip(plan.layers, bases, strict=True):
+        c = layer.contributions[0]
+        m, n = base.shape
+        rows_out, cols_in = layer.delta_shape
+        idx = spectral_positions(rows_out, cols_in, c.spectrum.n, c.seed)
+        t0 = time.perf_counter()
+        cp = column_pass(c.spectrum.values, idx, (m, n), c.scaling)
+        spent["column pass"] += time.perf_counter() - t0
+        out = np.empty((m, n), dtype=np.uint16)
+        width = tie_width([(c.spectrum.values, c.scaling)], (m, n))
+        step = max(1, BLOCK_ELEMENTS // n)
+        for a in range(0, m, step):
+            t0 = time.perf_counter()
+            d = delta_rows(cp, a, min(m, a + step))
+            t1 = time.perf_counter()
+            x = to_float64(base[a : a + step], "BF16")
+            x += d
+            round_into(x, out[a : a + step], "BF16")
+            t2 = time.perf_counter()
+            near_ties(x, width, "BF16")
+            t3 = time.perf_counter()
+            spent["rows (irfft)"] += t1 - t0
+            spent["add + round once"] += t2 - t1
+            spent["near midpoints"] += t3 - t2
+        merged.append(out)
+    rows += [(name, seconds, "numpy, 1 thread") for name, seconds in spent.items()]
+    return merged
+
+
+def _torch_phases(plan: Any, rows: list[tuple[str, float, str]]) -> list[np.ndarray]:
+    """The torch (CUDA) path's steps: float64 deltas, then add and round once."""
+    import torch
+
+    from fourier_convert.io.safetensors_file import read_torch
+    from fourier_convert.maths.delta import delta_weights
+    from fourier_convert.maths.indices import spectral_indices
+    from fourier_convert.maths.rounding import round_once
+
+    dev = torch.device("cuda")
+    start = time.perf_counter()
+    bases = [read_torch(layer.weight).clone() for layer in plan.layers]
+    rows.append(("read adapted weights", time.perf_counter() - start, f"{len(bases)} tensors"))
+    torch.zeros(1, device=dev)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    deltas = []
+    for layer in plan.layers:
+        c = layer.contributions[0]
+        m, n = layer.delta_shape
+        idx = spectral_indices(m, n, c.spectrum.n, c.seed)
+        values = torch.from_numpy(c.spectrum.values)
+        deltas.append(delta_weights(values, idx, m, n, c.scaling, dtype=torch.float64, device=dev))
+    torch.cuda.synchronize()
+    rows.append(("delta (float64)", time.perf_counter() - start, "cuda"))
+    start = time.perf_counter()
+    merged = []
+    for b, d in zip(bases, deltas, strict=True):
+        d.add_(b.to(dev))
+        merged.append(round_once(d, torch.bfloat16).cpu().view(torch.int16).numpy())
+    torch.cuda.synchronize()
+    rows.append(("add + round once", time.perf_counter() - start, "cuda"))
+    return merged
 
 
 if __name__ == "__main__":

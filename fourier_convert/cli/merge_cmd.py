@@ -126,7 +126,7 @@ def print_report(report: MergeReport, quiet: bool) -> None:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads for the deltas (default: every core for the CPU merge, all but one with torch).",
+    help="CPU threads for the deltas (default: up to 4 for the CPU merge, all cores but one with torch).",
 )
 @click.option(
     "--precision",

@@ -38,8 +38,12 @@ from fourier_convert.report import LayerReport
 
 #: Receives each merged weight by output name, in its stored form (bfloat16 as ``uint16`` bits).
 ArraySink = Callable[[str, np.ndarray], None]
-#: Elements per row block (a 1 MiB float64 block stays in the core's cache through add and round).
+#: Elements per row block (a 1 MiB float64 block stays in the core's cache through add and round; 4x smaller
+#: blocks were 1.2-2.5x slower per layer on 2 cores).
 BLOCK_ELEMENTS = 1 << 17
+#: Most worker threads by default. On the 16-core GPU host a 7B merge took 11.0 s with 4 threads, 12.9 s with
+#: 8 and 16.0 s with 16 (docs/benchmarks.md): the blocks' Python steps and memory traffic do not scale further.
+MAX_DEFAULT_THREADS = 4
 #: The backend names a layer's report can carry.
 BACKEND, FALLBACK = "numpy-cpu-float64", "numpy-float64"
 _EPS64 = 2.0**-52
@@ -50,16 +54,17 @@ RowSource = Callable[[int, int], np.ndarray]
 
 
 def default_threads() -> int:
-    """Worker threads for a CPU merge: every core the process may use.
+    """Worker threads for a CPU merge: the cores the process may use, at most :data:`MAX_DEFAULT_THREADS`.
 
     Example:
         >>> default_threads() >= 1
         True
     """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
 
 
 @dataclass

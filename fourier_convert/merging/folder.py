@@ -137,7 +137,7 @@ def merge(
         allow_pickle: Accept ``adapter_model.bin`` through torch's weights-only loader.
         progress: Draw a byte progress bar on stderr.
         revision: Hub revision of the base.
-        threads: CPU threads for the deltas: the CPU merge's worker threads (default: every core), or torch's
+        threads: CPU threads for the deltas: the CPU merge's worker threads (default: the cores, at most 4), or torch's
             threads on the torch path (default: all cores but one; the previous setting is restored afterwards).
         durable: fsync the output before publishing it (default). False skips the fsync, for scratch
             outputs that are read back at once; the publish stays atomic.
