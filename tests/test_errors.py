@@ -854,3 +854,92 @@ def test_a_small_file_linked_from_outside_the_model_is_not_copied(llama: tuple[P
         "into the output; copy the file into the model folder, or remove the link"
     )
     fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+# -- headers of base shards that are copied byte for byte ---------------------------------------------------
+def _edit_header(path: Path, change: Any) -> None:
+    """Rewrite a safetensors header through ``change(header_dict)``, keeping the data bytes."""
+    raw = path.read_bytes()
+    hlen = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + hlen])
+    change(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + hlen :])
+
+
+def _untouched_shard(base: Path) -> tuple[Path, str]:
+    """A base shard none of whose tensors the llama adapter changes, and its first tensor."""
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.embed_tokens.weight"
+    return base / index[name], name
+
+
+def _set(field: str, value: Any) -> Any:
+    def change(header: dict[str, Any]) -> None:
+        header["model.embed_tokens.weight"][field] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "found"),
+    [
+        (_set("shape", [-1, 64]), "tensor 'model.embed_tokens.weight' has shape [-1, 64], expected non-negative integers"),
+        (_set("shape", [64.5, 64]), "tensor 'model.embed_tokens.weight' has shape [64.5, 64], expected non-negative integers"),
+        (_set("shape", ["256", 64]), "tensor 'model.embed_tokens.weight' has shape ['256', 64], expected non-negative integers"),
+        (_set("dtype", ["F32"]), "tensor 'model.embed_tokens.weight' has unsupported dtype ['F32']"),
+        (_set("data_offsets", [0]), "tensor 'model.embed_tokens.weight' has data_offsets [0], expected [begin, end] with 0 <= begin <= end"),
+        (lambda h: h.update({"__metadata__": {"format": {"pt": 1}}}), "__metadata__ entry 'format' is a JSON object, expected a string"),
+        (lambda h: h.update({"__metadata__": [["format", "pt"]]}), "__metadata__ is a JSON array, expected an object of strings"),
+        (lambda h: h.update({"__metadata__": {"format": 1}}), "__metadata__ entry 'format' is a JSON number, expected a string"),
+        (lambda h: h.update({"model.embed_tokens.weight": [1, 2]}), "tensor 'model.embed_tokens.weight': header entry is a JSON array"),
+    ],
+)  # fmt: skip
+def test_a_copied_shard_with_a_header_safetensors_refuses_is_refused(
+    llama: tuple[Path, Path], tmp_path: Path, change: Any, found: str
+) -> None:
+    """Untouched shards are copied byte for byte: their headers are validated as the safetensors library does
+    (which refuses each of these files), before anything is written."""
+    from safetensors import safe_open
+
+    base, adapter = llama
+    shard, _ = _untouched_shard(base)
+    _edit_header(shard, change)
+    with pytest.raises(Exception):  # noqa: B017  the library's own reader refuses the file too
+        with safe_open(str(shard), framework="np") as f:
+            [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
+    fails(tmp_path, fc.InputFileError, f"{shard}: {found}; re-save the file", base, adapter)
+
+
+def test_gaps_and_trailing_bytes_in_a_copied_shard_are_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    base, adapter = llama
+    shard, _ = _untouched_shard(base)
+    original = shard.read_bytes()
+    shard.write_bytes(original + b"\0" * 16)
+    with pytest.raises(Exception):  # noqa: B017
+        safe_open(str(shard), framework="np")
+    size = len(original) + 16
+    msg = (
+        f"{shard}: the tensors end at byte {len(original)} but the file has {size} bytes (trailing data the "
+        "safetensors library refuses); re-save the file"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+@pytest.mark.parametrize("value", [["model-00001-of-00003.safetensors"], "../base/model-00001-of-00003.safetensors", ""])
+def test_index_entries_that_are_not_file_names_are_refused(
+    llama: tuple[Path, Path], tmp_path: Path, value: Any
+) -> None:
+    base, adapter = llama
+    index = base / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["model.norm.weight"] = value
+    index.write_text(json.dumps(doc))
+    msg = (
+        f"{index}: maps 'model.norm.weight' to {value!r}, expected the name of a .safetensors file in {base}; "
+        "re-save the model with save_pretrained"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)

@@ -90,7 +90,21 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputFileError(str(index_path), "has no weight_map", "re-save the model with save_pretrained")
-        index_metadata = {k: v for k, v in (index.get("metadata") or {}).items() if k != "total_size"}
+        for name, filename in weight_map.items():
+            if not isinstance(filename, str) or filename in ("", ".", "..") or Path(filename).name != filename:
+                raise InputFileError(
+                    str(index_path),
+                    f"maps {name!r} to {filename!r}, expected the name of a .safetensors file in {folder}",
+                    "re-save the model with save_pretrained",
+                )
+        metadata = index.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise InputFileError(
+                str(index_path),
+                f"metadata is {metadata!r}, expected a JSON object",
+                "re-save the model with save_pretrained",
+            )
+        index_metadata = {k: v for k, v in metadata.items() if k != "total_size"}
         for filename in sorted(set(weight_map.values())):
             shard_path = folder / str(filename)
             if not shard_path.is_file():

@@ -147,19 +147,10 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
         ) from None
     data_start = 8 + hlen
     data_len = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _metadata(header.pop("__metadata__", None), p)
     infos: list[TensorInfo] = []
     for name, entry in header.items():
-        try:
-            dtype = str(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise InputFileError(
-                str(p), f"tensor {name!r} has a malformed header entry {entry!r}", "re-save the file"
-            ) from None
-        if dtype not in DTYPE_SIZES:
-            raise InputFileError(str(p), f"tensor {name!r} has unsupported dtype {dtype!r}", "re-save the file")
+        dtype, shape, begin, end = _entry(name, entry, p)
         numel = 1
         for d in shape:
             numel *= d
@@ -181,12 +172,86 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
     for a, b in itertools.pairwise(infos):
         if b.start < a.start + a.nbytes:
             raise InputFileError(str(p), f"tensors {a.name!r} and {b.name!r} overlap in the file", "re-save the file")
+    # the safetensors library requires the tensors to fill the data section exactly, in offset order
+    position = data_start
+    for info in infos:
+        if info.start != position:
+            raise InputFileError(
+                str(p),
+                f"tensor {info.name!r} starts at data byte {info.start - data_start}, but the previous tensor ends "
+                f"at {position - data_start} (a gap the safetensors library refuses)",
+                "re-save the file",
+            )
+        position += info.nbytes
+    if position != size:
+        raise InputFileError(
+            str(p),
+            f"the tensors end at byte {position} but the file has {size} bytes (trailing data the safetensors "
+            "library refuses)",
+            "re-save the file",
+        )
     return SafetensorsFile(
         path=p,
         header_bytes=prefix + raw,
         tensors={t.name: t for t in infos},
-        metadata={str(k): str(v) for k, v in dict(metadata).items()},
+        metadata=metadata,
     )
+
+
+def _metadata(raw: Any, p: Path) -> dict[str, str]:
+    """``__metadata__``, which the safetensors library requires to map strings to strings."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputFileError(
+            str(p), f"__metadata__ is a JSON {_json_kind(raw)}, expected an object of strings", "re-save the file"
+        )
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise InputFileError(
+                str(p),
+                f"__metadata__ entry {key!r} is a JSON {_json_kind(value)}, expected a string",
+                "re-save the file",
+            )
+    return dict(raw)
+
+
+def _entry(name: str, entry: Any, p: Path) -> tuple[str, tuple[int, ...], int, int]:
+    """One tensor's ``dtype``, ``shape`` and ``data_offsets``, held to what the safetensors library accepts:
+    a known dtype string, non-negative JSON integers, two offsets in order."""
+
+    def count(v: Any) -> bool:
+        return type(v) is int and v >= 0
+
+    if not isinstance(entry, dict):
+        raise InputFileError(str(p), f"tensor {name!r}: header entry is a JSON {_json_kind(entry)}", "re-save the file")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise InputFileError(str(p), f"tensor {name!r}: header entry has no {missing[0]!r}", "re-save the file")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise InputFileError(str(p), f"tensor {name!r} has unsupported dtype {dtype!r}", "re-save the file")
+    if not isinstance(shape, list) or not all(count(d) for d in shape):
+        raise InputFileError(
+            str(p), f"tensor {name!r} has shape {shape!r}, expected non-negative integers", "re-save the file"
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(count(o) for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise InputFileError(
+            str(p),
+            f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end",
+            "re-save the file",
+        )
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
 
 
 def read_bytes(info: TensorInfo) -> bytearray:
