@@ -433,6 +433,10 @@ def set_orientation(
 
     Returns:
         The layers whose orientation differs from what they held before the call.
+
+    Raises:
+        BaseMismatchError: An adapted module is neither a Linear nor a Conv1D (an Embedding, say): PEFT's
+            FourierFT adapts only those two, and refuses such an adapter.
     """
     disagree: list[str] = []
     used_flag: list[str] = []
@@ -443,6 +447,14 @@ def set_orientation(
         if skeleton is not None:
             kind = skeleton.module_type(layer.module) or skeleton.module_type(layer.key[: -len(".weight")])
         flags = {adapters[c.adapter_index].settings.fan_in_fan_out for c in layer.contributions}
+        if kind is not None and kind not in (LINEAR, CONV1D):
+            raise BaseMismatchError(
+                layer.key,
+                f"the adapter has a spectrum for {layer.module}, which is {_article(kind)} {kind} in the base model "
+                f"({skeleton.source if skeleton is not None else ''}); PEFT's FourierFT adapts only Linear and "
+                "Conv1D modules and refuses this adapter",
+                "remove that spectrum from the adapter, or check that this is the base model it was trained on",
+            )
         if kind in (LINEAR, CONV1D):
             layer.conv1d = kind == CONV1D
             layer.orientation_source = (
@@ -472,6 +484,10 @@ def set_orientation(
     elif plan.layers and skeleton is not None:
         plan.notes.append(f"orientation (Linear / Conv1D) decided from the {skeleton.source}")
     return flipped
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def plan_with_orientation(

@@ -43,6 +43,8 @@ class Skeleton:
         fused_keys: Checkpoint keys that transformers merges or splits on load (not 1:1).
         default_type: Type of every module not in ``module_types`` (a source scan's verdict), or None.
         source: How the types were found (``"model skeleton"`` or the source scan's reason).
+        embedding_names: With a source scan's verdict: attribute names the modeling source assigns an
+            ``nn.Embedding`` (a module whose last name is one of them is an ``"Embedding"``).
     """
 
     architecture: str
@@ -52,10 +54,13 @@ class Skeleton:
     fused_keys: set[str] = field(default_factory=set)
     default_type: str | None = None
     source: str = "model skeleton"
+    embedding_names: frozenset[str] = frozenset()
 
     def module_type(self, name: str) -> str | None:
         """Type of module ``name``, tolerating an added or missing ``base_model_prefix``."""
         if self.default_type is not None:
+            if name.rsplit(".", 1)[-1] in self.embedding_names:
+                return "Embedding"
             return self.module_types.get(name, self.default_type)
         if name in self.module_types:
             return self.module_types[name]
@@ -95,6 +100,7 @@ def scan_linear_only(config: dict[str, Any]) -> Skeleton | None:
     models = root / "models"
     todo = [model_type.replace("-", "_")]
     seen: set[str] = set()
+    embeddings: set[str] = set()
     while todo:
         name = todo.pop()
         if name in seen:
@@ -108,6 +114,7 @@ def scan_linear_only(config: dict[str, Any]) -> Skeleton | None:
         if "Conv1D" in text or "AutoModel" in text:
             return None
         todo += re.findall(r"from \.\.(\w+)\.modeling_\w+ import", text)
+        embeddings.update(re.findall(r"self\.(\w+)\s*=\s*nn\.Embedding\(", text))
     version = _installed_version()
     files = ", ".join(f"modeling_{n}.py" for n in sorted(seen))
     return Skeleton(
@@ -116,6 +123,7 @@ def scan_linear_only(config: dict[str, Any]) -> Skeleton | None:
         {},
         default_type=LINEAR,
         source=f"transformers {version} source ({files}: no Conv1D, every module is a Linear)",
+        embedding_names=frozenset(embeddings),
     )
 
 

@@ -882,20 +882,33 @@ def _set(field: str, value: Any) -> Any:
     return change
 
 
+EMB = "tensor 'model.embed_tokens.weight'"
+INTS = "expected non-negative integers"
+
+
 @pytest.mark.parametrize(
     ("change", "found"),
     [
-        (_set("shape", [-1, 64]), "tensor 'model.embed_tokens.weight' has shape [-1, 64], expected non-negative integers"),
-        (_set("shape", [64.5, 64]), "tensor 'model.embed_tokens.weight' has shape [64.5, 64], expected non-negative integers"),
-        (_set("shape", ["256", 64]), "tensor 'model.embed_tokens.weight' has shape ['256', 64], expected non-negative integers"),
-        (_set("dtype", ["F32"]), "tensor 'model.embed_tokens.weight' has unsupported dtype ['F32']"),
-        (_set("data_offsets", [0]), "tensor 'model.embed_tokens.weight' has data_offsets [0], expected [begin, end] with 0 <= begin <= end"),
-        (lambda h: h.update({"__metadata__": {"format": {"pt": 1}}}), "__metadata__ entry 'format' is a JSON object, expected a string"),
-        (lambda h: h.update({"__metadata__": [["format", "pt"]]}), "__metadata__ is a JSON array, expected an object of strings"),
-        (lambda h: h.update({"__metadata__": {"format": 1}}), "__metadata__ entry 'format' is a JSON number, expected a string"),
-        (lambda h: h.update({"model.embed_tokens.weight": [1, 2]}), "tensor 'model.embed_tokens.weight': header entry is a JSON array"),
+        (_set("shape", [-1, 64]), f"{EMB} has shape [-1, 64], {INTS}"),
+        (_set("shape", [64.5, 64]), f"{EMB} has shape [64.5, 64], {INTS}"),
+        (_set("shape", ["256", 64]), f"{EMB} has shape ['256', 64], {INTS}"),
+        (_set("dtype", ["F32"]), f"{EMB} has unsupported dtype ['F32']"),
+        (_set("data_offsets", [0]), f"{EMB} has data_offsets [0], expected [begin, end] with 0 <= begin <= end"),
+        (
+            lambda h: h.update({"__metadata__": {"format": {"pt": 1}}}),
+            "__metadata__ entry 'format' is a JSON object, expected a string",
+        ),
+        (
+            lambda h: h.update({"__metadata__": [["format", "pt"]]}),
+            "__metadata__ is a JSON array, expected an object of strings",
+        ),
+        (
+            lambda h: h.update({"__metadata__": {"format": 1}}),
+            "__metadata__ entry 'format' is a JSON number, expected a string",
+        ),
+        (lambda h: h.update({"model.embed_tokens.weight": [1, 2]}), f"{EMB}: header entry is a JSON array"),
     ],
-)  # fmt: skip
+)
 def test_a_copied_shard_with_a_header_safetensors_refuses_is_refused(
     llama: tuple[Path, Path], tmp_path: Path, change: Any, found: str
 ) -> None:
@@ -906,9 +919,8 @@ def test_a_copied_shard_with_a_header_safetensors_refuses_is_refused(
     base, adapter = llama
     shard, _ = _untouched_shard(base)
     _edit_header(shard, change)
-    with pytest.raises(Exception):  # noqa: B017  the library's own reader refuses the file too
-        with safe_open(str(shard), framework="np") as f:
-            [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
+    with pytest.raises(Exception), safe_open(str(shard), framework="np") as f:  # noqa: B017  the library refuses it
+        [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
     fails(tmp_path, fc.InputFileError, f"{shard}: {found}; re-save the file", base, adapter)
 
 
@@ -929,7 +941,9 @@ def test_gaps_and_trailing_bytes_in_a_copied_shard_are_refused(llama: tuple[Path
     fails(tmp_path, fc.InputFileError, msg, base, adapter)
 
 
-@pytest.mark.parametrize("value", [["model-00001-of-00003.safetensors"], "../base/model-00001-of-00003.safetensors", ""])
+@pytest.mark.parametrize(
+    "value", [["model-00001-of-00003.safetensors"], "../base/model-00001-of-00003.safetensors", ""]
+)
 def test_index_entries_that_are_not_file_names_are_refused(
     llama: tuple[Path, Path], tmp_path: Path, value: Any
 ) -> None:
@@ -943,3 +957,38 @@ def test_index_entries_that_are_not_file_names_are_refused(
         "re-save the model with save_pretrained"
     )
     fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "source"),
+    [
+        (
+            "llama",
+            "model.embed_tokens",
+            "transformers {v} source (modeling_llama.py: no Conv1D, every module is a Linear)",
+        ),
+        ("gpt2", "transformer.wte", "model skeleton"),
+    ],
+)
+def test_a_spectrum_on_an_embedding_is_refused(
+    fixture_copy: Any, tmp_path: Path, name: str, module: str, source: str
+) -> None:
+    """PEFT's FourierFT adapts only Linear and Conv1D modules (it refuses such an adapter); merging the
+    spectrum as if the embedding were a Linear would publish weights PEFT never computes."""
+    import transformers
+
+    d = fixture_copy(name)
+    base, adapter = d / "base", d / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    edit_config(adapter, target_modules=[*config["target_modules"], module.rsplit(".", 1)[1]])
+    st = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    tensors[f"base_model.model.{module}.fourierft_spectrum"] = torch.ones(config["n_frequency"])
+    write_tensors(st, tensors)
+    msg = (
+        f"{module}.weight: the adapter has a spectrum for {module}, which is an Embedding in the base model "
+        f"({source.format(v=transformers.__version__)}); PEFT's FourierFT adapts only Linear and Conv1D modules and "
+        "refuses this adapter; remove that spectrum from the adapter, or check that this is the base model it was "
+        "trained on"
+    )
+    fails(tmp_path, fc.BaseMismatchError, msg, base, adapter)
