@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from fourier_convert.io.adapter import FourierFTSettings
+from fourier_convert.patterns import config_match
 
 
 def _suffix_match(key: str, names: list[str] | set[str]) -> bool:
@@ -23,7 +24,8 @@ def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            wrapped = rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+            match = config_match("match", wrapped, key, "layers_pattern", pattern)
             if match is not None:
                 break
     return int(match.group("idx")) if match else None
@@ -50,17 +52,17 @@ def is_targeted(settings: FourierFTSettings, key: str) -> bool:
     exclude = settings.exclude_modules
     if exclude:
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
+            if config_match("fullmatch", exclude, key, "exclude_modules"):
                 return False
         elif _suffix_match(key, exclude):
             return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in settings.modules_to_save):
+    if any(config_match("match", rf"(^|.*\.){m}($|\..*)", key, "modules_to_save", m) for m in settings.modules_to_save):
         return False
     targets = settings.target_modules
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return config_match("fullmatch", targets, key, "target_modules") is not None
     if key in targets:
         return True
     if not any(key.endswith(f".{t}") for t in targets):

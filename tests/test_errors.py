@@ -992,3 +992,73 @@ def test_a_spectrum_on_an_embedding_is_refused(
         "trained on"
     )
     fails(tmp_path, fc.BaseMismatchError, msg, base, adapter)
+
+
+# -- regular expressions from the config ------------------------------------------------------------------
+NESTED_FIX = "simplify the pattern in adapter_config.json (for example list the module names instead)"
+
+
+@pytest.mark.parametrize(
+    ("changes", "found"),
+    [
+        (
+            {"target_modules": r"(\w+\.?)+z"},
+            r"target_modules: pattern '(\\w+\\.?)+z' did not finish matching 'model.layers.0.self_attn.k_proj' "
+            "within 0.1 s (a repeated repetition backtracks exponentially in Python's re, as PEFT uses it); "
+            + NESTED_FIX,
+        ),
+        (
+            {"n_frequency_pattern": {"(v_proj": 30}},
+            r"n_frequency_pattern: pattern '(v_proj' (as PEFT matches it: '.*\\.(v_proj$') is not a valid regular "
+            "expression (missing ), unterminated subpattern at position 4); fix the pattern in adapter_config.json",
+        ),
+        (
+            {"target_modules": "(a+"},
+            "target_modules: pattern '(a+' is not a valid regular expression (missing ), unterminated subpattern "
+            "at position 0); fix the pattern in adapter_config.json",
+        ),
+    ],
+)
+def test_config_regexes_are_bounded_and_checked(
+    llama: tuple[Path, Path], tmp_path: Path, changes: dict[str, Any], found: str
+) -> None:
+    """PEFT matches these strings with Python's re: a nested repetition would hang every command on module
+    names; it is refused within a fraction of a second, as is a pattern that does not compile."""
+    import time
+
+    base, adapter = llama
+    edit_config(adapter, **changes)
+    start = time.perf_counter()
+    fails(tmp_path, fc.AdapterError, found, base, adapter)
+    assert time.perf_counter() - start < 10
+    res = invoke("inspect", str(adapter), "--base", str(base))
+    assert (res.exit_code, res.stderr) == (1, f"error: {found}\n")
+
+
+def test_nested_patterns_are_found_and_refused_off_the_main_thread() -> None:
+    import threading
+
+    from fourier_convert.patterns import _compile, config_match
+
+    nested = {r"(a+)+b": True, r"(a|aa)*b": True, r"((ab)*)*": True, r"(\w+\.)+q_proj": True,
+              r".*\.q_proj": False, r"model\.layers\.(\d+)\.(q|v)_proj": False, r"(?:a|b)*c": False}  # fmt: skip
+    assert {p: _compile(p, "f", p)[1] for p in nested} == nested
+    assert config_match("fullmatch", r"(\w+\.)+q_proj", "model.q_proj", "target_modules") is not None
+    errors: list[str] = []
+    thread = threading.Thread(
+        target=lambda: errors.append(_error_of(lambda: config_match("match", "(a+)+b", "aaa", "target_modules")))
+    )
+    thread.start()
+    thread.join()
+    assert errors == [
+        "target_modules: pattern '(a+)+b' repeats a repetition, which can take exponential time in Python's re; "
+        + NESTED_FIX
+    ]
+
+
+def _error_of(call: Any) -> str:
+    try:
+        call()
+    except fc.FourierConvertError as exc:
+        return str(exc)
+    return ""

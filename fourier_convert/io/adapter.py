@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fourier_convert.errors import AdapterError, InputFileError, PickleRefusedError
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, TensorInfo, read_header, read_numpy_float64
+from fourier_convert.patterns import config_match
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,7 +66,7 @@ class FourierFTSettings:
             (30, 1000)
         """
         for key, n in self.n_frequency_pattern.items():
-            if re.match(rf".*\.{key}$", module):
+            if config_match("match", rf".*\.{key}$", module, "n_frequency_pattern", key):
                 return n
         return self.n_frequency
 

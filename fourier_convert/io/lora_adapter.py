@@ -28,6 +28,7 @@ from fourier_convert.io.adapter import (
 )
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_header, read_numpy_float64
+from fourier_convert.patterns import config_match
 
 LORA_BIAS_MODES = ("none", "all", "lora_only")
 #: Config fields whose non-default values change the maths of the delta, with why each is refused.
@@ -98,7 +99,7 @@ class LoraSettings:
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     # PEFT's get_pattern_key: a key matches when it (as a regex) matches a dotted suffix of the module name
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if config_match("match", rf"(.*\.)?({key})$", module, "rank_pattern / alpha_pattern", key):
             return key
     return None
 
