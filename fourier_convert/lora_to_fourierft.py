@@ -246,7 +246,8 @@ def from_lora(
         key = f"{KEY_PREFIX}{module}.fourierft_spectrum"
         tensors[key] = values32
         # checked against the base under the input's key, so that a mismatch names a tensor the user has
-        spectra[module] = Spectrum(module, values32.double().numpy(), "F32", f"{KEY_PREFIX}{module}.lora_A.weight")
+        values = values32.double().numpy()
+        spectra[module] = Spectrum(module, "F32", f"{KEY_PREFIX}{module}.lora_A.weight", values.shape[0], loaded=values)
         layers.append(_layer_report(module, (m, n_in), mod.rank, n, fit))
         if options is None and fit.retained < LOW_ENERGY:
             warnings.append(

@@ -354,6 +354,9 @@ def build_plan(
                 config[field_name] = name
                 changed = True
     notes.append(f"names matched through {names.how}")
+    for layer in layers.values():  # every layer fits its spectra: now read them (and refuse non-finite ones)
+        for c in layer.contributions:
+            c.spectrum.values  # noqa: B018  (reads and checks on first use)
     return MergePlan(outputs, list(layers.values()), names, warnings, notes, config, changed)
 
 

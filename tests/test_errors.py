@@ -1062,3 +1062,37 @@ def _error_of(call: Any) -> str:
     except fc.FourierConvertError as exc:
         return str(exc)
     return ""
+
+
+def test_a_spectrum_too_large_for_its_layer_is_refused_from_the_header(
+    llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A 240 MB spectrum (a sparse file) for a 32 x 64 layer, consistent with its config: refused from the
+    header against the base layer's size, without reading a byte of it."""
+    import time
+
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    big, n = SPECTRUM.format(i=1, m="v_proj"), 60_000_000
+    tensors = read_tensors(st)
+    del tensors[big]
+    write_tensors(st, tensors)
+    raw = st.read_bytes()
+    hlen = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + hlen])
+    data = len(raw) - 8 - hlen
+    header[big] = {"dtype": "F32", "shape": [n], "data_offsets": [data, data + 4 * n]}
+    new = json.dumps(header).encode()
+    with open(st, "wb") as f:
+        f.write(len(new).to_bytes(8, "little") + new + raw[8 + hlen :])
+        f.truncate(8 + len(new) + data + 4 * n)  # sparse: nothing is stored
+    edit_config(adapter, n_frequency_pattern={"layers.1.self_attn.v_proj": n, "v_proj": 30})
+    msg = (
+        f"{adapter}: {big}: {n} coefficients but the 32x64 base weight 'model.layers.1.self_attn.v_proj.weight' has "
+        "only 2048 positions; is this the base model the adapter was trained on?"
+    )
+    start = time.perf_counter()
+    with pytest.raises(fc.BaseMismatchError):
+        fc.merge(base, adapter, tmp_path / "merged", device="cpu")
+    assert time.perf_counter() - start < 2  # reading and widening would cost seconds and 480 MB of memory
+    fails(tmp_path, fc.BaseMismatchError, msg, base, adapter)

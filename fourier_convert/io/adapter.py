@@ -99,25 +99,52 @@ class StoredTensor:
         return read_torch(self.info)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Spectrum:
-    """One adapted module's coefficients.
+    """One adapted module's coefficients, read from the file on first use (so a plan can refuse a spectrum too
+    large for its base layer from the header alone, before reading it).
 
     Attributes:
         module: Module path in the adapter's name space (``base_model.model.`` stripped).
-        values: The coefficients as float64 (exact copies of the stored values).
         stored_dtype: dtype the spectrum was saved in.
         key: The tensor key in the adapter file.
+        n: Number of coefficients (from the header).
+        source: Where the values are (a file range, or an in-memory tensor), or None when ``loaded`` is given.
+        where: The adapter, as errors name it.
+        loaded: The coefficients once read.
     """
 
     module: str
-    values: np.ndarray
     stored_dtype: str
     key: str
+    n: int
+    source: StoredTensor | None = None
+    where: str = ""
+    loaded: np.ndarray | None = None
 
     @property
-    def n(self) -> int:
-        return int(self.values.shape[0])
+    def values(self) -> np.ndarray:
+        """The coefficients as float64 (exact copies of the stored values), read and checked on first use.
+
+        Raises:
+            AdapterError: A coefficient is not finite.
+        """
+        if self.loaded is None:
+            import numpy as np
+
+            assert self.source is not None
+            t = self.source
+            raw = read_numpy_float64(t.info) if t.info is not None else t.value.double().numpy()  # type: ignore[union-attr]
+            bad = ~np.isfinite(raw)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise AdapterError(
+                    self.where,
+                    f"{t.key!r} holds {_count(int(bad.sum()), 'non-finite value')} (first at index {i}: {raw[i]})",
+                    "the training diverged; use an earlier checkpoint",
+                )
+            self.loaded = np.ascontiguousarray(raw)
+        return self.loaded
 
 
 @dataclass
@@ -532,30 +559,17 @@ def _classify(
 
 
 def _read_spectrum(module: str, t: StoredTensor, settings: FourierFTSettings, where: str) -> Spectrum:
-    import numpy as np
-
+    """A spectrum checked from its header (shape, dtype, n against the config); its values are read on first
+    use (:attr:`Spectrum.values`)."""
     if len(t.shape) != 1:
         raise AdapterError(where, f"{t.key!r} has shape {list(t.shape)}, expected 1-D", "re-save the adapter")
     if t.dtype not in FLOAT_DTYPES:
         raise AdapterError(where, f"{t.key!r} has dtype {t.dtype}, expected a float dtype", "re-save the adapter")
-    if t.info is not None:
-        values = read_numpy_float64(t.info)
-    else:
-        assert t.value is not None
-        values = t.value.double().numpy()
     n_expected = settings.n_for(module)
-    if values.shape[0] != n_expected:
+    if t.shape[0] != n_expected:
         raise AdapterError(
             where,
-            f"{t.key!r} has {values.shape[0]} coefficients but the config gives this module n_frequency={n_expected}",
+            f"{t.key!r} has {t.shape[0]} coefficients but the config gives this module n_frequency={n_expected}",
             "check n_frequency / n_frequency_pattern in adapter_config.json",
         )
-    bad = ~np.isfinite(values)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise AdapterError(
-            where,
-            f"{t.key!r} holds {_count(int(bad.sum()), 'non-finite value')} (first at index {i}: {values[i]})",
-            "the training diverged; use an earlier checkpoint",
-        )
-    return Spectrum(module, np.ascontiguousarray(values), t.dtype, t.key)
+    return Spectrum(module, t.dtype, t.key, int(t.shape[0]), t, where)
