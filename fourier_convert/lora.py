@@ -35,6 +35,7 @@ from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, extra_tenso
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import open_adapter_base
 from fourier_convert.io.gguf_lora import GGUFLoraLayout, gguf_layout
+from fourier_convert.io.progress import StepProgress, phase
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.ranks import VLLM_RANKS, allocate_budget, choose_rank
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
@@ -219,7 +220,7 @@ def to_lora(
         distill_steps: With calibration: distillation steps after the closed form (overrides the options').
         sequential: With calibration: the sequential closed form (overrides the options').
         device: With calibration: where the model runs (overrides the options'; default ``auto``).
-        progress: Print phases and a progress bar on stderr (calibration only).
+        progress: Print phases and progress bars on stderr.
 
     Returns:
         The LoRA adapter (call ``.save(path)``) and the report.
@@ -263,12 +264,16 @@ def to_lora(
     svds: list[SpectralSVD] = []
     # The per-component SVDs are small (a few hundred rows at most): BLAS threads cost more than they give
     # there, and oversubscribed cores make them 10x slower (measured on 2 cores).
+    phase(progress, "to-lora", f"factorising {len(plan.layers)} layer deltas (exact SVD from the spectrum)")
+    bar = StepProgress(len(plan.layers), "svd", enabled=progress)
     with threadpool_limits(limits=1, user_api="blas"):
-        for layer in plan.layers:
+        for i, layer in enumerate(plan.layers):
             c = layer.contributions[0]
             m, n = layer.delta_shape
             idx = cache.get(m, n, c.seed, c.spectrum.n)
             svds.append(spectral_svd(c.spectrum.values, idx, (m, n), c.scaling))
+            bar.update(i + 1, layer.module.rsplit(".", 2)[-2] if "." in layer.module else layer.module)
+    bar.close()
     session: CalibrationSession | None = None
     values = [s.values for s in svds]
     if options is not None:

@@ -41,8 +41,11 @@ def test_full_rank_lora_reproduces_the_fourierft_model(name: str, tmp_path: Path
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_low_rank_error_equals_the_dense_svd_oracle(tmp_path: Path) -> None:
-    lora, report = to_lora(FIXTURES / "gpt2" / "adapter", base=FIXTURES / "gpt2" / "base", rank=4)
+def test_low_rank_error_equals_the_dense_svd_oracle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lora, report = to_lora(FIXTURES / "gpt2" / "adapter", base=FIXTURES / "gpt2" / "base", rank=4, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith(f"to-lora: factorising {len(report.layers)} layer deltas (exact SVD from the spectrum) ...\n")
+    assert f"svd [{'#' * 30}] {len(report.layers)}/{len(report.layers)}" in err  # the bar reaches the end
     ref = reference_merge(FIXTURES / "gpt2" / "base", FIXTURES / "gpt2" / "adapter", conv1d_modules=GPT2_CONV1D)
     base = load_model_tensors(FIXTURES / "gpt2" / "base")
     for layer in report.layers:

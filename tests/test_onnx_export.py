@@ -126,11 +126,12 @@ def test_llama_with_past_generates_like_peft(llama_past: tuple[Path, fc.OnnxRepo
     np.testing.assert_allclose(step[:, 0], want[:, 7], rtol=1e-3, atol=1e-4)
 
 
-def test_llama_float16_from_merged_model(tmp_path: Path) -> None:
+def test_llama_float16_from_merged_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     merged = tmp_path / "merged"
     fc.merge(FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", merged, device="cpu")
     out = tmp_path / "onnx"
     report = fc.export_onnx(out, model=merged, task="causal-lm", dtype="float16")
+    assert capsys.readouterr().err == ""  # no progress unless asked (the CLI asks on a terminal without -q)
     _graph_checks(out, report, "float16")
     assert report.source == "merged model" and not report.merge_proof and report.merge == {}
     assert report.tolerances == {"atol": 1e-2, "rtol": 1e-3}
@@ -147,12 +148,17 @@ def test_llama_float16_from_merged_model(tmp_path: Path) -> None:
     np.testing.assert_allclose(logits.astype(np.float32), want, atol=2e-2)  # float16 graph vs float32 PEFT
 
 
-def test_gpt2_with_past_float16(tmp_path: Path) -> None:
-    """GPT-2 (Conv1D layers, bias "fourier_only"), cached decoder, float16."""
+def test_gpt2_with_past_float16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """GPT-2 (Conv1D layers, bias "fourier_only"), cached decoder, float16; every phase announced on stderr."""
     out = tmp_path / "onnx"
-    report = fc.export_onnx(
-        out, base=FIXTURES / "gpt2" / "base", adapter=FIXTURES / "gpt2" / "adapter", dtype="float16"
-    )
+    base = FIXTURES / "gpt2" / "base"
+    report = fc.export_onnx(out, base=base, adapter=FIXTURES / "gpt2" / "adapter", dtype="float16", progress=True)
+    assert capsys.readouterr().err.splitlines() == [
+        f"to-onnx: merging 1 adapter(s) into {base} in memory ...",
+        "to-onnx: loading the merged model (causal-lm-with-past), its reference outputs and the merge proof ...",
+        f"to-onnx: exporting the graph ({report.export_shape}) ...",
+        f"to-onnx: validating in onnxruntime against PyTorch ({len(report.validation)} input cases) ...",
+    ]
     _graph_checks(out, report, "float16")
     assert report.task == "causal-lm-with-past" and report.proof_passed
     assert report.outputs["present.0.key"]["dtype"] == "float16"

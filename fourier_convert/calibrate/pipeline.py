@@ -7,7 +7,6 @@ singular values its rank choices use), :meth:`CalibrationSession.fit` produces t
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import FourierFTAdapter
 from fourier_convert.io.calibration import CalibrationData, batches, collate, pad_token_id, read_calibration
 from fourier_convert.io.checkpoint import BaseCheckpoint
-from fourier_convert.io.progress import StepProgress
+from fourier_convert.io.progress import StepProgress, phase
 from fourier_convert.maths.calibrated import RIDGE, WeightedFactors, gram_factor, weighted_factors
 from fourier_convert.merging.core import resolve_device
 from fourier_convert.plan import MergePlan
@@ -515,9 +514,3 @@ def _check_options(o: CalibrationOptions) -> None:
         raise UsageError("--batch-size", f"{o.batch_size} samples per batch", "use a positive count, e.g. 16")
     if not o.lr > 0:
         raise UsageError("--lr", f"{o.lr} is not a positive learning rate", "use e.g. 0.02")
-
-
-def phase(enabled: bool, command: str, text: str) -> None:
-    """Print ``command: text ...`` on stderr when ``enabled`` (a phase of a long command, on a terminal)."""
-    if enabled:
-        print(f"{command}: {text} ...", file=sys.stderr, flush=True)

@@ -24,7 +24,6 @@ from fourier_convert.calibrate.pipeline import (
     CalibrationOptions,
     data_line,
     gram_factors,
-    phase,
     run_reference,
     stage_lines,
     with_agreements,
@@ -34,6 +33,7 @@ from fourier_convert.io.adapter import FourierFTAdapter
 from fourier_convert.io.calibration import batches
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.lora_adapter import LoraAdapterIn
+from fourier_convert.io.progress import phase
 from fourier_convert.maths.delta import delta_weights
 from fourier_convert.maths.project import Projection, WeightedProjection, project_lowrank_weighted
 from fourier_convert.plan import MergePlan

@@ -10,6 +10,7 @@ import click
 from fourier_convert.cli import options
 from fourier_convert.cli.merge_cmd import check_report_path, print_conversion
 from fourier_convert.errors import UsageError
+from fourier_convert.io.progress import phase
 from fourier_convert.serving import LORA_TARGETS
 
 
@@ -166,11 +167,17 @@ def to_lora_cmd(
     )
     checked = None
     if check:
+        phase(
+            sys.stderr.isatty() and not quiet and options is None,
+            "to-lora",
+            "checking the LoRA against the FourierFT adapter on held-out inputs (PEFT, both models)",
+        )
         checked = (
             check_from_calibration(report)
             if options is not None
             else check_lora_outputs(lora, adapter, base=base, subfolder=subfolder, allow_pickle=allow_pickle)
         )
+    phase(sys.stderr.isatty() and not quiet, "to-lora", f"writing {out}")
     lora.save(out, overwrite=overwrite)
     doc = report.to_dict()
     if checked is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,7 +63,7 @@ def _write_json(path: Path | None, report: OnnxReport) -> None:
 @options.allow_pickle
 @click.option("--revision", default=None, help="Hub revision of --base / --model.")
 @options.json_report
-@options.quiet("No summary (warnings and failures still go to stderr).")
+@options.quiet("No progress and no summary (warnings and failures still go to stderr).")
 def to_onnx_cmd(
     base: str | None,
     adapters: tuple[str, ...],
@@ -110,6 +111,7 @@ def to_onnx_cmd(
             external_data=external_data,
             allow_pickle=allow_pickle,
             revision=revision,
+            progress=sys.stderr.isatty() and not quiet,
         )
     except OnnxValidationError as exc:
         if isinstance(exc.report, OnnxReport):

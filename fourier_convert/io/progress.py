@@ -107,3 +107,13 @@ class StepProgress:
         if self.enabled:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def phase(enabled: bool, command: str, text: str) -> None:
+    """Print ``command: text ...`` on stderr when ``enabled`` (a phase of a long command, on a terminal).
+
+    Example:
+        >>> phase(False, "to-onnx", "exporting the graph")
+    """
+    if enabled:
+        print(f"{command}: {text} ...", file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ import torch
 from fourier_convert.errors import DiskSpaceError, OnnxValidationError, OutputError, UsageError
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
+from fourier_convert.io.progress import phase
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES
 from fourier_convert.io.writer import CheckpointWriter, check_output_target, refuse_input_as_output
 from fourier_convert.merging.folder import PROVENANCE_NAME
@@ -80,6 +81,7 @@ def export_onnx(
     external_data: bool | None = None,
     allow_pickle: bool = False,
     revision: str | None = None,
+    progress: bool = False,
 ) -> OnnxReport:
     """Export a FourierFT-adapted model (merged first) or a merged model to ONNX, proven equal in onnxruntime.
 
@@ -103,6 +105,7 @@ def export_onnx(
         external_data: Force or forbid ``model.onnx.data``; None: when the weights exceed 256 MiB.
         allow_pickle: Accept an ``adapter_model.bin`` adapter.
         revision: Hub revision of ``base`` / ``model``.
+        progress: Print each phase (merge, proof, export, optimisation, validation) on stderr as it starts.
 
     Returns:
         An :class:`~fourier_convert.onnx.report.OnnxReport`.
@@ -150,8 +153,8 @@ def export_onnx(
         tolerances={"atol": tol[0], "rtol": tol[1]},
         versions=versions,
     )
-    options = _Options(opset, optimize, device, validate, tol, keep_failed, overwrite, external_data)
-    model_obj, refs, inputs, aux = _merge_and_prove(report, ckpt, specs, adapters, allow_pickle)
+    options = _Options(opset, optimize, device, validate, tol, keep_failed, overwrite, external_data, progress)
+    model_obj, refs, inputs, aux = _merge_and_prove(report, ckpt, specs, adapters, progress)
     _export_and_publish(report, out, model_obj, refs, inputs, aux, options, (onnx_bytes, t0))
     report.out = str(out)
     report.seconds = time.perf_counter() - t0
@@ -170,6 +173,7 @@ class _Options:
     keep_failed: bool
     overwrite: bool
     external_data: bool | None
+    progress: bool
 
 
 def _merge_and_prove(
@@ -177,7 +181,7 @@ def _merge_and_prove(
     ckpt: BaseCheckpoint,
     specs: list[AdapterSpec],
     adapters: list[FourierFTAdapter],
-    allow_pickle: bool,
+    progress: bool,
 ) -> tuple[Any, list[list[np.ndarray]], ValidationInputs, dict[str, bytes]]:
     """Merge in memory (with adapters), choose the task, prove the merge, and return the model to export, its
     reference outputs, the validation inputs and the small files to carry."""
@@ -186,6 +190,7 @@ def _merge_and_prove(
     aux = {p.name: p.read_bytes() for p in ckpt.aux_files if _is_aux(p.name)}
     if specs:
         t = time.perf_counter()
+        phase(progress, "to-onnx", f"merging {len(adapters)} adapter(s) into {ckpt.folder} in memory")
         merged = merge_opened(  # the base and adapters read once, above
             ckpt,
             adapters,
@@ -210,7 +215,9 @@ def _merge_and_prove(
         report.task, why = infer_task(config_dict)
         report.task_reason = f"inferred from config.json: {why}"
     if merged is None:
+        phase(progress, "to-onnx", f"loading {ckpt.folder} ({report.task}) and computing reference outputs")
         return (*_reference(report, ckpt), aux)
+    phase(progress, "to-onnx", f"loading the merged model ({report.task}), its reference outputs and the merge proof")
     model, refs, inputs = _prove(report, ckpt, merged, adapters, [s.weight for s in specs])
     return model, refs, inputs, aux
 
@@ -241,6 +248,7 @@ def _export_and_publish(
         temp = writer.temp
         assert temp is not None
         flat = FlatModel(model, sig).eval()
+        phase(options.progress, "to-onnx", f"exporting the graph ({report.export_shape})")
         info = export_graph(flat, example, temp, opset=options.opset, external_data=options.external_data)
         release_weights(model)
         del flat, model, example
@@ -250,6 +258,7 @@ def _export_and_publish(
         report.inputs, report.outputs = info.inputs, info.outputs
         if options.optimize:
             t = time.perf_counter()
+            phase(options.progress, "to-onnx", "optimising the graph with onnxruntime's transformer optimiser")
             report.optimized = optimize_graph(
                 temp, hf_config, use_gpu=options.device.startswith("cuda"), external_data=info.external_data
             )
@@ -258,6 +267,7 @@ def _export_and_publish(
             writer.write_file(name, data)
         if options.validate:
             t = time.perf_counter()
+            phase(options.progress, "to-onnx", f"validating in onnxruntime against PyTorch ({len(refs)} input cases)")
             report.validation, report.providers, notes = validate_graph(
                 temp / MODEL_FILE, options.device, inputs, refs, *options.tol
             )
