@@ -1,5 +1,5 @@
 """``python -m fourier_convert``."""
 
-from fourier_convert.cli.main import main
+from fourier_convert.cli.entry import main
 
 main()

@@ -82,3 +82,24 @@ def test_a_cpu_merge_runs_without_torch(tmp_path: Path) -> None:
     provenance = json.loads((tmp_path / "m" / "fourier_convert.json").read_text())
     assert provenance["torch"] is None and provenance["numpy"]
     assert {layer["backend"] for layer in provenance["report"]["layers"]} == {"numpy-cpu-float64"}
+
+
+@pytest.mark.parametrize("module", ["click", "fourier_convert.cli.merge_cmd"])
+def test_an_interrupt_while_starting_prints_one_line(module: str) -> None:
+    """Ctrl-C while the command line is still being imported: one line and exit 130, no traceback. (Only the
+    interpreter's own start and the package's first 1.5 ms of imports, before the entry point runs, remain
+    outside this.)"""
+    code = f"""
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["fourier-convert", "--help"]
+from fourier_convert.cli.entry import main
+main()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (130, "")
+    assert out.stderr == "interrupted: nothing was published and the inputs were not touched\n"

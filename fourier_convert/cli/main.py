@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from fourier_convert import __version__
+from fourier_convert.cli.entry import INTERRUPTED_LINE
 from fourier_convert.errors import (
     AdapterError,
     BaseMismatchError,
@@ -63,7 +64,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             if debug:
                 raise
-            click.echo("interrupted: nothing was published and the inputs were not touched", err=True)
+            click.echo(INTERRUPTED_LINE, err=True)
             ctx.exit(INTERRUPTED)
         except BrokenPipeError:
             # the reader went away (`| head`): stop quietly, like other Unix tools
@@ -149,7 +150,11 @@ def main() -> None:
     # clean up on an interrupt, so take it explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        cli(args=debug_first(sys.argv[1:]), prog_name="fourier-convert")
+        try:
+            cli(args=debug_first(sys.argv[1:]), prog_name="fourier-convert")
+        except KeyboardInterrupt:  # outside a command (while parsing the command line): nothing was started
+            print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
+            raise SystemExit(INTERRUPTED) from None
     except SystemExit as exc:
         if threading.active_count() > 1:
             # After an error or an interrupt, a background thread (skeleton import, permutation draws) may still
