@@ -1096,3 +1096,13 @@ def test_a_spectrum_too_large_for_its_layer_is_refused_from_the_header(
         fc.merge(base, adapter, tmp_path / "merged", device="cpu")
     assert time.perf_counter() - start < 2  # reading and widening would cost seconds and 480 MB of memory
     fails(tmp_path, fc.BaseMismatchError, msg, base, adapter)
+
+
+def test_a_linked_out_that_leads_into_an_input_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """--out is followed through links: one naming the base folder is an overlap even with --overwrite."""
+    base, adapter = llama
+    link = tmp_path / "out-link"
+    link.symlink_to(base)
+    msg = f"--out: {link} overlaps the input folder {base}; write the output to another folder"
+    fails(tmp_path, fc.UsageError, msg, base, adapter, "--overwrite", out=link, overwrite=True, code=2)
+    assert link.is_symlink() and (base / "config.json").is_file()

@@ -207,18 +207,35 @@ def test_an_output_filled_by_another_run_meanwhile_is_never_replaced(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_overwriting_a_linked_output_leaves_no_folder_behind(tmp_path: Path) -> None:
-    """--out a symlink to a non-empty folder, with --overwrite: the link is replaced by the output, the folder
-    it pointed to is left as it was, and no .out.old-* folder stays behind."""
+@pytest.mark.parametrize("kind", ["empty", "full", "dangling"])
+def test_a_linked_output_is_written_where_the_link_points(tmp_path: Path, kind: str) -> None:
+    """--out a symlink: the output lands in the folder the link names (an empty one, a full one with
+    --overwrite, or one that does not exist yet); the link stays, and nothing is left beside either."""
+    target = tmp_path / "disk" / "elsewhere"
+    if kind != "dangling":
+        target.mkdir(parents=True)
+    if kind == "full":
+        (target / "old.txt").write_text("replaced")
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    with CheckpointWriter(out, overwrite=kind == "full") as w:
+        w.begin([])
+        w.write_file("model.onnx", b"graph")
+        w.commit()
+    assert out.is_symlink() and [p.name for p in target.iterdir()] == ["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]
+    assert [p.name for p in (tmp_path / "disk").iterdir()] == ["elsewhere"]
+
+
+def test_a_linked_full_output_without_overwrite_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.mkdir()
     (target / "keep.txt").write_text("kept")
     out = tmp_path / "out"
     out.symlink_to(target)
-    with CheckpointWriter(out, overwrite=True) as w:
+    with pytest.raises(OutputError) as info, CheckpointWriter(out) as w:
         w.begin([])
-        w.write_file("model.onnx", b"graph")
-        w.commit()
-    assert not out.is_symlink() and [p.name for p in out.iterdir()] == ["model.onnx"]
+    assert str(info.value) == (
+        f"{out} (a link to {target}): exists and is not empty; choose another --out or pass --overwrite"
+    )
     assert (target / "keep.txt").read_text() == "kept"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]

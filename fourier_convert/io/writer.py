@@ -250,7 +250,8 @@ class CheckpointWriter:
     def __init__(
         self, out: Path, *, overwrite: bool = False, progress: ByteProgress | None = None, durable: bool = True
     ) -> None:
-        self.out = Path(out)
+        self.given = Path(out)
+        self.out = output_target(self.given)  # where it publishes (a link's target)
         self.overwrite = overwrite
         self.durable = durable
         self.progress = progress
@@ -273,7 +274,7 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         # Nothing is created here: folders appear in begin(), inside the with-block, so that an interrupt
         # at any moment is followed by __exit__ and its clean-up.
-        check_output_target(self.out, self.overwrite)
+        check_output_target(self.given, self.overwrite)
         return self
 
     def _make_temp(self) -> Path:
@@ -496,21 +497,35 @@ class CheckpointWriter:
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
-            else:  # a link (replaced; the folder it pointed to is left alone) or a file
+            else:  # a file
                 old.unlink()
 
 
+def output_target(out: Path) -> Path:
+    """Where an ``--out`` path really publishes: a symbolic link is followed (all the way, even when it dangles),
+    so the output lands in the folder the link names and the link stays as it is.
+
+    Example:
+        >>> output_target(Path("merged")) == Path("merged")  # not a link: unchanged
+        True
+    """
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
 def check_output_target(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty folder without ``overwrite``.
+    """Refuse an output path that is a file, or a non-empty folder without ``overwrite`` (a link is judged by
+    what it points to, :func:`output_target`).
 
     Raises:
         OutputError: The target cannot be used.
     """
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise OutputError(str(out), "exists and is not a folder", "choose another --out")
-        if any(out.iterdir()) and not overwrite:
-            raise OutputError(str(out), "exists and is not empty", "choose another --out or pass --overwrite")
+    target = output_target(out)
+    name = str(out) if target == out else f"{out} (a link to {target})"
+    if target.exists():
+        if not target.is_dir():
+            raise OutputError(name, "exists and is not a folder", "choose another --out")
+        if any(target.iterdir()) and not overwrite:
+            raise OutputError(name, "exists and is not empty", "choose another --out or pass --overwrite")
 
 
 def refuse_input_as_output(out: Path, inputs: Sequence[Path]) -> None:
