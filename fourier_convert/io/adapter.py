@@ -284,6 +284,11 @@ def load_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _names_or_regex(value: Any) -> bool:
+    """A module selector as PEFT takes it: a regex string, or a list of name strings."""
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
 def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
     """Validate a FourierFT adapter config dict.
 
@@ -324,8 +329,15 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
             where, f"n_frequency_pattern is {pattern!r}, expected a map of name -> positive int", "fix the config"
         )
     targets = cfg.get("target_modules")
-    if targets is not None and not isinstance(targets, (str, list)):
+    if targets is not None and not _names_or_regex(targets):
         raise AdapterError(where, f"target_modules is {targets!r}, expected a list or a regex", "fix the config")
+    for key in ("exclude_modules", "layers_pattern"):
+        value = cfg.get(key)
+        if value is not None and not _names_or_regex(value):
+            raise AdapterError(where, f"{key} is {value!r}, expected a list of names or a regex", "fix the config")
+    fan_in_fan_out = cfg.get("fan_in_fan_out", False)
+    if not isinstance(fan_in_fan_out, bool):
+        raise AdapterError(where, f"fan_in_fan_out is {fan_in_fan_out!r}, expected true or false", "fix the config")
     layers = cfg.get("layers_to_transform")
     if layers is not None and not (
         (isinstance(layers, int) and not isinstance(layers, bool))
@@ -339,7 +351,7 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
         n_frequency=n_frequency,
         scaling=float(scaling),
         random_loc_seed=seed,
-        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        fan_in_fan_out=fan_in_fan_out,
         bias=bias,
         target_modules=targets,
         exclude_modules=cfg.get("exclude_modules"),

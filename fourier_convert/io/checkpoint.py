@@ -164,12 +164,35 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
     for path in aux:
         _refuse_outside_link(path, folder)
     if config is not None:
+        _check_config_fields(config, config_path)
         _check_layer_count(config, list(tensors), config_path)
     return BaseCheckpoint(folder, config, shards, tensors, index_metadata, aux)
 
 
 #: Config keys that give a model's number of layers (a model skeleton is built with that many).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _check_config_fields(config: dict[str, Any], where: Path) -> None:
+    """The config fields every command reads to find the model class hold what transformers expects.
+
+    Raises:
+        InputFileError: ``architectures`` is not a list of class names, or ``model_type`` not a string.
+    """
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs)):
+        raise InputFileError(
+            str(where),
+            f"architectures is {archs!r}, expected a list of model class names",
+            'fix config.json (for example "architectures": ["LlamaForCausalLM"])',
+        )
+    model_type = config.get("model_type")
+    if model_type is not None and not (isinstance(model_type, str) and model_type):
+        raise InputFileError(
+            str(where),
+            f"model_type is {model_type!r}, expected a name such as \"llama\"",
+            "fix config.json, or use the config.json that came with these weights",
+        )
 
 
 def _check_layer_count(config: dict[str, Any], keys: list[str], where: Path) -> None:
