@@ -1106,3 +1106,39 @@ def test_a_linked_out_that_leads_into_an_input_is_refused(llama: tuple[Path, Pat
     msg = f"--out: {link} overlaps the input folder {base}; write the output to another folder"
     fails(tmp_path, fc.UsageError, msg, base, adapter, "--overwrite", out=link, overwrite=True, code=2)
     assert link.is_symlink() and (base / "config.json").is_file()
+
+
+FIX_CONFIG = "fix the config"
+WRONG_TYPES = [
+    (
+        "base", "architectures", 5,
+        'architectures is 5, expected a list of model class names; fix config.json (for example "architectures": '
+        '["LlamaForCausalLM"])',
+    ),
+    (
+        "base", "model_type", [],
+        'model_type is [], expected a name such as "llama"; fix config.json, or use the config.json that came with '
+        "these weights",
+    ),
+    ("adapter", "exclude_modules", 1.5, f"exclude_modules is 1.5, expected a list of names or a regex; {FIX_CONFIG}"),
+    ("adapter", "target_modules", ["q", 3], f"target_modules is ['q', 3], expected a list or a regex; {FIX_CONFIG}"),
+    ("adapter", "fan_in_fan_out", "yes", f"fan_in_fan_out is 'yes', expected true or false; {FIX_CONFIG}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("where", "field", "value", "found"), WRONG_TYPES)
+def test_config_fields_of_the_wrong_type(
+    llama: tuple[Path, Path], tmp_path: Path, where: str, field: str, value: Any, found: str
+) -> None:
+    """Found by tests/test_fuzz.py: each was an internal error (TypeError, KeyError) or silently misread."""
+    base, adapter = llama
+    if where == "base":
+        path = base / "config.json"
+        doc = json.loads(path.read_text())
+        doc[field] = value
+        path.write_text(json.dumps(doc))
+        msg = f"{path}: {found}"
+    else:
+        edit_config(adapter, **{field: value})
+        msg = f"{adapter / 'adapter_config.json'}: {found}"
+    fails(tmp_path, fc.InputFileError if where == "base" else fc.AdapterError, msg, base, adapter)
