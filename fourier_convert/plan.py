@@ -257,6 +257,9 @@ def build_plan(
     for i, adapter in enumerate(adapters):
         s = adapter.settings
         where = adapter.label
+        if s.scaling * mult[i] == 0:
+            why = "scaling is 0 in its adapter_config.json" if s.scaling == 0 else "its --weight is 0"
+            warnings.append(f"{where}: {why}, so its deltas are zero and it changes nothing")
         for module, spec in adapter.spectra.items():
             key = names.find(f"{module}.weight")
             if key is None:

@@ -1142,3 +1142,16 @@ def test_config_fields_of_the_wrong_type(
         edit_config(adapter, **{field: value})
         msg = f"{adapter / 'adapter_config.json'}: {found}"
     fails(tmp_path, fc.InputFileError if where == "base" else fc.AdapterError, msg, base, adapter)
+
+
+def test_a_zero_scaling_is_merged_with_a_warning(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    edit_config(adapter, scaling=0.0)
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == (
+        f"warning: {adapter}: scaling is 0 in its adapter_config.json, so its deltas are zero and it changes nothing\n"
+    )
+    for shard in sorted(base.glob("*.safetensors")):  # base + 0, rounded once: the base's own values
+        merged, original = load_file(tmp_path / "m" / shard.name), load_file(shard)
+        assert merged.keys() == original.keys() and all(torch.equal(merged[k], original[k]) for k in merged)

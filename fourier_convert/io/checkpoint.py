@@ -190,7 +190,7 @@ def _check_config_fields(config: dict[str, Any], where: Path) -> None:
     if model_type is not None and not (isinstance(model_type, str) and model_type):
         raise InputFileError(
             str(where),
-            f"model_type is {model_type!r}, expected a name such as \"llama\"",
+            f'model_type is {model_type!r}, expected a name such as "llama"',
             "fix config.json, or use the config.json that came with these weights",
         )
 
