@@ -1155,3 +1155,19 @@ def test_a_zero_scaling_is_merged_with_a_warning(llama: tuple[Path, Path], tmp_p
     for shard in sorted(base.glob("*.safetensors")):  # base + 0, rounded once: the base's own values
         merged, original = load_file(tmp_path / "m" / shard.name), load_file(shard)
         assert merged.keys() == original.keys() and all(torch.equal(merged[k], original[k]) for k in merged)
+
+
+@pytest.mark.parametrize("role", ["adapter", "base"])
+def test_an_onnx_export_folder_is_recognised(llama: tuple[Path, Path], tmp_path: Path, role: str) -> None:
+    base, adapter = llama
+    export = tmp_path / "llama" / "onnx"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"graph")
+    (export / "config.json").write_text("{}")
+    what = f"{export}: is an ONNX export (model.onnx), not a"
+    if role == "adapter":
+        msg = f"{what} FourierFT adapter; pass the FourierFT adapter folder the export was made from"
+        fails(tmp_path, fc.AdapterError, msg, base, export)
+    else:
+        msg = f"{what} Hugging Face model with safetensors weights; pass the model folder the export was made from"
+        fails(tmp_path, fc.InputFileError, msg, export, adapter)

@@ -226,6 +226,12 @@ def _not_an_adapter(folder: Path) -> None:
             "is a model folder (config.json and weights), not a FourierFT adapter",
             "pass it as --base (or --model for to-onnx), and the adapter folder as --adapter",
         )
+    if (folder / "model.onnx").is_file():
+        raise AdapterError(
+            str(folder),
+            "is an ONNX export (model.onnx), not a FourierFT adapter",
+            "pass the FourierFT adapter folder the export was made from",
+        )
     inside = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
     if inside:
         raise InputFileError(

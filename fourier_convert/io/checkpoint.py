@@ -146,6 +146,12 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
                 "base weights are pickles, which can run code when loaded and cannot be streamed",
                 "convert them once: AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)",
             )
+        if (folder / "model.onnx").is_file():
+            raise InputFileError(
+                str(folder),
+                "is an ONNX export (model.onnx), not a Hugging Face model with safetensors weights",
+                "pass the model folder the export was made from",
+            )
         if (folder / "adapter_config.json").is_file():
             raise InputFileError(
                 str(folder),
