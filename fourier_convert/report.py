@@ -25,6 +25,7 @@ class LayerReport:
         max_abs_error: Largest difference found.
         tolerance: The bound it had to stay within.
         delta_norm: Frobenius norm of the summed delta.
+        base_norm: Frobenius norm of the base weight (a delta much larger than it is reported as a warning).
         near_ties: Merged elements within the FFT's error of a rounding midpoint of the output dtype, taken
             from the float64 closed form instead (so every backend writes the same bits; docs/maths.md).
     """
@@ -40,6 +41,7 @@ class LayerReport:
     max_abs_error: float = 0.0
     tolerance: float = 0.0
     delta_norm: float = 0.0
+    base_norm: float = 0.0
     near_ties: int = 0
 
 

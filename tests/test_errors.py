@@ -1171,3 +1171,18 @@ def test_an_onnx_export_folder_is_recognised(llama: tuple[Path, Path], tmp_path:
     else:
         msg = f"{what} Hugging Face model with safetensors weights; pass the model folder the export was made from"
         fails(tmp_path, fc.InputFileError, msg, export, adapter)
+
+
+def test_a_delta_larger_than_its_weight_is_merged_with_a_warning(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """scaling 1e30: every merged value is still finite in float32, but the deltas dwarf the weights."""
+    base, adapter = llama
+    edit_config(adapter, scaling=1e30)
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "m" / "fourier_convert.json").read_text())["report"]
+    worst = max(report["layers"], key=lambda r: r["delta_norm"] / r["base_norm"])
+    assert res.stderr == (
+        f"warning: 4 layer(s) change by more than 100x their own weight (largest: {worst['module']}, delta norm "
+        f"{worst['delta_norm']:.3g} = {worst['delta_norm'] / worst['base_norm']:.3g} x the base weight's); "
+        "check the adapter's scaling and --weight\n"
+    )

@@ -165,6 +165,7 @@ def merge_layers(
             del parts
             rep = layer_stub(layer)
             rep.delta_norm = float(torch.linalg.vector_norm(total).item())
+            rep.base_norm = float(torch.linalg.vector_norm(base, dtype=torch.float64).item())
             oriented = total.T if layer.conv1d else total
             base = base.to(dev)
             oriented.add_(base)

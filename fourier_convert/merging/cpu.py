@@ -155,7 +155,7 @@ def _merge_layer(
         cp = column_pass(values, idx, shape, scaling, map_fn=pool.map)
         sources.append(functools.partial(delta_rows, cp))
     used = [BACKEND] * len(sources)
-    out, samples, norm, broken, settled = _blocks(layer, o, sources, spectra, pool, rng)
+    out, samples, norms, broken, settled = _blocks(layer, o, sources, spectra, pool, rng)
     checks = _checks(samples, spectra)
     notes: list[str] = []
     if not all(ch.passed for ch in checks):
@@ -163,12 +163,12 @@ def _merge_layer(
         notes.append(f"{layer.module}: {BACKEND} failed its check; used {FALLBACK}")
         sources = [_dense_source(values, idx, shape, scaling) for values, idx, scaling in spectra]
         used = [FALLBACK] * len(sources)
-        out, samples, norm, broken, settled = _blocks(layer, o, sources, spectra, pool, rng)
+        out, samples, norms, broken, settled = _blocks(layer, o, sources, spectra, pool, rng)
         checks = _checks(samples, spectra)
         if not all(ch.passed for ch in checks):
             raise verification_error(layer, first, "numpy", np.__version__)
     rep = layer_stub(layer)
-    rep.delta_norm = norm
+    rep.delta_norm, rep.base_norm = norms
     rep.near_ties = settled
     if broken:
         raise non_finite_error(layer, o, broken, rep.delta_norm)
@@ -196,9 +196,10 @@ def _blocks(
     spectra: list[tuple[np.ndarray, np.ndarray, float]],
     pool: ThreadPoolExecutor,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, list[DeltaSample], float, int, int]:
-    """Merge a layer block by block: returns the output, each contribution's sample, the summed delta's
-    Frobenius norm, how many elements became non-finite and how many were settled next to a midpoint."""
+) -> tuple[np.ndarray, list[DeltaSample], tuple[float, float], int, int]:
+    """Merge a layer block by block: returns the output, each contribution's sample, the Frobenius norms of the
+    summed delta and of the base weight, how many elements became non-finite and how many were settled next to
+    a midpoint."""
     info = layer.weight
     rows, cols = int(info.shape[0]), int(info.shape[1])
     base = np.frombuffer(read_bytes(info), dtype=STORAGE[info.dtype]).reshape(rows, cols)
@@ -209,7 +210,7 @@ def _blocks(
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     width = tie_width([(values, scaling) for values, _, scaling in spectra], (rows, cols))
 
-    def block(start: int) -> tuple[float, float, int, int]:
+    def block(start: int) -> tuple[float, float, float, int, int]:
         stop = min(rows, start + step)
         total = None
         for source, sample in zip(sources, samples, strict=True):
@@ -223,6 +224,9 @@ def _blocks(
         assert total is not None
         scale, sq = _sum_of_squares(total.reshape(-1))
         x = to_float64(base[start:stop], info.dtype)
+        flat_base = x.reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            base_sq = float(np.dot(flat_base, flat_base))
         x += total
         round_into(x, out[start:stop], o.dtype)  # overflow to inf is counted below, and refused
         near = near_ties(x, width, o.dtype)
@@ -234,14 +238,15 @@ def _blocks(
             out[start:stop].reshape(-1)[near] = fixed
         lo, hi = x.min(), x.max()
         if np.isfinite(lo) and np.isfinite(hi) and max(-lo, hi) <= limit:
-            return scale, sq, 0, near.size
+            return scale, sq, base_sq, 0, near.size
         bad = ~finite_stored(out[start:stop], o.dtype) & finite_stored(base[start:stop], info.dtype)
-        return scale, sq, int(bad.sum()), near.size
+        return scale, sq, base_sq, int(bad.sum()), near.size
 
     results = list(pool.map(block, range(0, rows, step)))
     top = max(r[0] for r in results)
     norm = top * float(np.sqrt(sum(r[1] * (r[0] / top) ** 2 for r in results)))
-    return out, samples, norm, sum(r[2] for r in results), sum(r[3] for r in results)
+    base_norm = float(np.sqrt(sum(r[2] for r in results)))
+    return out, samples, (norm, base_norm), sum(r[3] for r in results), sum(r[4] for r in results)
 
 
 def _sum_of_squares(flat: np.ndarray) -> tuple[float, float]:

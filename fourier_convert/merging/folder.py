@@ -45,6 +45,7 @@ from fourier_convert.merging.specs import (
     change_row,
     check_precision,
     config_json,
+    large_delta_warnings,
     layer_stub,
     plan_report,
 )
@@ -297,6 +298,7 @@ def _merge_tensors(
             done[layer.key].orientation = layer.orientation_source
     report.timings["skeleton_wait"] = time.perf_counter() - t1
     report.layers = [done[layer.key] for layer in plan.layers]
+    report.warnings += large_delta_warnings(report.layers)
     report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
     converted = [o for o in plan.outputs if o.raw_source is None and o.kind != "merge"]
     if converted:  # replacements and dtype casts (torch casts them)

@@ -21,7 +21,7 @@ from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.dtypes import parse_user_dtype
 from fourier_convert.merging.core import compute_dtype, converted_value, merge_layers, resolve_device, torch_threads
 from fourier_convert.merging.cpu import merge_layers_cpu
-from fourier_convert.merging.specs import AdapterSpec, adapter_specs, change_row, plan_report
+from fourier_convert.merging.specs import AdapterSpec, adapter_specs, change_row, large_delta_warnings, plan_report
 from fourier_convert.plan import plan_with_orientation
 from fourier_convert.report import MergeReport
 
@@ -159,6 +159,7 @@ def merge_opened(
             put(o.name, converted_value(o))
     report.timings["read_and_cast"] = time.perf_counter() - t1
     report.layers = [done[layer.key] for layer in plan.layers]
+    report.warnings += large_delta_warnings(report.layers)
     report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
     report.seconds = time.perf_counter() - t0
     ordered = {o.name: tensors[o.name] for o in plan.outputs}
