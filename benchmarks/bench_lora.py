@@ -619,7 +619,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         result = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "hostname": socket.gethostname(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),

@@ -926,7 +926,7 @@ def write_json(
 ) -> None:
     """Write the machine-readable results to ``args.json``."""
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),

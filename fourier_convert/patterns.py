@@ -24,12 +24,8 @@ from fourier_convert.errors import AdapterError
 MATCH_SECONDS = 0.1
 
 # re's own parser (private since Python 3.11, where its public aliases sre_parse / sre_constants are deprecated)
-try:
-    _sre_parser: Any = importlib.import_module("re._parser")
-    _sre_constants: Any = importlib.import_module("re._constants")
-except ModuleNotFoundError:  # Python 3.10
-    _sre_parser = importlib.import_module("sre_parse")
-    _sre_constants = importlib.import_module("sre_constants")
+_sre_parser: Any = importlib.import_module("re._parser")
+_sre_constants: Any = importlib.import_module("re._constants")
 
 _REPEATS = {_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT}
 
