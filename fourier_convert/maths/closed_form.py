@@ -132,7 +132,11 @@ class DeltaSample:
         self.finite = True
 
     def take(self, start: int, block: np.ndarray) -> None:
-        """Record the sampled entries of rows ``start .. start + len(block)`` (and whether all are finite)."""
+        """Record the sampled entries of rows ``start .. start + len(block)`` (and whether all are finite).
+
+        Thread-safe: blocks may be taken concurrently (each writes its own rows; the finiteness flag only
+        goes from True to False).
+        """
         stop = start + block.shape[0]
         here = (self.rows >= start) & (self.rows < stop)
         self.got[here] = block[self.rows[here] - start, self.cols[here]]
@@ -140,7 +144,11 @@ class DeltaSample:
             if start <= p < stop:
                 self.got_rows[i] = block[p - start]
         self.got_cols[:, start:stop] = block[:, self.line_cols].T
-        self.finite = self.finite and bool(np.isfinite(block).all())
+        flat = block.reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = bool(np.isfinite(np.dot(flat, flat)))  # a NaN or inf anywhere makes the sum non-finite
+        if not finite and not np.isfinite(block).all():  # (a finite block can still overflow the sum)
+            self.finite = False
 
     def check(self, values: np.ndarray, indices: np.ndarray, scaling: float, *, eps: float) -> DeltaCheck:
         """Compare the recorded entries with the closed form (an entry never taken counts as a failure).

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -205,7 +204,6 @@ def _blocks(
     base = np.frombuffer(read_bytes(info), dtype=STORAGE[info.dtype]).reshape(rows, cols)
     out = np.empty((rows, cols), dtype=STORAGE[o.dtype])
     samples = [DeltaSample((rows, cols), rng) for _ in sources]
-    lock = threading.Lock()
     limit = _MAX_FINITE[o.dtype]
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     width = tie_width([(values, scaling) for values, _, scaling in spectra], (rows, cols))
@@ -215,8 +213,7 @@ def _blocks(
         total = None
         for source, sample in zip(sources, samples, strict=True):
             d = source(start, stop)
-            with lock:
-                sample.take(start, d)
+            sample.take(start, d)
             if total is None:
                 total = d.copy() if len(sources) > 1 else d
             else:
