@@ -616,34 +616,24 @@ def test_disk_full_reports_the_full_size(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
 
 
+@pytest.mark.parametrize(("precision", "library"), [("float64", "numpy"), ("float32", "torch")])
 def test_verification_failure_publishes_nothing(
-    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, library: str
 ) -> None:
+    """float64: the numpy CPU merge; float32: the torch path (the GPU's code, on the CPU)."""
     base, adapter = llama
     monkeypatch.setattr(DeltaSample, "check", lambda *a, **k: DeltaCheck(10, 1.0, 1e-6, False))
+    version = np.__version__ if library == "numpy" else torch.__version__
     msg = (
         "model.layers.0.self_attn.q_proj.weight: reconstructed delta differs from the float64 closed form by "
         "1.000e+00 (tolerance 1.000e-06) on every backend; nothing was written; report this with the layer shape "
-        f"and your numpy version ({np.__version__})"
+        f"and your {library} version ({version})"
     )
-    fails(tmp_path, fc.VerificationError, msg, base, adapter)
+    fails(tmp_path, fc.VerificationError, msg, base, adapter, "--precision", precision, precision=precision)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
     with pytest.raises(fc.VerificationError) as e:
-        fc.merge_in_memory(base, adapter, device="cpu")
+        fc.merge_in_memory(base, adapter, device="cpu", precision=precision)
     assert str(e.value) == msg
-
-
-def test_verification_failure_on_the_torch_path(
-    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base, adapter = llama
-    monkeypatch.setattr(DeltaSample, "check", lambda *a, **k: DeltaCheck(10, 1.0, 1e-6, False))
-    msg = (
-        "model.layers.0.self_attn.q_proj.weight: reconstructed delta differs from the float64 closed form by "
-        "1.000e+00 (tolerance 1.000e-06) on every backend; nothing was written; report this with the layer shape "
-        f"and your torch version ({torch.__version__})"
-    )
-    fails(tmp_path, fc.VerificationError, msg, base, adapter, "--precision", "float32", precision="float32")
 
 
 @pytest.mark.parametrize(
@@ -1130,7 +1120,8 @@ WRONG_TYPES = [
 def test_config_fields_of_the_wrong_type(
     llama: tuple[Path, Path], tmp_path: Path, where: str, field: str, value: Any, found: str
 ) -> None:
-    """Found by tests/test_fuzz.py: each was an internal error (TypeError, KeyError) or silently misread."""
+    """tests/test_fuzz.py found the architectures (TypeError, KeyError) and exclude_modules (TypeError) cases as
+    internal errors; the others are checks of the same kind (a string fan_in_fan_out was read as true)."""
     base, adapter = llama
     if where == "base":
         path = base / "config.json"

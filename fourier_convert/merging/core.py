@@ -27,7 +27,7 @@ from fourier_convert.maths.delta_numpy import delta_weights_numpy
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.rounding import ROUNDED_DTYPES, round_once
 from fourier_convert.merging.ahead import run_ahead
-from fourier_convert.merging.cpu import non_finite_error, stored_spectra, verification_error
+from fourier_convert.merging.cpu import layer_positions, non_finite_error, stored_spectra, verification_error
 from fourier_convert.merging.specs import check_precision, layer_stub
 from fourier_convert.merging.ties import closed_form_sums, tie_width
 from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
@@ -128,12 +128,7 @@ def merge_layers(
     Raises:
         VerificationError: A delta failed its float64 spot check on every backend.
     """
-    cache = IndexCache()
-    for layer in layers:
-        m, n = layer.delta_shape
-        for c in layer.contributions:
-            cache.reserve(m, n, c.seed, c.spectrum.n)
-    cache.prefetch()
+    cache = layer_positions(layers)
     by_shape: dict[tuple[int, int], list[LayerPlan]] = defaultdict(list)
     for layer in layers:
         by_shape[layer.delta_shape].append(layer)

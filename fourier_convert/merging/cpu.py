@@ -98,12 +98,7 @@ def merge_layers_cpu(
     Example:
         >>> reports, fallbacks = merge_layers_cpu(plan.layers, plan, writer_sink)  # doctest: +SKIP
     """
-    cache = IndexCache()
-    for layer in layers:
-        m, n = layer.delta_shape
-        for c in layer.contributions:
-            cache.reserve(m, n, c.seed, c.spectrum.n)
-    cache.prefetch()
+    cache = layer_positions(layers)
     outputs = {o.name: o for o in plan.outputs}
     rng = np.random.default_rng(0)
     reports: dict[str, LayerReport] = {}
@@ -125,6 +120,22 @@ def merge_layers_cpu(
             reports[done.layer.key] = done.report
             fallbacks += done.fallbacks
     return reports, fallbacks
+
+
+def layer_positions(layers: list[LayerPlan]) -> IndexCache:
+    """An index cache with every layer's positions reserved and being drawn in the background (shared by the
+    CPU and torch merges).
+
+    Example:
+        >>> cache = layer_positions(plan.layers)  # doctest: +SKIP
+    """
+    cache = IndexCache()
+    for layer in layers:
+        m, n = layer.delta_shape
+        for c in layer.contributions:
+            cache.reserve(m, n, c.seed, c.spectrum.n)
+    cache.prefetch()
+    return cache
 
 
 def stored_spectra(layer: LayerPlan, cache: IndexCache) -> list[tuple[np.ndarray, np.ndarray, float]]:
