@@ -43,6 +43,55 @@ def test_cuda_merge_is_correctly_rounded_at_4096_width(tmp_path: Path) -> None:
         assert torch.equal(cpu[name], gpu[name]), name
 
 
+def test_cuda_folder_merge_streams_in_parts_and_is_correctly_rounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder merge sends each 4096 x 4096 weight to the GPU and back through pinned buffers of an odd size
+    (many parts, a short last one): every element is still the correctly rounded value, as on the CPU."""
+    from fourier_convert.merging import transfer
+    from tests.rounding_reference import nearest_even
+    from tests.test_merge import _wide_llama
+
+    monkeypatch.setattr(transfer, "STAGE_BYTES", (1 << 20) + 6)
+    spectrum = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    delta = _wide_llama(tmp_path, spectrum, planted=40_000, seed=6)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    fc.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "gpu", device="cuda")
+    fc.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "cpu", device="cpu")
+    gpu, cpu = load_model_tensors(tmp_path / "gpu"), load_model_tensors(tmp_path / "cpu")
+    want = nearest_even(load_model_tensors(tmp_path / "base")[key].double() + delta, 7)
+    assert int((gpu[key].double() != want).sum()) == 0
+    assert gpu.keys() == cpu.keys()
+    for name in cpu:
+        assert torch.equal(cpu[name], gpu[name]), name
+
+
+@pytest.mark.parametrize("part", [1000, 4096, 1 << 20])
+def test_upload_and_download_through_small_pinned_buffers(part: int, tmp_path: Path) -> None:
+    """A weight read from its file onto the GPU part by part, and sent back part by part, in order."""
+    from fourier_convert.io.checkpoint import open_checkpoint
+    from fourier_convert.io.safetensors_file import read_torch
+    from fourier_convert.merging.transfer import PinnedBuffers, download, upload
+
+    info = open_checkpoint(FIXTURES / "llama" / "base").tensors["model.embed_tokens.weight"]
+    ring = PinnedBuffers(torch.device("cuda"), nbytes=part)
+    on_gpu = upload(info, ring)
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), read_torch(info))
+    got = bytearray()
+    starts: list[int] = []
+
+    def write(data: memoryview, at: int) -> None:
+        starts.append(at)
+        got.extend(data)
+
+    download(on_gpu, ring, write)
+    assert bytes(got) == bytes(read_torch(info).view(torch.uint8).numpy())
+    assert starts == list(range(0, info.nbytes, part))
+    starts.clear()
+    download(torch.empty(0, device="cuda"), ring, write)
+    assert starts == [0]
+
+
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)])
 def test_cuda_delta_passes_float64_check_at_real_widths(shape: tuple[int, int]) -> None:
     m, n = shape

@@ -403,9 +403,14 @@ def test_numpy_and_torch_float64_paths_write_the_same_bits(name: str) -> None:
     numpy_reports, _ = merge_layers_cpu(
         plan.layers, plan, lambda k, v: with_numpy.__setitem__(k, stored_to_torch(v)), threads=3
     )
-    merge_layers(plan.layers, plan, with_torch.__setitem__, torch.device("cpu"), torch.float64)
+    torch_reports, _ = merge_layers(plan.layers, plan, with_torch.__setitem__, torch.device("cpu"), torch.float64)
     assert with_numpy.keys() == with_torch.keys() and with_numpy
     for key, value in with_torch.items():
         assert torch.equal(with_numpy[key], value), key
+    # the same window on both paths: the same elements settled, and the same figures reported
+    for key, rep in numpy_reports.items():
+        assert rep.near_ties == torch_reports[key].near_ties, key
+        assert rep.delta_norm == pytest.approx(torch_reports[key].delta_norm, rel=1e-12), key
+        assert rep.base_norm == pytest.approx(torch_reports[key].base_norm, rel=1e-12), key
     if name == "bert_head":
         assert sum(layer.near_ties for layer in numpy_reports.values()) >= 1

@@ -25,9 +25,15 @@ def numpy_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return stored_to_torch(out)
 
 
-@pytest.fixture(params=["torch", "numpy"])
+def elementwise_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """round_once as it runs on a GPU: every element through round-to-odd."""
+    return round_once(x, dtype, elementwise=True)
+
+
+@pytest.fixture(params=["torch", "torch-elementwise", "numpy"])
 def rounder(request: pytest.FixtureRequest) -> Rounder:
-    return round_once if request.param == "torch" else numpy_round
+    return {"torch": round_once, "torch-elementwise": elementwise_round, "numpy": numpy_round}[request.param]
+
 
 MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
 NORMAL = {torch.bfloat16: (2.0**-126, 3.0e38), torch.float16: (2.0**-14, 65504.0)}
@@ -100,10 +106,12 @@ def test_round_to_odd_truncates_and_marks_inexact() -> None:
     assert got[4] == 2.0**-140  # a float32 subnormal, exact
 
 
-def test_chunks_do_not_change_the_result() -> None:
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_chunks_do_not_change_the_result(elementwise: bool) -> None:
     x = torch.randn(3, 1000, dtype=torch.float64)
-    assert torch.equal(round_once(x, torch.bfloat16, chunk=7), round_once(x, torch.bfloat16))
-    assert round_once(x, torch.bfloat16, chunk=7).shape == (3, 1000)
+    chunked = round_once(x, torch.bfloat16, chunk=7, elementwise=elementwise)
+    assert torch.equal(chunked, round_once(x, torch.bfloat16))
+    assert chunked.shape == (3, 1000)
 
 
 def test_refuses_other_dtypes() -> None:

@@ -171,8 +171,29 @@ def test_overwrite_replaces_the_whole_folder(tmp_path: Path) -> None:
 def test_wrong_tensor_size_is_refused(tmp_path: Path) -> None:
     with CheckpointWriter(tmp_path / "out") as w:
         w.begin(layout_shards([[TensorSpec("w", "F32", (2,))]]))
-        with pytest.raises(OutputError, match="computed 4 bytes, the plan says 8"):
-            w.write_tensor("model.safetensors", "w", b"\0" * 4)
+        wanted = r"computed bytes 0\.\.12, the plan says 8 in all \(parts come in order; 0 written\)"
+        with pytest.raises(OutputError, match=wanted):
+            w.write_tensor("model.safetensors", "w", b"\0" * 12)
+        w.write_tensor("model.safetensors", "w", b"\0" * 4)  # a first part
+        with pytest.raises(OutputError, match="planned tensors were not written"):
+            w.commit()
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensor_written_in_parts(tmp_path: Path) -> None:
+    """The CUDA merge streams a weight out through small pinned buffers: parts land in order at their offsets."""
+    values = torch.arange(6, dtype=torch.float32)
+    raw = _bytes(values)
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.begin(layout_shards([[TensorSpec("a", "F32", (1,)), TensorSpec("w", "F32", (6,))]]))
+        w.write_tensor("model.safetensors", "a", _bytes(torch.ones(1)))
+        w.write_tensor("model.safetensors", "w", raw[:8])
+        with pytest.raises(OutputError, match=r"computed bytes 4\.\.8, .*8 written"):
+            w.write_tensor("model.safetensors", "w", raw[4:8], at=4)  # out of order
+        w.write_tensor("model.safetensors", "w", raw[8:20], at=8)
+        w.write_tensor("model.safetensors", "w", raw[20:], at=20)
+        w.commit()
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["w"], values)
 
 
 def test_coalesce_is_linear_in_the_number_of_tensors() -> None:

@@ -255,20 +255,45 @@ def _json_kind(value: Any) -> str:
 
 
 def read_bytes(info: TensorInfo) -> bytearray:
-    """Read one tensor's raw bytes with a single positioned read."""
+    """Read one tensor's raw bytes with a single positioned read.
+
+    Raises:
+        InputFileError: The file ends inside the tensor.
+    """
+    out = bytearray(info.nbytes)
+    read_into(info, memoryview(out))
+    return out
+
+
+def read_into(info: TensorInfo, view: memoryview, start: int = 0) -> None:
+    """Fill ``view`` with the tensor's bytes from byte ``start`` of its data on (a part of a large tensor,
+    e.g. into a pinned transfer buffer).
+
+    Args:
+        info: The tensor.
+        view: Writable bytes; ``len(view)`` bytes are read.
+        start: Offset inside the tensor's data.
+
+    Raises:
+        InputFileError: The file ends inside the tensor.
+        ValueError: The range runs past the tensor.
+
+    Example:
+        >>> buf = bytearray(2)
+        >>> read_into(info, memoryview(buf), start=2)  # doctest: +SKIP
+    """
+    if start < 0 or start + len(view) > info.nbytes:
+        raise ValueError(f"bytes {start}..{start + len(view)} are outside tensor {info.name!r} ({info.nbytes} bytes)")
     fd = os.open(info.path, os.O_RDONLY)
     try:
-        out = bytearray(info.nbytes)
-        view = memoryview(out)
         got = 0
-        while got < info.nbytes:
-            k = os.preadv(fd, [view[got:]], info.start + got)
+        while got < len(view):
+            k = os.preadv(fd, [view[got:]], info.start + start + got)
             if k == 0:
                 raise InputFileError(
                     str(info.path), f"truncated while reading tensor {info.name!r}", "re-download the file"
                 )
             got += k
-        return out
     finally:
         os.close(fd)
 

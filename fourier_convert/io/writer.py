@@ -260,6 +260,7 @@ class CheckpointWriter:
         self._fds: dict[str, int] = {}
         self._pending: set[tuple[str, str]] = set()
         self._sizes: dict[tuple[str, str], int] = {}
+        self._parts: dict[tuple[str, str], int] = {}  # bytes written so far of tensors written in parts
         self._jobs: queue.Queue[RangeCopy | None] = queue.Queue()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -328,18 +329,39 @@ class CheckpointWriter:
         for r in ranges:
             self._jobs.put(r)
 
-    def write_tensor(self, filename: str, name: str, data: bytes | bytearray | memoryview) -> None:
-        """Write one tensor's bytes at its planned offset."""
+    def write_tensor(self, filename: str, name: str, data: bytes | bytearray | memoryview, *, at: int = 0) -> None:
+        """Write one tensor's bytes at its planned offset, whole or in parts.
+
+        Args:
+            filename: The shard.
+            name: The tensor.
+            data: Its bytes, or the part of them starting at byte ``at``.
+            at: Where ``data`` starts inside the tensor: parts are written in order, each starting where the
+                last ended; the tensor counts as written once every byte is.
+
+        Raises:
+            OutputError: The bytes do not fit the planned tensor, or the write failed.
+        """
         expected = self._sizes[(filename, name)]
         view = memoryview(data).cast("B")
-        if len(view) != expected:
-            raise OutputError(name, f"computed {len(view)} bytes, the plan says {expected}", "report this bug")
+        so_far = self._parts.get((filename, name), 0)
+        if at != so_far or at + len(view) > expected:
+            raise OutputError(
+                name,
+                f"computed bytes {at}..{at + len(view)}, the plan says {expected} in all (parts come in order; "
+                f"{so_far} written)",
+                "report this bug",
+            )
         self._raise_copy_error()
         fd = self._fds[filename]
         offset = self._layouts[filename].offsets[name]
-        self._guard(lambda: _pwrite_all(fd, view, offset))
+        self._guard(lambda: _pwrite_all(fd, view, offset + at))
         with self._lock:
-            self._pending.discard((filename, name))
+            done = self._parts.pop((filename, name), 0) + len(view)
+            if done < expected:  # more parts to come (commit refuses a tensor left incomplete)
+                self._parts[(filename, name)] = done
+            else:
+                self._pending.discard((filename, name))
             self.bytes_written += len(view)
         if self.progress:
             self.progress.advance(len(view))

@@ -28,14 +28,16 @@ def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dtype != torch.float64:
         raise ValueError(f"expected float64, got {x.dtype}")
+    # Integer arithmetic on the float32 bits, with no where / nextafter / bitwise kernels: on a GPU each kind of
+    # kernel first used costs host memory when CUDA loads it (tens of MB), and these are the merge's only users.
     y = x.to(torch.float32)
     back = y.to(torch.float64)
-    inexact = back != x
-    inexact &= ~torch.isnan(x)
-    away = inexact & (back.abs() > x.abs())  # round-to-nearest went away from zero: step back (truncate)
-    y = torch.where(away, torch.nextafter(y, torch.zeros_like(y)), y)
-    bits = y.view(torch.int32)
-    return torch.where(inexact, bits | 1, bits).view(torch.float32)
+    inexact = (back != x).to(torch.int32) * (x == x).to(torch.int32)  # NaNs stay as they are
+    # round-to-nearest went away from zero (back - x has x's sign): one step back toward zero truncates
+    away = ((back - x) * x > 0).to(torch.int32)
+    bits = y.view(torch.int32) - away  # the bits of a finite float32 count up with its magnitude, either sign
+    bits += inexact * (1 - bits % 2)  # set the last bit (two's complement: bits % 2 is that bit)
+    return bits.view(torch.float32)
 
 
 #: Per target dtype: (mask of the float32 bits dropped when rounding to it, the pattern of an exact midpoint,
@@ -44,17 +46,22 @@ def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:
 _TIES = {torch.bfloat16: (0xFFFF, 0x8000, 0.0), torch.float16: (0x1FFF, 0x1000, 2.0**-14)}
 
 
-def round_once(x: torch.Tensor, dtype: torch.dtype, *, chunk: int = 1 << 20) -> torch.Tensor:
+def round_once(
+    x: torch.Tensor, dtype: torch.dtype, *, chunk: int = 1 << 20, elementwise: bool | None = None
+) -> torch.Tensor:
     """Round float64 ``x`` to ``dtype`` once, to nearest even (the correctly rounded value).
 
-    Fast path: torch's float64 -> float32 -> ``dtype`` conversion, which is already correct unless the
+    On the CPU: torch's float64 -> float32 -> ``dtype`` conversion, which is already correct unless the
     float32 value lies exactly on a midpoint of ``dtype`` (or below its normal range); those few elements
-    are redone through :func:`round_to_odd_float32`.
+    are redone through :func:`round_to_odd_float32`. On a GPU every element goes through
+    :func:`round_to_odd_float32` (elementwise, without stopping the host to find the few).
 
     Args:
         x: float64 values (any device).
         dtype: float64, float32, bfloat16 or float16.
         chunk: Elements converted at a time (bounds the temporaries).
+        elementwise: Send every element through :func:`round_to_odd_float32` instead of finding the few that
+            need it; None (default) does so on a GPU only. Both give the same values.
 
     Returns:
         ``x`` in ``dtype``, each element the representable value nearest to it (ties to even).
@@ -78,6 +85,12 @@ def round_once(x: torch.Tensor, dtype: torch.dtype, *, chunk: int = 1 << 20) -> 
     mask, tie, smallest = _TIES[dtype]
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     flat_in, flat_out = x.reshape(-1), out.view(-1)
+    if x.device.type != "cpu" if elementwise is None else elementwise:
+        # a few elementwise kernels, and no wait for the device (finding the suspects with nonzero() would stop
+        # the host at every chunk)
+        for start in range(0, flat_in.numel(), chunk):
+            flat_out[start : start + chunk] = round_to_odd_float32(flat_in[start : start + chunk]).to(dtype)
+        return out
     for start in range(0, flat_in.numel(), chunk):
         part = flat_in[start : start + chunk]
         y = part.to(torch.float32)

@@ -30,6 +30,7 @@ from fourier_convert.merging.ahead import run_ahead
 from fourier_convert.merging.cpu import layer_positions, non_finite_error, stored_spectra, verification_error
 from fourier_convert.merging.specs import check_precision, layer_stub
 from fourier_convert.merging.ties import closed_form_sums, tie_width
+from fourier_convert.merging.transfer import PinnedBuffers, upload
 from fourier_convert.plan import LayerPlan, MergePlan, OutputTensor
 from fourier_convert.report import LayerReport
 
@@ -148,10 +149,12 @@ def merge_layers(
 
     # Deltas of the next chunk are rebuilt and checked in a worker thread while this thread reads, adds and
     # writes the current one (the FFTs and the I/O release the GIL): on two cores this nearly halves the time.
+    # On a GPU the base weights go from their files to the device through two small pinned buffers.
+    ring = PinnedBuffers(dev) if dev.type == "cuda" else None
     for chunk, deltas, checks in run_ahead(rebuilt()):
         for layer in chunk:
             o = outputs[layer.key]
-            base = read_torch(layer.weight)
+            base = upload(layer.weight, ring) if ring is not None else read_torch(layer.weight)
             acc_dtype = torch.float64 if torch.float64 in (compute, base.dtype) else torch.float32
             parts = deltas.pop(layer.key)
             total = parts[0].to(acc_dtype)  # the deltas are summed in place, then the base is added to them:
@@ -159,10 +162,10 @@ def merge_layers(
                 total.add_(d)
             del parts
             rep = layer_stub(layer)
-            rep.delta_norm = float(torch.linalg.vector_norm(total).item())
-            rep.base_norm = float(torch.linalg.vector_norm(base, dtype=torch.float64).item())
+            # Figures stay on the device until one transfer at the end of the layer. Squares summed in float64
+            # (no norm kernel: on a GPU each kind of kernel costs host memory when CUDA loads it).
+            figures = [_squares(total), _squares(base)]
             oriented = total.T if layer.conv1d else total
-            base = base.to(dev)
             oriented.add_(base)
             out_dtype = torch_dtype(o.dtype)
             # float64 sums are rounded once into the output dtype (torch's own cast rounds twice via float32)
@@ -171,9 +174,13 @@ def merge_layers(
             if compute == torch.float64 and out_dtype != torch.float64:
                 rep.near_ties = _settle_near_ties(merged, oriented, base, layer, stored_spectra(layer, cache))
             del total, oriented
-            broken = int((~torch.isfinite(merged) & torch.isfinite(base)).sum())
+            finite = [torch.isfinite(t).to(torch.int32) for t in (base, merged)]
+            figures.append((finite[0] * (1 - finite[1])).sum(dtype=torch.float64))  # finite in base, not merged
+            del finite
+            squares_delta, squares_base, broken = torch.stack(figures).tolist()
+            rep.delta_norm, rep.base_norm = math.sqrt(squares_delta), math.sqrt(squares_base)
             if broken:  # never publish inf / nan weights the base did not have
-                raise non_finite_error(layer, o, broken, rep.delta_norm)
+                raise non_finite_error(layer, o, int(broken), rep.delta_norm)
             put(o.name, merged)
             worst = max(checks[layer.key], key=lambda pair: pair[1].max_abs_error / max(pair[1].tolerance, 1e-300))
             rep.backend, rep.checked_entries = worst[0], worst[1].entries
@@ -181,6 +188,12 @@ def merge_layers(
             reports[layer.key] = rep
         del deltas
     return reports, fallbacks
+
+
+def _squares(t: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of ``t``, in float64, as a 0-d tensor on its device."""
+    wide = t if t.dtype == torch.float64 else t.to(torch.float64)
+    return (wide * wide).sum()
 
 
 def _settle_near_ties(
@@ -194,12 +207,13 @@ def _settle_near_ties(
     (the same elements and values as the CPU merge: merging/ties.py). Returns how many."""
     rows, cols = merged.shape
     width = tie_width([(values, scaling) for values, _, scaling in spectra], (rows, cols))
-    low = torch.nextafter(exact - width, torch.tensor(-math.inf, dtype=exact.dtype, device=exact.device))
-    high = torch.nextafter(exact + width, torch.tensor(math.inf, dtype=exact.dtype, device=exact.device))
+    # the window of merging/ties.near_ties: x +- (width + 2 float64 ulps, bounded by |x| * 2**-51)
+    reach = exact.abs().mul_(2.0**-51).add_(width)
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[merged.element_size()]
-    a, b = round_once(low, merged.dtype), round_once(high, merged.dtype)
+    a, b = round_once(exact - reach, merged.dtype), round_once(exact + reach, merged.dtype)
+    del reach
     near = (a.view(bits) != b.view(bits)).reshape(-1).nonzero().reshape(-1).cpu().numpy()
-    del low, high, a, b
+    del a, b
     if near.size:
         base_at = base.reshape(-1)[torch.from_numpy(near).to(base.device)].double().cpu().numpy()
         values = closed_form_sums(base_at, spectra, (rows, cols), near // cols, near % cols)

@@ -56,6 +56,8 @@ from fourier_convert.skeleton import Skeleton, SkeletonJob, build_skeleton, scan
 if TYPE_CHECKING:  # torch is imported once the byte copies run (see merge)
     import torch
 
+    from fourier_convert.merging.transfer import PinnedBuffers
+
     #: Receives each finished output tensor by name: a torch tensor, or the CPU merge's numpy array.
     Sink = Callable[[str, torch.Tensor | np.ndarray], None]
 
@@ -368,8 +370,17 @@ def _tensor_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
 
 
 def _sink(writer: CheckpointWriter, where: dict[str, ShardLayout]) -> Sink:
+    rings: dict[object, PinnedBuffers] = {}  # per GPU, made for its first tensor (torch and CUDA are up by then)
+
     def put(name: str, value: torch.Tensor | np.ndarray) -> None:
-        writer.write_tensor(where[name].filename, name, _tensor_bytes(value))
+        filename = where[name].filename
+        if isinstance(value, np.ndarray) or value.device.type != "cuda":
+            writer.write_tensor(filename, name, _tensor_bytes(value))
+            return
+        from fourier_convert.merging.transfer import PinnedBuffers, download
+
+        ring = rings.get(value.device) or rings.setdefault(value.device, PinnedBuffers(value.device))
+        download(value, ring, lambda part, at: writer.write_tensor(filename, name, part, at=at))
 
     return put
 
