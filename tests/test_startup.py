@@ -84,6 +84,25 @@ def test_a_cpu_merge_runs_without_torch(tmp_path: Path) -> None:
     assert {layer["backend"] for layer in provenance["report"]["layers"]} == {"numpy-cpu-float64"}
 
 
+def test_auto_on_a_gpu_machine_merges_on_the_cpu_and_says_why(tmp_path: Path) -> None:
+    """Where a GPU driver exists, ``--device auto`` still merges with numpy (the GPU path only broke even at 7B
+    and was 2.3x slower at 1.1B, docs/benchmarks.md), imports no torch, and its report says so."""
+    base, adapter = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
+    code = (
+        "import json, sys\n"
+        "import fourier_convert.merging.folder as folder\n"
+        "folder._gpu_driver_present = lambda: True\n"
+        f"report = folder.merge({str(base)!r}, {str(adapter)!r}, {str(tmp_path / 'm')!r})\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print(json.dumps({'notes': report.notes, 'device': report.device, 'heavy': heavy,"
+        " 'note': folder.AUTO_DEVICE_NOTE}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["note"] in got["notes"] and got["note"].startswith("device auto: merging on the CPU")
+    assert got["device"] == "cpu" and got["heavy"] == []
+
+
 @pytest.mark.parametrize("module", ["click", "fourier_convert.cli.merge_cmd"])
 def test_an_interrupt_while_starting_prints_one_line(module: str) -> None:
     """Ctrl-C while the command line is still being imported: one line and exit 130, no traceback. (Only the

@@ -66,8 +66,8 @@ __all__ = ["PROVENANCE_NAME", "AdapterSpec", "merge", "parse_size"]
 PROVENANCE_NAME = "fourier_convert.json"
 #: Why ``--device auto`` merges on the CPU.
 AUTO_DEVICE_NOTE = (
-    "device auto: merging on the CPU; a merge is bound by disk I/O, and the GPU path (CUDA start-up and "
-    "transfers) was measured no faster (docs/benchmarks.md); --device cuda uses the GPU"
+    "device auto: merging on the CPU; a merge is bound by disk I/O, and the GPU path (about 4 s of CUDA start) "
+    "measured even with it at 7B and slower on smaller models (docs/benchmarks.md); --device cuda uses the GPU"
 )
 
 
