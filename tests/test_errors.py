@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ def edit_config(adapter: Path, **changes: Any) -> None:
     path.write_text(json.dumps(cfg, indent=2))
 
 
+#: Seconds a refusal may take, library or command line (the fixtures are tiny; a refusal reads no tensor data).
+TIME_BOUND = 10.0
+
+
 def fails(
     tmp_path: Path,
     exc_type: type[fc.FourierConvertError],
@@ -68,17 +73,21 @@ def fails(
     **kwargs: Any,
 ) -> None:
     """The library raises exactly ``exc_type(message)``, the CLI prints ``error: message`` and exits ``code``,
-    and neither leaves anything behind or changes an input."""
+    each within :data:`TIME_BOUND`, and neither leaves anything behind or changes an input."""
     out = out or tmp_path / "merged"
     kwargs.setdefault("device", "cpu")
     before = snapshot(tmp_path)
+    start = time.perf_counter()
     with pytest.raises(fc.FourierConvertError) as info:
         fc.merge(base, adapter, out, **kwargs)
+    assert time.perf_counter() - start < TIME_BOUND
     assert type(info.value) is exc_type
     assert str(info.value) == message
     assert snapshot(tmp_path) == before
     device = ["--device", kwargs["device"]]
+    start = time.perf_counter()
     res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, *device, *cli_extra)
+    assert time.perf_counter() - start < TIME_BOUND
     assert (res.exit_code, res.stdout, res.stderr) == (code, "", f"error: {message}\n"), res.output
     assert snapshot(tmp_path) == before
 
@@ -709,6 +718,69 @@ def test_json_report_never_lands_in_an_input(command: str, llama: tuple[Path, Pa
     assert snapshot(base.parent) == before and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["merge", "to-lora", "inspect"])
+@pytest.mark.parametrize("kind", ["folder", "fifo", "link-loop", "the-out-folder"])
+def test_json_report_path_that_cannot_take_the_report_is_refused_before_any_work(
+    command: str, kind: str, llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The report is written after the output is published: a folder, a FIFO (which would block), a link loop or
+    the output folder itself would fail only then, so each is refused first."""
+    base, adapter = llama
+    out = tmp_path / "out"
+    target = tmp_path / "report"
+    if kind == "folder":
+        target.mkdir()
+        why = f"{target} is a folder; give a file path, such as {target / 'report.json'}"
+    elif kind == "fifo":
+        os.mkfifo(target)
+        why = f"{target} is not a regular file (a FIFO or a device); give a file path"
+    elif kind == "link-loop":
+        target.symlink_to(tmp_path / "other")
+        (tmp_path / "other").symlink_to(target)
+        why = f"{target} is a symbolic link loop; choose another --json path"
+    else:
+        if command == "inspect":
+            pytest.skip("inspect has no output folder")
+        target = out
+        why = f"{out} lies in --out {out}; write the report outside the output folder"
+    args = {
+        "merge": ["merge", "--base", base, "--adapter", adapter, "--out", out],
+        "to-lora": ["to-lora", "--adapter", adapter, "--base", base, "--out", out],
+        "inspect": ["inspect", adapter],
+    }[command]
+    before = snapshot(tmp_path)
+    start = time.perf_counter()
+    res = invoke(*args, "--json", target)
+    assert time.perf_counter() - start < TIME_BOUND
+    assert (res.exit_code, res.stdout, res.stderr) == (2, "", f"error: --json: {why}\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_report_that_cannot_be_written_says_the_output_was_published(tmp_path: Path) -> None:
+    """Checked paths can still fail when written (a FIFO put there meanwhile, a full disk): one line that says
+    the output exists, never a block on a FIFO or an internal error."""
+    from fourier_convert.cli.merge_cmd import write_report
+
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)
+    with pytest.raises(fc.OutputError) as info:
+        write_report(fifo, {"a": 1})
+    assert str(info.value) == (
+        f"--json: cannot write the report to {fifo} (No such device or address); the output itself was published"
+    )
+    write_report(tmp_path / "ok.json", {"a": 1})
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+
+
+def test_an_out_that_is_a_link_loop_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    fails(tmp_path, fc.OutputError, f"{loop}: is a symbolic link loop; remove the link or choose another --out",
+          base, adapter, out=loop)  # fmt: skip
+
+
 def test_a_merge_that_overflows_publishes_nothing(llama: tuple[Path, Path], tmp_path: Path) -> None:
     """A scaling of 1e300 makes every merged value infinite in bf16: refused, not published with a warning."""
     base, adapter = llama
@@ -735,6 +807,74 @@ def test_config_that_is_not_a_regular_file_is_refused_without_reading(
     else:
         config.symlink_to("/dev/zero")
     msg = f"{config}: is not a regular file (a folder, FIFO or device); pass a JSON file"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+@pytest.mark.parametrize(
+    "which",
+    [
+        "base/config.json",
+        "base/model.safetensors.index.json",
+        "base/model-00002-of-00003.safetensors",
+        "base/tokenizer.json",
+        "adapter/adapter_model.safetensors",
+    ],
+)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "dangling-link"])
+def test_special_files_in_place_of_inputs_are_refused_not_taken_as_missing(
+    which: str, kind: str, llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A FIFO, a device or a dangling link under a name the tool reads (or copies) is named as such: before, a
+    base config.json there was taken as absent (no config copied, orientation guessed), a tokenizer left out of
+    the output, and weights reported missing."""
+    base, _ = llama
+    path = base.parent / which
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.symlink_to(tmp_path / "gone")
+    if path.name.endswith(".json") and path.name != "tokenizer.json":
+        why = "is not a regular file (a folder, FIFO or device); pass a JSON file"
+        if kind == "dangling-link":
+            why = "file not found; check the folder"
+    elif path.name.endswith(".safetensors"):
+        why = "is not a regular file (a FIFO or a device); pass a .safetensors file"
+        if kind == "dangling-link":
+            why = "file not found; check the path"
+    else:
+        why = "is not a regular file (a FIFO, a device or a dangling link) and would be copied to the output; "
+        why += "replace it with the real file or remove it"
+    fails(tmp_path, fc.InputFileError, f"{path}: {why}", base, base.parent / "adapter")
+
+
+def test_a_safetensors_header_nested_too_deeply_is_an_error_not_a_crash(
+    llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, adapter = llama
+    header = b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    (adapter / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    msg = f"{adapter / 'adapter_model.safetensors'}: safetensors header is JSON nested too deeply to read; "
+    msg += "re-save the file"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_a_shard_listing_too_many_tensors_is_refused_from_its_header(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """A million zero-size tensors in a 59 MB header took 33 s and 1.5 GB to merge: more than MAX_TENSORS in one
+    file is refused after parsing the header, before any other work."""
+    from fourier_convert.io.safetensors_file import MAX_TENSORS
+
+    base, adapter = llama
+    shard = base / "model-00003-of-00003.safetensors"
+    tensors = read_tensors(shard)
+    tensors.update({f"z.{i}": torch.zeros(0) for i in range(MAX_TENSORS + 1 - len(tensors))})
+    write_tensors(shard, tensors)
+    msg = (
+        f"{shard}: header lists {MAX_TENSORS + 1:,} tensors, more than the {MAX_TENSORS:,} one file may hold here; "
+        "re-save the checkpoint in more shards"
+    )
     fails(tmp_path, fc.InputFileError, msg, base, adapter)
 
 

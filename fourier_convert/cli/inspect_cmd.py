@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from fourier_convert.cli import options
-from fourier_convert.cli.merge_cmd import check_report_path
+from fourier_convert.cli.merge_cmd import check_report_path, write_report
 
 
 @click.command("inspect")
@@ -31,4 +30,4 @@ def inspect_cmd(
     for w in report.warnings if quiet else []:
         click.echo(f"warning: {w}", err=True)
     if json_path is not None:
-        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_report(json_path, report.to_dict())

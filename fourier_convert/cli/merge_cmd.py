@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from fourier_convert.cli import options
-from fourier_convert.errors import UsageError
+from fourier_convert.errors import OutputError, UsageError
 from fourier_convert.report import MergeReport
 
 if TYPE_CHECKING:  # the command modules import torch-heavy code only when a command runs (fast --help)
@@ -42,12 +43,15 @@ def specs_from_options(
     return specs
 
 
-def check_report_path(path: Path | None, inputs: Sequence[str | Path | None] = ()) -> None:
-    """Refuse, before any work is done, a --json path whose folder does not exist or that is, or lies inside, one
-    of the command's local inputs (the report is written after success and would overwrite an input file).
+def check_report_path(
+    path: Path | None, inputs: Sequence[str | Path | None] = (), out: Path | None = None
+) -> None:
+    """Refuse, before any work is done, a --json path the report could not be written to after success: its
+    folder missing, a folder, a FIFO or device, a link loop, or a path that is or lies in one of the command's
+    local inputs (it would overwrite an input file) or in ``out`` (the output folder is published whole).
 
     Raises:
-        UsageError: Either case.
+        UsageError: Any of these.
     """
     if path is None:
         return
@@ -57,7 +61,16 @@ def check_report_path(path: Path | None, inputs: Sequence[str | Path | None] = (
             f"cannot write {path}: folder {path.parent} does not exist",
             "create it or choose another --json path",
         )
-    target = path.resolve()
+    try:
+        target = path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError from Python 3.11's resolve() on a loop
+        raise UsageError("--json", f"{path} is a symbolic link loop", "choose another --json path") from None
+    if target.is_dir():
+        raise UsageError("--json", f"{path} is a folder", f"give a file path, such as {path / 'report.json'}")
+    if target.exists() and not target.is_file():
+        raise UsageError("--json", f"{path} is not a regular file (a FIFO or a device)", "give a file path")
+    if out is not None and (target == out.resolve() or target.is_relative_to(out.resolve())):
+        raise UsageError("--json", f"{path} lies in --out {out}", "write the report outside the output folder")
     for spec in inputs:
         if not spec:
             continue
@@ -80,7 +93,26 @@ def print_conversion(
             click.echo(line)
         click.echo(f"wrote {out}")
     if json_path is not None:
-        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        write_report(json_path, doc)
+
+
+def write_report(path: Path, doc: dict[str, Any]) -> None:
+    """Write a command's JSON report (the path was checked by :func:`check_report_path` before any work).
+
+    Raises:
+        OutputError: It cannot be written (the command's output is already published; the message says so).
+    """
+    data = (json.dumps(doc, indent=2) + "\n").encode()
+    try:  # O_NONBLOCK: a FIFO put there since the check fails at once instead of blocking
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OutputError(
+            "--json", f"cannot write the report to {path} ({exc.strerror})", "the output itself was published"
+        ) from None
 
 
 def print_report(report: MergeReport, quiet: bool) -> None:
@@ -169,7 +201,7 @@ def merge_cmd(
     quiet: bool,
 ) -> None:
     """Merge FourierFT adapter(s) into a base model and write a Hugging Face model folder."""
-    check_report_path(json_path, [base, *adapters])  # usage errors before the heavy imports below
+    check_report_path(json_path, [base, *adapters], out)  # usage errors before the heavy imports below
     from fourier_convert.merging.folder import merge
 
     report = merge(
@@ -189,4 +221,4 @@ def merge_cmd(
     )
     print_report(report, quiet)
     if json_path is not None:
-        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_report(json_path, report.to_dict())

@@ -125,7 +125,7 @@ def to_lora_cmd(
 ) -> None:
     """Approximate a FourierFT adapter by a LoRA adapter: exact spectral SVD (best rank-r per layer in weight
     space) or, with --calibration, fitted to the layers' real inputs (and distilled with --distill)."""
-    check_report_path(json_path, [adapter, base, calibration])  # usage errors before the heavy imports below
+    check_report_path(json_path, [adapter, base, calibration], out)  # usage errors before the heavy imports below
     from fourier_convert.calibrate.pipeline import CalibrationOptions
     from fourier_convert.check import check_from_calibration, check_lora_outputs
     from fourier_convert.io.writer import check_output_target

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import stat
 from collections.abc import Callable, Collection
@@ -201,11 +202,11 @@ def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle
     settings = parse_settings(load_json(config_path), config_path)
     weights = folder / WEIGHTS_NAME
     tensors: dict[str, StoredTensor]
-    if weights.is_file():
+    if os.path.lexists(weights):  # a FIFO, device or dangling link there is refused by read_header, not skipped
         st = read_header(weights)
         tensors = {k: StoredTensor(k, t.dtype, t.shape, info=t) for k, t in st.tensors.items()}
         files = [config_path, weights]
-    elif (folder / PICKLE_NAME).is_file():
+    elif os.path.lexists(folder / PICKLE_NAME):
         tensors = load_pickle(folder / PICKLE_NAME, allow_pickle)
         files = [config_path, folder / PICKLE_NAME]
     else:

@@ -6,6 +6,7 @@ Supports ``model.safetensors`` and sharded ``model-XXXXX-of-YYYYY.safetensors`` 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,19 +74,21 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
     """
     folder = resolve_folder(str(spec), what="base model", revision=revision, allow_patterns=HUB_PATTERNS)
     config_path = folder / "config.json"
-    config = load_json(config_path) if config_path.is_file() else None
+    # Present means present: a FIFO, device or dangling link under a weights or config name is refused by its
+    # reader, never taken for a missing file.
+    config = load_json(config_path) if os.path.lexists(config_path) else None
     index_path = folder / INDEX_NAME
     shards: list[SafetensorsFile] = []
     tensors: dict[str, TensorInfo] = {}
     index_metadata: dict[str, Any] = {}
-    if index_path.is_file() and (folder / SINGLE_NAME).is_file():
+    if os.path.lexists(index_path) and os.path.lexists(folder / SINGLE_NAME):
         raise InputFileError(
             str(folder),
             f"holds both {SINGLE_NAME} and {INDEX_NAME}: transformers loads {SINGLE_NAME} and ignores the shards, "
             "so which weights are meant is unclear",
             "remove the stale one",
         )
-    if index_path.is_file():
+    if os.path.lexists(index_path):
         index = load_json(index_path)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -107,7 +110,7 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
         index_metadata = {k: v for k, v in metadata.items() if k != "total_size"}
         for filename in sorted(set(weight_map.values())):
             shard_path = folder / str(filename)
-            if not shard_path.is_file():
+            if not os.path.lexists(shard_path):
                 raise InputFileError(str(shard_path), f"listed in {INDEX_NAME} but missing", "re-download the model")
             shards.append(read_header(shard_path))
         for shard in shards:
@@ -134,7 +137,7 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
                 f"does not list {unlisted[0]!r}, stored in {tensors[unlisted[0]].path.name}",
                 "re-save the model with save_pretrained",
             )
-    elif (folder / SINGLE_NAME).is_file():
+    elif os.path.lexists(folder / SINGLE_NAME):
         shard = read_header(folder / SINGLE_NAME)
         shards.append(shard)
         tensors = dict(shard.tensors)
@@ -162,12 +165,18 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
     aux = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file()
+        if not p.is_dir()
         and not p.name.startswith(".")
         and not p.name.endswith(_WEIGHT_SUFFIXES)
         and p.name not in _WEIGHT_INDEXES
     )
     for path in aux:
+        if not path.is_file():  # copied to the output: a FIFO would block the copy, a device never end
+            raise InputFileError(
+                str(path),
+                "is not a regular file (a FIFO, a device or a dangling link) and would be copied to the output",
+                "replace it with the real file or remove it",
+            )
         _refuse_outside_link(path, folder)
     if config is not None:
         _check_config_fields(config, config_path)

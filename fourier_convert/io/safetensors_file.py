@@ -13,6 +13,7 @@ import itertools
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ DTYPE_SIZES: dict[str, int] = {
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 _MAX_HEADER = 100 * 1024 * 1024
+#: Most tensors one file may list. Real shards hold thousands; a million zero-size tensors (a 59 MB header) took
+#: 33 s and 1.5 GB to merge, so a file is refused above this (about 3 s of work at most).
+MAX_TENSORS = 100_000
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
     """
     p = Path(path)
     try:
-        size = p.stat().st_size
+        found = p.stat()
+        if stat.S_ISDIR(found.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(found.st_mode):  # opening a FIFO would block, a device never end
+            raise InputFileError(str(p), "is not a regular file (a FIFO or a device)", "pass a .safetensors file")
+        size = found.st_size
         with open(p, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -145,6 +154,17 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
         raise InputFileError(
             str(p), f"safetensors header is not valid JSON ({exc})", "re-download or re-save the file"
         ) from None
+    except RecursionError:
+        raise InputFileError(
+            str(p), "safetensors header is JSON nested too deeply to read", "re-save the file"
+        ) from None
+    count = len(header) - ("__metadata__" in header)
+    if count > MAX_TENSORS:
+        raise InputFileError(
+            str(p),
+            f"header lists {count:,} tensors, more than the {MAX_TENSORS:,} one file may hold here",
+            "re-save the checkpoint in more shards",
+        )
     data_start = 8 + hlen
     data_len = size - data_start
     metadata = _metadata(header.pop("__metadata__", None), p)

@@ -541,6 +541,10 @@ def check_output_target(out: Path, overwrite: bool) -> None:
     Raises:
         OutputError: The target cannot be used.
     """
+    try:
+        out.resolve()
+    except (RuntimeError, OSError):  # RuntimeError from Python 3.11's resolve() on a loop
+        raise OutputError(str(out), "is a symbolic link loop", "remove the link or choose another --out") from None
     target = output_target(out)
     name = str(out) if target == out else f"{out} (a link to {target})"
     if target.exists():
