@@ -154,13 +154,16 @@ def inspect_adapter(
         c = layer.contributions[0]
         idx = cache.get(m, n, c.seed, c.spectrum.n)
         values = c.spectrum.values
-        total = delta_sq_norm(values, idx, (m, n), c.scaling)
+        # unscaled, then scaled once: shares do not depend on the scaling, and an absurd one (1e300) gives a
+        # huge or infinite norm instead of an overflow
+        total = delta_sq_norm(values, idx, (m, n), 1.0)
         info = layers[layer.module]
-        info.shape, info.conv1d, info.delta_norm = (m, n), layer.conv1d, float(np.sqrt(total))
+        info.shape, info.conv1d = (m, n), layer.conv1d
+        info.delta_norm = abs(c.scaling) * float(np.sqrt(total))
         order = np.argsort(-np.abs(values))
         for frac in ENERGY_FRACTIONS:
             k = max(1, round(frac * len(values)))
             top = order[:k]
-            part = delta_sq_norm(values[top], idx[:, top], (m, n), c.scaling)
+            part = delta_sq_norm(values[top], idx[:, top], (m, n), 1.0)
             info.energy_top[f"{frac:.0%}"] = part / total if total > 0 else 0.0
     return report

@@ -20,6 +20,7 @@ keeps its own rank (``rank_pattern``) unless ``uniform_rank`` pads all to one. T
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,16 +31,19 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fourier_convert.calibrate.pipeline import CalibrationOptions, CalibrationReport, CalibrationSession, open_session
-from fourier_convert.errors import UsageError
+from fourier_convert.errors import AdapterError, UsageError
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, extra_tensor_keys, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import open_adapter_base
 from fourier_convert.io.gguf_lora import GGUFLoraLayout, gguf_layout
 from fourier_convert.io.progress import StepProgress, phase
+from fourier_convert.io.safetensors_file import read_numpy_float64
+from fourier_convert.maths.delta import delta_sq_norm
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.ranks import VLLM_RANKS, allocate_budget, choose_rank
 from fourier_convert.maths.svd import SpectralSVD, spectral_svd
-from fourier_convert.plan import LayerPlan, plan_with_orientation
+from fourier_convert.merging.specs import large_delta_warnings
+from fourier_convert.plan import LayerPlan, MergePlan, plan_with_orientation
 from fourier_convert.serving import LORA_TARGETS
 
 #: A layer keeping less of its delta's energy than this is called out in the report.
@@ -261,6 +265,7 @@ def to_lora(
             layout.tensor_name(layer.module)
 
     cache = IndexCache()
+    norms = _delta_norms(plan, cache)  # refuses a delta float32 factors cannot hold, before any SVD
     svds: list[SpectralSVD] = []
     # The per-component SVDs are small (a few hundred rows at most): BLAS threads cost more than they give
     # there, and oversubscribed cores make them 10x slower (measured on 2 cores).
@@ -294,7 +299,7 @@ def to_lora(
     tensors: dict[str, torch.Tensor] = {}
     layers: list[LoraLayerReport] = []
     written: dict[str, int] = {}
-    warnings = list(plan.warnings)
+    warnings = list(plan.warnings) + large_delta_warnings(norms, "check the adapter's scaling")
     for layer, svd, r in zip(plan.layers, svds, ranks, strict=True):
         report = _layer_report(layer, svd, r)
         layers.append(report)
@@ -403,6 +408,40 @@ def _calibrated_rows(
             rel = float(torch.linalg.matrix_norm(d - ba) / torch.linalg.matrix_norm(d))
             row.relative_error = rel
             row.retained_energy = max(0.0, 1.0 - rel**2)
+
+
+@dataclass(frozen=True)
+class _Norms:
+    module: str
+    delta_norm: float
+    base_norm: float
+
+
+#: Largest float32 value: the LoRA factors' dtype. A delta whose norm exceeds it cannot be factorised into them.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _delta_norms(plan: MergePlan, cache: IndexCache) -> list[_Norms]:
+    """Each layer's delta norm (from the spectrum, Parseval) and base weight norm.
+
+    Raises:
+        AdapterError: A delta too large for float32 factors (an absurd ``scaling``: 1e300 overflowed the SVD).
+    """
+    found = []
+    for layer in plan.layers:
+        c = layer.contributions[0]
+        m, n = layer.delta_shape
+        unscaled = delta_sq_norm(c.spectrum.values, cache.get(m, n, c.seed, c.spectrum.n), (m, n), 1.0)
+        norm = abs(c.scaling) * math.sqrt(unscaled)
+        if not norm <= _FLOAT32_MAX:
+            raise AdapterError(
+                layer.module,
+                f"scaling {c.scaling:g} makes its delta {norm:.3g} in Frobenius norm, beyond float32's range (the "
+                "LoRA factors' dtype)",
+                "check the adapter's scaling",
+            )
+        found.append(_Norms(layer.module, norm, float(np.linalg.norm(read_numpy_float64(layer.weight)))))
+    return found
 
 
 def _extras(fourier: FourierFTAdapter, target: str, drop: bool) -> list[str]:

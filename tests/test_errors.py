@@ -781,6 +781,59 @@ def test_an_out_that_is_a_link_loop_is_refused(llama: tuple[Path, Path], tmp_pat
           base, adapter, out=loop)  # fmt: skip
 
 
+@pytest.mark.parametrize("scaling", [1e300, -1e300])
+def test_inspect_reports_an_absurd_scaling_without_overflowing(
+    scaling: float, llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """inspect --base squared the scaling first: 1e300 raised OverflowError ('unexpected'). Norms are now the
+    unscaled ones times |scaling|, and the energy shares do not depend on it."""
+    base, adapter = llama
+    original = json.loads((adapter / "adapter_config.json").read_text())["scaling"]
+    invoke("inspect", adapter, "--base", base, "--json", tmp_path / "one.json", "-q")
+    edit_config(adapter, scaling=scaling)
+    start = time.perf_counter()
+    res = invoke("inspect", adapter, "--base", base, "--json", tmp_path / "big.json", "-q")
+    assert time.perf_counter() - start < TIME_BOUND
+    assert (res.exit_code, res.stdout, res.stderr) == (0, "", "")
+    one = json.loads((tmp_path / "one.json").read_text())["layers"]
+    big = json.loads((tmp_path / "big.json").read_text())["layers"]
+    scale = abs(scaling) / abs(original)
+    for a, b in zip(one, big, strict=True):
+        assert b["delta_norm"] == pytest.approx(a["delta_norm"] * scale, rel=1e-12)
+        assert b["energy_top"] == pytest.approx(a["energy_top"], rel=1e-12)
+
+
+def test_to_lora_refuses_a_delta_float32_factors_cannot_hold(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """scaling 1e300 overflowed inside the SVD (numpy warnings) and ended in 'every layer got rank 0'."""
+    base, adapter = llama
+    edit_config(adapter, scaling=1e300)
+    before = snapshot(tmp_path)
+    start = time.perf_counter()
+    res = invoke("to-lora", "--adapter", adapter, "--base", base, "--out", tmp_path / "lora")
+    assert time.perf_counter() - start < TIME_BOUND
+    first = "model.layers.0.self_attn.q_proj"
+    assert (res.exit_code, res.stdout) == (1, "")
+    assert re.fullmatch(
+        rf"error: {first}: scaling 1e\+300 makes its delta \S+e\+298 in Frobenius norm, beyond float32's range "
+        r"\(the LoRA factors' dtype\); check the adapter's scaling\n",
+        res.stderr,
+    ), res.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_to_lora_warns_about_a_delta_far_larger_than_its_weight(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """The warning merge gives (delta norm over 100x the base weight's), now from to-lora too."""
+    base, adapter = llama
+    edit_config(adapter, scaling=1e36)
+    res = invoke("to-lora", "--adapter", adapter, "--base", base, "--out", tmp_path / "lora", "-q")
+    assert (res.exit_code, res.stdout) == (0, "")
+    assert re.fullmatch(
+        r"warning: 4 layer\(s\) change by more than 100x their own weight \(largest: \S+, delta norm \S+ = \S+ x "
+        r"the base weight's\); check the adapter's scaling\n",
+        res.stderr,
+    ), res.stderr
+
+
 def test_a_merge_that_overflows_publishes_nothing(llama: tuple[Path, Path], tmp_path: Path) -> None:
     """A scaling of 1e300 makes every merged value infinite in bf16: refused, not published with a warning."""
     base, adapter = llama

@@ -163,7 +163,8 @@ def delta_sq_norm(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int
     uniq, inv = np.unique(bins, return_inverse=True)
     sums = np.zeros(uniq.shape[0])
     np.add.at(sums, inv, vals)
-    return float(scaling**2 * np.dot(sums, sums) / (m * n_cols))
+    with np.errstate(over="ignore"):  # an absurd scaling gives inf, not OverflowError
+        return float(np.float64(scaling) ** 2 * np.dot(sums, sums) / (m * n_cols))
 
 
 def _roots_of_unity(size: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import FourierFTAdapter
@@ -130,9 +130,29 @@ def config_json(config: dict[str, Any]) -> bytes:
 LARGE_DELTA = 100.0
 
 
-def large_delta_warnings(layers: Sequence[LayerReport]) -> list[str]:
+class NormedLayer(Protocol):
+    """A layer's name with the Frobenius norms of its delta and of its base weight (a merge's layer report)."""
+
+    @property
+    def module(self) -> str: ...
+    @property
+    def delta_norm(self) -> float: ...
+    @property
+    def base_norm(self) -> float: ...
+
+
+def large_delta_warnings(
+    layers: Sequence[NormedLayer], fix: str = "check the adapter's scaling and --weight"
+) -> list[str]:
     """A warning when a delta's norm exceeds :data:`LARGE_DELTA` times its base weight's: that points at a
-    wrong ``scaling`` (or ``--weight``), even when every merged value is finite.
+    wrong ``scaling`` (or ``--weight``), even when every value stays finite.
+
+    Args:
+        layers: Each layer's norms.
+        fix: What the warning tells the user to check.
+
+    Returns:
+        One warning line, or none.
 
     Example:
         >>> large_delta_warnings([])
@@ -144,6 +164,5 @@ def large_delta_warnings(layers: Sequence[LayerReport]) -> list[str]:
     worst = max(large, key=lambda r: r.delta_norm / r.base_norm)
     return [
         f"{len(large)} layer(s) change by more than {LARGE_DELTA:g}x their own weight (largest: {worst.module}, "
-        f"delta norm {worst.delta_norm:.3g} = {worst.delta_norm / worst.base_norm:.3g} x the base weight's); check the "
-        "adapter's scaling and --weight"
+        f"delta norm {worst.delta_norm:.3g} = {worst.delta_norm / worst.base_norm:.3g} x the base weight's); {fix}"
     ]
