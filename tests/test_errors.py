@@ -1191,6 +1191,11 @@ NESTED_FIX = "simplify the pattern in adapter_config.json (for example list the 
             + NESTED_FIX,
         ),
         (
+            {"target_modules": ".*" * 12 + "z"},  # polynomial: hung for more than 30 s
+            "target_modules: pattern '" + ".*" * 12 + "z' did not finish matching 'model.embed_tokens' "
+            "within 0.1 s (12 repetitions backtrack polynomially in Python's re, as PEFT uses it); " + NESTED_FIX,
+        ),
+        (
             {"n_frequency_pattern": {"(v_proj": 30}},
             r"n_frequency_pattern: pattern '(v_proj' (as PEFT matches it: '.*\\.(v_proj$') is not a valid regular "
             "expression (missing ), unterminated subpattern at position 4); fix the pattern in adapter_config.json",
@@ -1225,7 +1230,7 @@ def test_nested_patterns_are_found_and_refused_off_the_main_thread() -> None:
 
     nested = {r"(a+)+b": True, r"(a|aa)*b": True, r"((ab)*)*": True, r"(\w+\.)+q_proj": True,
               r".*\.q_proj": False, r"model\.layers\.(\d+)\.(q|v)_proj": False, r"(?:a|b)*c": False}  # fmt: skip
-    assert {p: _compile(p, "f", p)[1] for p in nested} == nested
+    assert {p: _compile(p, "f", p)[1] is not None for p in nested} == nested
     assert config_match("fullmatch", r"(\w+\.)+q_proj", "model.q_proj", "target_modules") is not None
     errors: list[str] = []
     thread = threading.Thread(
