@@ -31,7 +31,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fourier_convert.calibrate.pipeline import CalibrationOptions, CalibrationReport, CalibrationSession, open_session
-from fourier_convert.errors import AdapterError, UsageError
+from fourier_convert.errors import AdapterError, UsageError, printable
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, extra_tensor_keys, read_adapter
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import open_adapter_base
@@ -142,7 +142,7 @@ class LoraReport:
         for x in self.layers:
             shape = f"{x.shape[0]}x{x.shape[1]}"
             row = (
-                f"{x.module:<52} {shape:>11} {x.rank:>5} {x.exact_rank:>6} {x.retained_energy:>8.2%} "
+                f"{printable(x.module):<52} {shape:>11} {x.rank:>5} {x.exact_rank:>6} {x.retained_energy:>8.2%} "
                 f"{x.relative_error:>8.4f}"
             )
             if calibrated:

@@ -1346,6 +1346,31 @@ def test_a_zero_scaling_is_merged_with_a_warning(llama: tuple[Path, Path], tmp_p
         assert merged.keys() == original.keys() and all(torch.equal(merged[k], original[k]) for k in merged)
 
 
+def test_control_characters_in_warnings_and_tables_are_escaped(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """A folder or tensor name with a newline or a terminal escape: warnings stay one line, tables one row, and
+    no escape sequence reaches the terminal."""
+    base, adapter = llama
+    odd = adapter.parent / "ad\n\x1b[31mx"
+    adapter.rename(odd)
+    edit_config(odd, scaling=0.0)
+    res = invoke("merge", "--base", base, "--adapter", odd, "--out", tmp_path / "m", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    shown = str(odd).replace("\n", "\\n").replace("\x1b", "\\x1b")
+    assert res.stderr == (
+        f"warning: {shown}: scaling is 0 in its adapter_config.json, so its deltas are zero and it changes nothing\n"
+    )
+    weights = odd / "adapter_model.safetensors"
+    tensors = read_tensors(weights)
+    key = next(k for k in tensors if "layers.0.self_attn.q_proj" in k)
+    tensors[key.replace("q_proj", "q\n\x1b[31mproj")] = tensors.pop(key)
+    write_tensors(weights, tensors)
+    res = invoke("inspect", odd)
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.stdout
+    rows = [line for line in res.stdout.splitlines() if "self_attn.q" in line]
+    assert len(rows) == 2 and any("q\\n\\x1b[31mproj" in row for row in rows), rows
+
+
 @pytest.mark.parametrize("role", ["adapter", "base"])
 def test_an_onnx_export_folder_is_recognised(llama: tuple[Path, Path], tmp_path: Path, role: str) -> None:
     base, adapter = llama

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from fourier_convert.cli import options
-from fourier_convert.cli.merge_cmd import check_report_path, write_report
+from fourier_convert.cli.merge_cmd import check_report_path, say, write_report
 
 
 @click.command("inspect")
@@ -26,8 +26,8 @@ def inspect_cmd(
     check_report_path(json_path, [adapter, base])
     report = inspect_adapter(adapter, base=base, subfolder=subfolder, allow_pickle=allow_pickle)
     for line in [] if quiet else report.lines():
-        click.echo(line)
+        say(line)
     for w in report.warnings if quiet else []:
-        click.echo(f"warning: {w}", err=True)
+        say(f"warning: {w}", err=True)
     if json_path is not None:
         write_report(json_path, report.to_dict())

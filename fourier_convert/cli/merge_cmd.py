@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from fourier_convert.cli import options
-from fourier_convert.errors import OutputError, UsageError
+from fourier_convert.errors import OutputError, UsageError, printable
 from fourier_convert.report import MergeReport
 
 if TYPE_CHECKING:  # the command modules import torch-heavy code only when a command runs (fast --help)
@@ -87,11 +87,12 @@ def print_conversion(
     """What the adapter conversions print: warnings on stderr, the report's lines, where it was written, and
     the JSON report when asked for."""
     for w in warnings:
-        click.echo(f"warning: {w}", err=True)
+        say(f"warning: {w}", err=True)
     if not quiet:
-        for line in lines:
-            click.echo(line)
-        click.echo(f"wrote {out}")
+        for block in lines:
+            for line in block.split("\n"):  # tables come joined; their cells are escaped where they are built
+                say(line)
+        say(f"wrote {out}")
     if json_path is not None:
         write_report(json_path, doc)
 
@@ -115,23 +116,34 @@ def write_report(path: Path, doc: dict[str, Any]) -> None:
         ) from None
 
 
+def say(line: str, *, err: bool = False) -> None:
+    """Print one line, control characters escaped: names from files (a newline, a terminal escape) can neither
+    split it nor reach the terminal.
+
+    Example:
+        >>> say("warning: model.layers.0.q\\nproj")
+        warning: model.layers.0.q\\nproj
+    """
+    click.echo(printable(line), err=err)
+
+
 def print_report(report: MergeReport, quiet: bool) -> None:
     for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+        say(f"warning: {w}", err=True)
     for f in report.fallbacks:
-        click.echo(f"warning: {f}", err=True)
+        say(f"warning: {f}", err=True)
     if quiet:
         return
     if report.dry_run:
-        click.echo("dry run: nothing written; tensors that would change:")
+        say("dry run: nothing written; tensors that would change:")
         for row in report.changes:
             shape = "x".join(str(d) for d in row["shape"])
             size = f"{row['bytes']:,} B"
-            click.echo(f"  {row['action']:<8} {row['name']:<56} {row['dtype']:>5} {shape:>11} {size:>14}  {row['how']}")
+            say(f"  {row['action']:<8} {row['name']:<56} {row['dtype']:>5} {shape:>11} {size:>14}  {row['how']}")
     for line in report.notes:
-        click.echo(f"note: {line}")
+        say(f"note: {line}")
     for line in report.summary():
-        click.echo(line)
+        say(line)
 
 
 @click.command("merge")
