@@ -297,6 +297,11 @@ def build_plan(
                 warnings.append(
                     f"{spec.key}: spectrum saved in {spec.stored_dtype}; reconstructed in float32 or better"
                 )
+            elif spec.stored_dtype == "F64":
+                warnings.append(
+                    f"{spec.key}: spectrum saved in F64; used as stored (PEFT loads it into a float32 parameter unless "
+                    "the model runs in float64, which can differ in the last bits)"
+                )
             layer = layers.setdefault(key, LayerPlan(module, key, info, []))
             layer.contributions.append(Contribution(i, spec, s.scaling * mult[i], s.random_loc_seed))
         _check_targets(adapter, universe)

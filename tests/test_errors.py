@@ -1346,6 +1346,29 @@ def test_a_zero_scaling_is_merged_with_a_warning(llama: tuple[Path, Path], tmp_p
         assert merged.keys() == original.keys() and all(torch.equal(merged[k], original[k]) for k in merged)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_spectrum_not_in_float32_is_merged_and_named(
+    dtype: torch.dtype, llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """PEFT trains spectra in float32: one saved in another float dtype is merged as stored, with a warning that
+    says so (before, float64 was silent)."""
+    base, adapter = llama
+    weights = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(weights)
+    key = next(k for k in sorted(tensors) if k.endswith("fourierft_spectrum"))
+    tensors[key] = tensors[key].to(dtype)
+    write_tensors(weights, tensors)
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--device", "cpu", "-q")
+    assert (res.exit_code, res.stdout) == (0, ""), res.output
+    stored = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}[dtype]
+    if dtype == torch.float64:
+        why = "used as stored (PEFT loads it into a float32 parameter unless the model runs in float64, which can "
+        why += "differ in the last bits)"
+    else:
+        why = "reconstructed in float32 or better"
+    assert res.stderr == f"warning: {key}: spectrum saved in {stored}; {why}\n"
+
+
 def test_control_characters_in_warnings_and_tables_are_escaped(llama: tuple[Path, Path], tmp_path: Path) -> None:
     """A folder or tensor name with a newline or a terminal escape: warnings stay one line, tables one row, and
     no escape sequence reaches the terminal."""
