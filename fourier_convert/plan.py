@@ -459,11 +459,12 @@ def set_orientation(
             kind = skeleton.module_type(layer.module) or skeleton.module_type(layer.key[: -len(".weight")])
         flags = {adapters[c.adapter_index].settings.fan_in_fan_out for c in layer.contributions}
         if kind is not None and kind not in (LINEAR, CONV1D):
+            assert skeleton is not None
+            where = skeleton.embedding_source if skeleton.default_type is not None else skeleton.source
             raise BaseMismatchError(
                 layer.key,
                 f"the adapter has a spectrum for {layer.module}, which is {_article(kind)} {kind} in the base model "
-                f"({skeleton.source if skeleton is not None else ''}); PEFT's FourierFT adapts only Linear and "
-                "Conv1D modules and refuses this adapter",
+                f"({where}); PEFT's FourierFT adapts only Linear and Conv1D modules and refuses this adapter",
                 "remove that spectrum from the adapter, or check that this is the base model it was trained on",
             )
         if kind in (LINEAR, CONV1D):

@@ -45,6 +45,7 @@ class Skeleton:
         source: How the types were found (``"model skeleton"`` or the source scan's reason).
         embedding_names: With a source scan's verdict: attribute names the modeling source assigns an
             ``nn.Embedding`` (a module whose last name is one of them is an ``"Embedding"``).
+        embedding_source: Where ``embedding_names`` were read (named when an adapted module is one of them).
     """
 
     architecture: str
@@ -55,6 +56,7 @@ class Skeleton:
     default_type: str | None = None
     source: str = "model skeleton"
     embedding_names: frozenset[str] = frozenset()
+    embedding_source: str = ""
 
     def module_type(self, name: str) -> str | None:
         """Type of module ``name``, tolerating an added or missing ``base_model_prefix``."""
@@ -124,6 +126,7 @@ def scan_linear_only(config: dict[str, Any]) -> Skeleton | None:
         default_type=LINEAR,
         source=f"transformers {version} source ({files}: no Conv1D, every module is a Linear)",
         embedding_names=frozenset(embeddings),
+        embedding_source=f"an nn.Embedding attribute in transformers {version}'s {files}",
     )
 
 

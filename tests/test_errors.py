@@ -1148,7 +1148,7 @@ def test_index_entries_that_are_not_file_names_are_refused(
         (
             "llama",
             "model.embed_tokens",
-            "transformers {v} source (modeling_llama.py: no Conv1D, every module is a Linear)",
+            "an nn.Embedding attribute in transformers {v}'s modeling_llama.py",
         ),
         ("gpt2", "transformer.wte", "model skeleton"),
     ],
