@@ -89,6 +89,15 @@ def _from_hub(
     if patterns is not None and sub:
         patterns = [f"{sub}/{p}" for p in patterns]
     try:
+        if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+            # A commit never changes: its cached snapshot is used as is (huggingface_hub 1.33 asks the hub about
+            # it even offline, and fails).
+            try:
+                return Path(
+                    snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
+                )
+            except LocalEntryNotFoundError:
+                pass
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise InputFileError(
