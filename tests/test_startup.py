@@ -106,8 +106,8 @@ def test_auto_on_a_gpu_machine_merges_on_the_cpu_and_says_why(tmp_path: Path) ->
 @pytest.mark.parametrize("module", ["click", "fourier_convert.cli.merge_cmd"])
 def test_an_interrupt_while_starting_prints_one_line(module: str) -> None:
     """Ctrl-C while the command line is still being imported: one line and exit 130, no traceback. (Only the
-    interpreter's own start and the package's first 1.5 ms of imports, before the entry point runs, remain
-    outside this.)"""
+    interpreter's own start, about 17 ms on the 2-core VM, and the package's first ~4 ms of imports, before the
+    entry point runs, remain outside this: docs/merge.md, "Interruption and crashes".)"""
     code = f"""
 import sys
 class Interrupt:
