@@ -15,6 +15,7 @@ FourierFT model follows the LoRA model with the plain and with the calibrated co
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,15 +26,15 @@ import torch
 
 from fourier_convert.calibrate.pipeline import POOR_AGREEMENT, CalibrationOptions
 from fourier_convert.calibrate.reverse import FromLoraCalibration, calibrate, calibration_base, calibration_options
-from fourier_convert.errors import FourierConvertError, UsageError
+from fourier_convert.errors import AdapterError, BaseMismatchError, FourierConvertError, UsageError
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, extra_tensor_keys, parse_settings
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
-from fourier_convert.io.lora_adapter import LoraAdapterIn, read_lora_adapter
+from fourier_convert.io.lora_adapter import MAX_SCALE, LoraAdapterIn, LoraModule, read_lora_adapter
 from fourier_convert.maths.delta import delta_sq_norm
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.project import Projection, project_lowrank
-from fourier_convert.plan import plan_with_orientation
+from fourier_convert.plan import MergePlan, plan_with_orientation
 
 #: A layer keeping less of the LoRA delta's energy than this is called out in the report.
 LOW_ENERGY = 0.5
@@ -196,8 +197,12 @@ def from_lora(
     Raises:
         UsageError: Bad n / scaling / seed, n larger than a layer, ``--distill`` / ``--sequential`` / a bad batch
             size in the calibration options, ``device`` without calibration, or calibration without a base.
-        InputFileError: Unusable calibration data.
-        FourierConvertError: Invalid or unsupported LoRA adapter, or a base it does not fit.
+        InputFileError: Unusable calibration data, or an ``adapter`` that is no adapter folder.
+        BaseMismatchError: A module, or a ``lora_A`` / ``lora_B`` shape, that does not fit the base (checked from
+            the headers, before any factor is read).
+        AdapterError: Invalid or unsupported LoRA adapter (the message says what a model folder or an ONNX export
+            given as ``adapter`` is), a LoRA scale beyond float32, or coefficients that overflow float32.
+        FourierConvertError: Any other invalid input.
 
     Example:
         >>> fft, report = from_lora("./some-lora", base="./base", n_frequency=1000)  # doctest: +SKIP
@@ -216,12 +221,25 @@ def from_lora(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError("--seed", f"{seed!r} is not a non-negative integer", "use e.g. 777")
     options = calibration_options(calibration, device)
-    lora = read_lora_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
+    lora = read_lora_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)  # headers: no factor read yet
     warnings: list[str] = []
     ckpt = _open_base(base, lora, warnings) if options is None else calibration_base(base, lora)
 
     config = _fourier_config(lora, pattern, n_frequency, scaling, seed)
     settings = parse_settings(config, Path("adapter_config.json"))
+    # One placeholder coefficient per module until the fit. Named by the input's lora_A key, so that a mismatch
+    # names a tensor the user has. The plan checks modules, biases and heads against the base and gives each layer's
+    # base weight and orientation, against which the factors' shapes are checked before a byte of them is read.
+    spectra = {
+        module: Spectrum(module, "F32", mod.lora_a.key, 1, loaded=np.zeros(1)) for module, mod in lora.modules.items()
+    }
+    out_adapter = FourierFTAdapter(
+        lora.folder, lora.label, settings, spectra, dict(lora.biases), dict(lora.head_tensors), []
+    )
+    plan = None
+    if ckpt is not None:
+        plan = plan_with_orientation(ckpt, [out_adapter])  # the output must fit the base as merge would use it
+        check_factor_shapes(lora, plan)
     cache = IndexCache()
     for module, mod in lora.modules.items():
         m, n_in = mod.shape
@@ -233,21 +251,21 @@ def from_lora(
                 "lower --n-frequency or give this module a smaller n with --n-frequency-pattern",
             )
         cache.reserve(m, n_in, seed, n)
+    lora.read_factors()
     tensors: dict[str, torch.Tensor] = {}
     layers: list[FromLoraLayerReport] = []
-    spectra: dict[str, Spectrum] = {}
     fits: dict[str, Projection] = {}
     for module, mod in lora.modules.items():
         m, n_in = mod.shape
         n = settings.n_for(module)
-        fit = project_lowrank(mod.b, mod.a, mod.scale, cache.get(m, n_in, seed, n), scaling)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            fit = project_lowrank(mod.b, mod.a, mod.scale, cache.get(m, n_in, seed, n), scaling)
         fits[module] = fit
         values32 = torch.from_numpy(fit.values).float()
-        key = f"{KEY_PREFIX}{module}.fourierft_spectrum"
-        tensors[key] = values32
-        # checked against the base under the input's key, so that a mismatch names a tensor the user has
-        values = values32.double().numpy()
-        spectra[module] = Spectrum(module, "F32", f"{KEY_PREFIX}{module}.lora_A.weight", values.shape[0], loaded=values)
+        _check_representable(lora, mod, fit, values32, scaling)
+        tensors[f"{KEY_PREFIX}{module}.fourierft_spectrum"] = values32
+        spectra[module].n = n
+        spectra[module].loaded = values32.double().numpy()
         layers.append(_layer_report(module, (m, n_in), mod.rank, n, fit))
         if options is None and fit.retained < LOW_ENERGY:
             warnings.append(
@@ -258,11 +276,7 @@ def from_lora(
     tensors.update({key: t.load() for key, t in extras.items()})
 
     calibrated: FromLoraCalibration | None = None
-    if ckpt is not None:
-        out_adapter = FourierFTAdapter(
-            lora.folder, lora.label, settings, spectra, dict(lora.biases), dict(lora.head_tensors), []
-        )
-        plan = plan_with_orientation(ckpt, [out_adapter])  # the output must fit the base as merge would use it
+    if ckpt is not None and plan is not None:
         conv1d = any(layer.conv1d for layer in plan.layers)
         if conv1d != settings.fan_in_fan_out:
             config["fan_in_fan_out"] = conv1d
@@ -329,6 +343,67 @@ def calibration_warnings(layers: list[FromLoraLayerReport], cal: FromLoraCalibra
             "convert without --calibration, or calibrate on more samples like the task's inputs"
         )
     return out
+
+
+def check_factor_shapes(lora: LoraAdapterIn, plan: MergePlan) -> None:
+    """Check every module's ``lora_A`` / ``lora_B`` shape against its base weight (headers only: nothing is read).
+
+    PEFT's factors are ``lora_A: (r, in)`` and ``lora_B: (out, r)`` with ``(out, in)`` the layer's, for a Conv1D
+    (weight stored ``(in, out)``) too.
+
+    Raises:
+        BaseMismatchError: A factor does not fit its base layer (the message names the key, the shape found and the
+            shape expected).
+    """
+    by_module = {layer.module: layer for layer in plan.layers}
+    for module, mod in lora.modules.items():
+        layer = by_module.get(module)
+        if layer is None:  # the plan refuses a module the base lacks
+            continue
+        out_dim, in_dim = layer.delta_shape
+        r = mod.rank
+        for t, want in ((mod.lora_a, (r, in_dim)), (mod.lora_b, (out_dim, r))):
+            if tuple(t.shape) == want:
+                continue
+            w0, w1 = layer.weight.shape
+            kind = f"a Conv1D stored in x out = {w0}x{w1}, so" if layer.conv1d else "a Linear,"
+            fix = "pass the base model the adapter was trained on, or re-save the adapter with PEFT"
+            if layer.orientation_source == "flag" and tuple(t.shape) in ((r, out_dim), (in_dim, r)):
+                fix = (
+                    f"fan_in_fan_out in adapter_config.json is {lora.settings.fan_in_fan_out} and the base has no "
+                    "config.json to say whether the layer is a Conv1D; check the flag, or " + fix
+                )
+            raise BaseMismatchError(
+                f"{lora.label}: {t.key}",
+                f"shape {list(t.shape)}, expected {list(want)} for the base weight {layer.key!r} "
+                f"({kind} out x in = {out_dim}x{in_dim}) at rank {r}",
+                fix,
+            )
+
+
+def _check_representable(
+    lora: LoraAdapterIn, mod: LoraModule, fit: Projection, values32: torch.Tensor, scaling: float
+) -> None:
+    """Refuse a delta whose fit overflows: its energy in float64 or its coefficients in float32 (the file's dtype)."""
+    where = str(lora.files[1])
+    alpha_field = lora.settings.alpha_field(mod.module)
+    scale = f"{alpha_field} / {'sqrt(r)' if lora.settings.use_rslora else 'r'} = {mod.scale:.3g}"
+    if not (np.isfinite(fit.values).all() and np.isfinite(fit.energy)):
+        raise AdapterError(
+            where,
+            f"the delta of {mod.module!r} (LoRA scale {scale}, times lora_B @ lora_A) overflows float64",
+            f"check {alpha_field} in adapter_config.json and the factors",
+        )
+    if not bool(torch.isfinite(values32).all()):
+        top = float(np.abs(fit.values).max())
+        suggest = math.copysign(abs(scaling) * top / MAX_SCALE * 10, scaling)
+        raise AdapterError(
+            where,
+            f"the FourierFT coefficients of {mod.module!r} reach {top:.3g} with --scaling {scaling:g} (LoRA scale "
+            f"{scale}), beyond float32's range ({MAX_SCALE:.3g})",
+            f"raise --scaling (e.g. to {suggest:.2g}; the coefficients shrink in proportion), or check {alpha_field} "
+            "and the factors",
+        )
 
 
 def _open_base(base: str | Path | None, lora: LoraAdapterIn, warnings: list[str]) -> BaseCheckpoint | None:

@@ -718,7 +718,7 @@ def test_json_report_never_lands_in_an_input(command: str, llama: tuple[Path, Pa
     assert snapshot(base.parent) == before and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["merge", "to-lora", "inspect"])
+@pytest.mark.parametrize("command", ["merge", "to-lora", "to-onnx", "inspect"])
 @pytest.mark.parametrize("kind", ["folder", "fifo", "link-loop", "the-out-folder"])
 def test_json_report_path_that_cannot_take_the_report_is_refused_before_any_work(
     command: str, kind: str, llama: tuple[Path, Path], tmp_path: Path
@@ -746,6 +746,7 @@ def test_json_report_path_that_cannot_take_the_report_is_refused_before_any_work
     args = {
         "merge": ["merge", "--base", base, "--adapter", adapter, "--out", out],
         "to-lora": ["to-lora", "--adapter", adapter, "--base", base, "--out", out],
+        "to-onnx": ["to-onnx", "--base", base, "--adapter", adapter, "--out", out],
         "inspect": ["inspect", adapter],
     }[command]
     before = snapshot(tmp_path)
@@ -1392,6 +1393,16 @@ def test_control_characters_in_warnings_and_tables_are_escaped(llama: tuple[Path
     assert "\x1b" not in res.stdout
     rows = [line for line in res.stdout.splitlines() if "self_attn.q" in line]
     assert len(rows) == 2 and any("q\\n\\x1b[31mproj" in row for row in rows), rows
+
+
+def test_a_folder_holding_the_base_and_the_adapter_is_named_as_such(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    root = base.parent
+    msg = (
+        f"{root}: is not a model folder (no model.safetensors or model.safetensors.index.json); it holds the model "
+        f"folder base and the adapter folder adapter; pass {base} as the base model and {adapter} as the adapter"
+    )
+    fails(tmp_path, fc.InputFileError, msg, root, adapter)
 
 
 @pytest.mark.parametrize("role", ["adapter", "base"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +327,323 @@ def test_wrong_base_names_the_lora_key(tmp_path: Path) -> None:
         "'model.layers.0.self_attn.q_proj' has no weight in the base checkpoint; is this the base model the adapter "
         "was trained on?"
     )
+
+
+# -- errors: one line, exit 1, nothing published, inputs untouched -----------------------------------
+LLAMA_BASE = FIXTURES / "llama" / "base"
+Q0 = "model.layers.0.self_attn.q_proj"
+V0 = "model.layers.0.self_attn.v_proj"
+RETRAIN = "pass the base model the adapter was trained on, or re-save the adapter with PEFT"
+
+
+def _snapshot(*folders: Path) -> dict[str, tuple[int, int] | str | None]:
+    """Every path under ``folders`` -> sha256 of its bytes (size and mtime for files over 64 MiB, such as a sparse
+    1 GB file; None for folders)."""
+    out: dict[str, tuple[int, int] | str | None] = {}
+    for folder in folders:
+        for p in sorted(folder.rglob("*")):
+            if not p.is_file():
+                out[str(p)] = None
+            elif p.stat().st_size > 64 * 2**20:
+                out[str(p)] = (p.stat().st_size, p.stat().st_mtime_ns)
+            else:
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _cli_fails(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    exc_type: type[fc.FourierConvertError],
+    message: str,
+    adapter: Path,
+    base: Path = LLAMA_BASE,
+    *,
+    reads_factors: bool = False,
+) -> None:
+    """``from_lora`` raises exactly ``exc_type(message)``; ``fourier-convert from-lora`` prints ``error: message``
+    alone and exits 1 within 10 s; neither publishes anything nor changes an input, and (unless ``reads_factors``)
+    neither reads a byte of LoRA factor data."""
+    from click.testing import CliRunner
+
+    import fourier_convert.io.lora_adapter as lora_io
+    from fourier_convert.cli.main import cli
+
+    reads: list[str] = []
+    real = lora_io.read_numpy_float64
+
+    def spy(info: Any) -> np.ndarray:
+        reads.append(info.name)
+        return real(info)
+
+    monkeypatch.setattr(lora_io, "read_numpy_float64", spy)
+    out = tmp_path / "fft"
+    before = _snapshot(tmp_path, base)
+    start = time.perf_counter()
+    with pytest.raises(fc.FourierConvertError) as info:
+        from_lora(adapter, base=base, n_frequency=100)
+    assert time.perf_counter() - start < 10
+    assert (type(info.value), str(info.value)) == (exc_type, message)
+    args = ["from-lora", "--adapter", adapter, "--base", base, "--n-frequency", 100, "--out", out]
+    start = time.perf_counter()
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert time.perf_counter() - start < 10
+    assert (res.exit_code, res.stdout, res.stderr) == (1, "", f"error: {message}\n"), res.output
+    assert not out.exists()
+    assert _snapshot(tmp_path, base) == before
+    if not reads_factors:
+        assert reads == []
+
+
+def _set_tensors(adapter: Path, **tensors: torch.Tensor) -> None:
+    """Replace or add tensors of the adapter's safetensors file (keys given without ``base_model.model.``)."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    path = adapter / "adapter_model.safetensors"
+    stored = {k: v.clone() for k, v in load_torch(str(path)).items()}
+    stored.update({f"base_model.model.{k}": v for k, v in tensors.items()})
+    save_file(stored, str(path), metadata={"format": "pt"})
+
+
+def _set_config(adapter: Path, **changes: Any) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _factor(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.01
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "shape", "expected", "layer"),
+    [
+        ("llama", f"{V0}.lora_A.weight", (2, 1_000_000), [2, 64], f"'{V0}.weight' (a Linear, out x in = 32x64)"),
+        ("llama", f"{V0}.lora_B.weight", (64, 2), [32, 2], f"'{V0}.weight' (a Linear, out x in = 32x64)"),
+        ("llama", f"{Q0}.lora_A.weight", (2, 32), [2, 64], f"'{Q0}.weight' (a Linear, out x in = 64x64)"),
+        ("gpt2", "transformer.h.1.attn.c_attn.lora_B.weight", (32, 2), [96, 2],
+         "'transformer.h.1.attn.c_attn.weight' (a Conv1D stored in x out = 32x96, so out x in = 96x32)"),
+        ("gpt2", "transformer.h.0.attn.c_attn.lora_A.weight", (2, 96), [2, 32],
+         "'transformer.h.0.attn.c_attn.weight' (a Conv1D stored in x out = 32x96, so out x in = 96x32)"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_factors_that_do_not_fit_the_base_layer_before_reading_them(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    key: str,
+    shape: tuple[int, int],
+    expected: list[int],
+    layer: str,
+) -> None:
+    """A lora_A / lora_B whose shape is not the base layer's (out x in, Conv1D weights stored in x out) is
+    refused from the header, naming the key, the shape found and the shape expected."""
+    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[name]
+    src = _peft_lora(tmp_path, name, r=2, target_modules=targets, fan_in_fan_out=name == "gpt2")
+    _set_tensors(src, **{key: _factor(*shape)})
+    msg = (
+        f"{src}: base_model.model.{key}: shape {list(shape)}, expected {expected} for the base weight {layer} at "
+        f"rank 2; {RETRAIN}"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.BaseMismatchError, msg, src, FIXTURES / name / "base")
+
+
+def test_cli_refuses_factors_of_the_other_orientation_when_only_the_flag_decides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture_copy: Any
+) -> None:
+    """With a base lacking config.json, orientation comes from fan_in_fan_out; a GPT-2 LoRA saved with the
+    flag off no longer gives a transposed delta silently: its factors do not fit, and the message names the flag."""
+    base = fixture_copy("gpt2") / "base"
+    (base / "config.json").unlink()
+    src = _peft_lora(tmp_path, "gpt2", r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    _set_config(src, fan_in_fan_out=False)
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    msg = (
+        f"{src}: {key}: shape [2, 32], expected [2, 96] for the base weight 'transformer.h.0.attn.c_attn.weight' (a "
+        "Linear, out x in = 32x96) at rank 2; fan_in_fan_out in adapter_config.json is False and the base has no "
+        f"config.json to say whether the layer is a Conv1D; check the flag, or {RETRAIN}"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.BaseMismatchError, msg, src, base)
+
+
+def _sparse_factor(adapter: Path, key: str, shape: tuple[int, int]) -> None:
+    """Store ``key`` as an F32 tensor of ``shape`` whose bytes are a hole at the end of a sparse file."""
+    from safetensors.numpy import load_file as load_numpy
+
+    path = adapter / "adapter_model.safetensors"
+    small = {k: v for k, v in load_numpy(str(path)).items() if k != key}
+    header: dict[str, Any] = {}
+    blobs, offset = [], 0
+    for k, v in small.items():
+        data = np.ascontiguousarray(v, dtype=np.float32).tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    size = 4 * shape[0] * shape[1]
+    header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+        f.truncate(8 + len(raw) + offset + size)
+
+
+def test_cli_refuses_a_1gb_sparse_lora_a_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A [4, 62,500,000] float32 lora_A (1 GB, a sparse file) for a 32x64 layer was read whole (18.8 GB of
+    memory, over 200 s); it is refused from the header, in well under a second of work."""
+    src = _peft_lora(tmp_path, "llama", r=4, target_modules=["q_proj", "v_proj"])
+    key = f"base_model.model.{V0}.lora_A.weight"
+    _sparse_factor(src, key, (4, 62_500_000))
+    assert (src / "adapter_model.safetensors").stat().st_size > 10**9
+    msg = (
+        f"{src}: {key}: shape [4, 62500000], expected [4, 64] for the base weight '{V0}.weight' (a Linear, out x in "
+        f"= 32x64) at rank 4; {RETRAIN}"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.BaseMismatchError, msg, src)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "config", "found"),
+    [
+        ({f"{Q0}.lora_B.weight": (64, 3)}, {},
+         f"'{Q0}': lora_A is [2, 64] but lora_B is [64, 3] (ranks differ); re-save the adapter with PEFT"),
+        ({}, {"rank_pattern": {"v_proj": 3}},
+         f"'{V0}': the factors have rank 2 but the config gives rank 3; check r / rank_pattern in adapter_config.json"),
+        ({f"{V0}.lora_A.weight": (3, 64), f"{V0}.lora_B.weight": (32, 3)}, {},
+         f"'{V0}': the factors have rank 3 but the config gives rank 2; check r / rank_pattern in adapter_config.json"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_factor_ranks_that_disagree_before_reading_them(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tensors: dict[str, tuple[int, int]],
+    config: dict[str, Any],
+    found: str,
+) -> None:
+    """Lora_A and lora_B of another rank than each other or than r / rank_pattern, from the header."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_tensors(src, **{k: _factor(*shape) for k, shape in tensors.items()})
+    _set_config(src, **config)
+    msg = f"{src / 'adapter_model.safetensors'}: {found}"
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, msg, src)
+
+
+FLOAT32_RANGE = "is beyond float32's range (3.4e+38), where PEFT computes the delta"
+
+
+@pytest.mark.parametrize(
+    ("config", "found"),
+    [
+        ({"lora_alpha": 1e300},
+         f"lora_alpha is 1e+300: the LoRA scale lora_alpha / r = 5e+299 of '{Q0}' (rank 2) {FLOAT32_RANGE}; "
+         "set lora_alpha to the value the adapter was trained with"),
+        ({"lora_alpha": 1e39},
+         f"lora_alpha is 1e+39: the LoRA scale lora_alpha / r = 5e+38 of '{Q0}' (rank 2) {FLOAT32_RANGE}; "
+         "set lora_alpha to the value the adapter was trained with"),
+        ({"alpha_pattern": {"v_proj": 1e39}, "use_rslora": True},
+         f"alpha_pattern['v_proj'] is 1e+39: the LoRA scale alpha_pattern['v_proj'] / sqrt(r) = 7.07e+38 of '{V0}' "
+         f"(rank 2) {FLOAT32_RANGE}; set alpha_pattern['v_proj'] to the value the adapter was trained with"),
+        ({"lora_alpha": float("inf")}, "lora_alpha is inf, expected a finite number; fix the config"),
+        ({"lora_alpha": float("-inf")}, "lora_alpha is -inf, expected a finite number; fix the config"),
+        ({"lora_alpha": float("nan")}, "lora_alpha is nan, expected a finite number; fix the config"),
+        ({"lora_alpha": 10**400}, f"lora_alpha is 1{'0' * 56}..., expected a finite number; fix the config"),
+        ({"lora_alpha": "16"}, "lora_alpha is '16', expected a finite number; fix the config"),
+        ({"lora_alpha": None}, "lora_alpha is None, expected a finite number; fix the config"),
+        ({"alpha_pattern": {"v_proj": float("inf")}},
+         "alpha_pattern['v_proj'] is inf, expected a finite number; fix the config"),
+        ({"alpha_pattern": {"v_proj": float("nan")}},
+         "alpha_pattern['v_proj'] is nan, expected a finite number; fix the config"),
+        ({"alpha_pattern": {"v_proj": 10**400}},
+         f"alpha_pattern['v_proj'] is 1{'0' * 56}..., expected a finite number; fix the config"),
+        ({"r": 0}, "r is 0, expected an integer >= 1; fix the config"),
+        ({"r": -2}, "r is -2, expected an integer >= 1; fix the config"),
+        ({"r": 2.0}, "r is 2.0, expected an integer >= 1; fix the config"),
+        ({"r": float("nan")}, "r is nan, expected an integer >= 1; fix the config"),
+        ({"r": True}, "r is True, expected an integer >= 1; fix the config"),
+        ({"rank_pattern": {"v_proj": 0}}, "rank_pattern['v_proj'] is 0, expected an integer >= 1; fix the config"),
+        ({"rank_pattern": {"v_proj": -2}}, "rank_pattern['v_proj'] is -2, expected an integer >= 1; fix the config"),
+        ({"rank_pattern": {"v_proj": 2.5}},
+         "rank_pattern['v_proj'] is 2.5, expected an integer >= 1; fix the config"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_non_finite_or_overflowing_scales_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], found: str
+) -> None:
+    """Lora_alpha 1e300 ended in ``unexpected OverflowError``; a scale beyond float32 (PEFT computes the delta
+    in the layer's dtype), a non-finite or non-numeric alpha and a rank below 1 are refused from the config, naming
+    the field and the value, before any factor is read."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, **config)
+    msg = f"{src / 'adapter_config.json'}: {found}"
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, msg, src)
+
+
+def test_cli_refuses_coefficients_beyond_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scale float32 holds, times large factors, gave infinite float32 coefficients and exit 0."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, lora_alpha=1e37)
+    key = "model.layers.1.self_attn.v_proj.lora_B.weight"
+    b = load_file(str(src / "adapter_model.safetensors"))[f"base_model.model.{key}"]
+    _set_tensors(src, **{key: torch.from_numpy(b * 1e4)})
+    msg = (
+        f"{src / 'adapter_model.safetensors'}: the FourierFT coefficients of 'model.layers.1.self_attn.v_proj' "
+        "reach 2.66e+39 with --scaling 150 (LoRA scale lora_alpha / r = 5e+36), beyond float32's range (3.4e+38); "
+        "raise --scaling (e.g. to 1.2e+04; the coefficients shrink in proportion), or check lora_alpha and the factors"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, msg, src, reads_factors=True)
+    fft, _ = from_lora(src, base=LLAMA_BASE, n_frequency=100, scaling=1.2e4)  # as the message says
+    assert all(bool(torch.isfinite(t).all()) for t in fft.tensors.values())
+
+
+def test_a_large_representable_alpha_converts_exactly(tmp_path: Path) -> None:
+    """A large alpha whose scale float32 holds converts, without overflow, to the same fit, scaled."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _, plain = from_lora(src, base=LLAMA_BASE, n_frequency=100)
+    _set_config(src, lora_alpha=8e30)  # 1e30 times the default alpha of 8
+    fft, report = from_lora(src, base=LLAMA_BASE, n_frequency=100, scaling=150e30)
+    for got, want in zip(report.layers, plain.layers, strict=True):
+        assert got.retained_energy == pytest.approx(want.retained_energy, rel=1e-9)
+        assert got.energy == pytest.approx(want.energy * 1e60, rel=1e-9)
+    assert all(bool(torch.isfinite(t).all()) for t in fft.tensors.values())
+
+
+def _onnx_export(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"\x08\x07")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["model", "parent", "onnx", "fourierft"])
+def test_cli_says_what_a_wrong_adapter_folder_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture_copy: Any, kind: str
+) -> None:
+    """A model folder, the folder above a LoRA adapter, an ONNX export or a FourierFT adapter given as
+    --adapter: the message says what the folder is and what to pass (the checks merge uses)."""
+    if kind == "model":
+        adapter = fixture_copy("llama") / "base"
+        cls: type[fc.FourierConvertError] = fc.AdapterError
+        msg = (
+            f"{adapter}: is a model folder (config.json and weights), not a LoRA adapter; pass it as --base (or "
+            "--model for to-onnx), and the adapter folder as --adapter"
+        )
+    elif kind == "parent":
+        lora = _peft_lora(tmp_path / "loras", "llama", r=2, target_modules=["q_proj"])
+        adapter = lora.parent
+        cls = fc.InputFileError
+        msg = (
+            f"{adapter / 'adapter_config.json'}: file not found; adapter folders inside it: {lora.name}; pass {lora}, "
+            f"or {adapter}:{lora.name}"
+        )
+    elif kind == "onnx":
+        adapter = _onnx_export(tmp_path / "onnx")
+        cls = fc.AdapterError
+        msg = f"{adapter}: is an ONNX export (model.onnx), not a LoRA adapter; pass the LoRA adapter folder itself"
+    else:
+        adapter = fixture_copy("llama") / "adapter"
+        cls = fc.AdapterError
+        msg = (
+            f"{adapter / 'adapter_config.json'}: peft_type is 'FOURIERFT', expected 'LORA'; this is already a "
+            "FourierFT adapter (to-lora converts the other way)"
+        )
+    _cli_fails(tmp_path, monkeypatch, cls, msg, adapter)

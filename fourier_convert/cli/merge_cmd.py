@@ -43,9 +43,7 @@ def specs_from_options(
     return specs
 
 
-def check_report_path(
-    path: Path | None, inputs: Sequence[str | Path | None] = (), out: Path | None = None
-) -> None:
+def check_report_path(path: Path | None, inputs: Sequence[str | Path | None] = (), out: Path | None = None) -> None:
     """Refuse, before any work is done, a --json path the report could not be written to after success: its
     folder missing, a folder, a FIFO or device, a link loop, or a path that is or lies in one of the command's
     local inputs (it would overwrite an input file) or in ``out`` (the output folder is published whole).
@@ -103,7 +101,7 @@ def write_report(path: Path, doc: dict[str, Any]) -> None:
     Raises:
         OutputError: It cannot be written (the command's output is already published; the message says so).
     """
-    data = (json.dumps(doc, indent=2) + "\n").encode()
+    data = (json.dumps(doc, indent=2, default=str) + "\n").encode()
     try:  # O_NONBLOCK: a FIFO put there since the check fails at once instead of blocking
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from fourier_convert.cli import options
-from fourier_convert.cli.merge_cmd import check_report_path, specs_from_options
+from fourier_convert.cli.merge_cmd import check_report_path, say, specs_from_options, write_report
 from fourier_convert.errors import OnnxValidationError
 from fourier_convert.onnx.tasks import TASKS
 
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
 
 def _write_json(path: Path | None, report: OnnxReport) -> None:
     if path is not None:
-        path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        write_report(path, report.to_dict())
 
 
 @click.command("to-onnx")
@@ -87,7 +86,7 @@ def to_onnx_cmd(
     quiet: bool,
 ) -> None:
     """Export a merged model (or base + FourierFT adapter, merged first) to ONNX, proven equal in onnxruntime."""
-    check_report_path(json_path, [base, *adapters, model])  # usage errors before the heavy imports below
+    check_report_path(json_path, [base, *adapters, model], out)  # usage errors before the heavy imports below
     from fourier_convert.onnx.pipeline import export_onnx
     from fourier_convert.onnx.report import OnnxReport
 
@@ -116,13 +115,13 @@ def to_onnx_cmd(
     except OnnxValidationError as exc:
         if isinstance(exc.report, OnnxReport):
             for line in exc.report.summary():
-                click.echo(line, err=True)
+                say(line, err=True)
             _write_json(json_path, exc.report)
         raise
     for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+        say(f"warning: {w}", err=True)
     if not quiet:
         for line in report.summary():
             if not line.startswith("warning: "):
-                click.echo(line)
+                say(line)
     _write_json(json_path, report)

@@ -198,7 +198,7 @@ def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle
     )
     config_path = folder / CONFIG_NAME
     if folder.is_dir() and not config_path.exists():
-        _not_an_adapter(folder)
+        not_an_adapter(folder)
     settings = parse_settings(load_json(config_path), config_path)
     weights = folder / WEIGHTS_NAME
     tensors: dict[str, StoredTensor]
@@ -218,20 +218,31 @@ def read_adapter(spec: str | Path, *, subfolder: str | None = None, allow_pickle
     return FourierFTAdapter(folder, label, settings, spectra, biases, heads, files)
 
 
-def _not_an_adapter(folder: Path) -> None:
-    """Raise the error for a folder without ``adapter_config.json``, saying what the folder is instead."""
+def not_an_adapter(folder: Path, kind: str = "FourierFT") -> None:
+    """Raise the error for a folder without ``adapter_config.json``, saying what the folder is instead.
+
+    Args:
+        folder: The folder given as an adapter.
+        kind: The adapter the command wanted (``"FourierFT"``, ``"LoRA"``), as the message names it.
+
+    Raises:
+        AdapterError: A model folder or an ONNX export.
+        InputFileError: Otherwise (naming the adapter folders inside it, if any).
+    """
     where = str(folder / CONFIG_NAME)
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         raise AdapterError(
             str(folder),
-            "is a model folder (config.json and weights), not a FourierFT adapter",
+            f"is a model folder (config.json and weights), not a {kind} adapter",
             "pass it as --base (or --model for to-onnx), and the adapter folder as --adapter",
         )
     if (folder / "model.onnx").is_file():
         raise AdapterError(
             str(folder),
-            "is an ONNX export (model.onnx), not a FourierFT adapter",
-            "pass the FourierFT adapter folder the export was made from",
+            f"is an ONNX export (model.onnx), not a {kind} adapter",
+            "pass the FourierFT adapter folder the export was made from"
+            if kind == "FourierFT"
+            else f"pass the {kind} adapter folder itself",
         )
     inside = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
     if inside:

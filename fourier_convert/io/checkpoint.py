@@ -161,6 +161,7 @@ def open_checkpoint(spec: str | Path, *, revision: str | None = None) -> BaseChe
                 "is a PEFT adapter folder (adapter_config.json), not a base model",
                 "pass it as --adapter and the model it was trained on as --base",
             )
+        _refuse_parent_folder(folder)
         raise InputFileError(str(folder), f"no {SINGLE_NAME} or {INDEX_NAME} found", "pass a Hugging Face model folder")
     aux = sorted(
         p
@@ -228,6 +229,40 @@ def _check_layer_count(config: dict[str, Any], keys: list[str], where: Path) -> 
                 f"{name} is {claimed}, but the checkpoint's weights hold {stored} layer(s)",
                 "pass the config.json that belongs to these weights",
             )
+
+
+def _refuse_parent_folder(folder: Path) -> None:
+    """A folder with no weights of its own that holds model or adapter folders (say ``base/`` and ``adapter/``):
+    name them and what to pass.
+
+    Raises:
+        InputFileError: ``folder`` is such a folder (nothing is raised otherwise).
+    """
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.is_dir())
+        models = [p.name for p in entries if (p / "config.json").is_file() and _has_weights(p)]
+        adapters = [p.name for p in entries if (p / "adapter_config.json").is_file()]
+    except OSError:  # unreadable: the caller's message stands
+        return
+    if not models and not adapters:
+        return
+    kinds = [("model folder", models), ("adapter folder", adapters)]
+    inside = " and ".join(
+        f"the {kind}{'s' if len(names) > 1 else ''} {', '.join(names)}" for kind, names in kinds if names
+    )
+    if models and adapters:
+        fix = f"pass {folder / models[0]} as the base model and {folder / adapters[0]} as the adapter"
+    elif models:
+        fix = f"pass the model folder, such as {folder / models[0]}"
+    else:
+        fix = f"pass {folder / adapters[0]} as the adapter and the model it was trained on as the base"
+    raise InputFileError(
+        str(folder), f"is not a model folder (no {SINGLE_NAME} or {INDEX_NAME}); it holds {inside}", fix
+    )
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / SINGLE_NAME).is_file() or (folder / INDEX_NAME).is_file()
 
 
 def _refuse_outside_link(path: Path, folder: Path) -> None:

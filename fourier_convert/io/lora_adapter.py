@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,16 @@ from fourier_convert.io.adapter import (
     classify_tensors,
     load_json,
     load_pickle,
+    not_an_adapter,
 )
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_header, read_numpy_float64
 from fourier_convert.patterns import config_match
 
 LORA_BIAS_MODES = ("none", "all", "lora_only")
+#: Largest LoRA scale accepted: PEFT multiplies the factors' product by the scale in the layer's dtype, and a larger
+#: scale is infinite in float32 (and bfloat16), so the delta would be too.
+MAX_SCALE = float(np.finfo(np.float32).max)
 #: Config fields whose non-default values change the maths of the delta, with why each is refused.
 _REFUSED: dict[str, str] = {
     "use_dora": "DoRA rescales every column of W + delta by a learned magnitude, which no additive delta represents",
@@ -95,6 +100,12 @@ class LoraSettings:
         alpha = self.alpha_for(module)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
+    def alpha_field(self, module: str) -> str:
+        """The config field that gives ``module`` its alpha (``lora_alpha`` or ``alpha_pattern['KEY']``), for
+        messages."""
+        key = _pattern_key(self.alpha_pattern, module)
+        return f"alpha_pattern[{key!r}]" if key is not None else "lora_alpha"
+
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     # PEFT's get_pattern_key: a key matches when it (as a regex) matches a dotted suffix of the module name
@@ -106,30 +117,54 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA-adapted module.
+    """One LoRA-adapted module, located from the file's header: its factors are read (and checked) on first use, so
+    that their shapes can be checked against a base model before any tensor data is read.
 
     Attributes:
         module: Module path (``base_model.model.`` stripped).
-        a: ``lora_A.weight`` as float64, ``(r, in)``.
-        b: ``lora_B.weight`` as float64, ``(out, r)``.
+        lora_a: ``lora_A.weight`` as stored, ``(r, in)``.
+        lora_b: ``lora_B.weight`` as stored, ``(out, r)``.
         scale: PEFT's scale for this module.
-        dtype: The factors' stored dtype.
+        where: The adapter weights file, as errors name it.
     """
 
     module: str
-    a: np.ndarray
-    b: np.ndarray
+    lora_a: StoredTensor
+    lora_b: StoredTensor
     scale: float
-    dtype: str
+    where: str = ""
+
+    @property
+    def dtype(self) -> str:
+        """The factors' stored dtype."""
+        return self.lora_a.dtype
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(out, in)`` of the delta."""
-        return int(self.b.shape[0]), int(self.a.shape[1])
+        """``(out, in)`` of the delta (from the header)."""
+        return int(self.lora_b.shape[0]), int(self.lora_a.shape[1])
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[0])
+        return int(self.lora_a.shape[0])
+
+    @cached_property
+    def a(self) -> np.ndarray:
+        """``lora_A.weight`` as float64, ``(r, in)`` (read on first use).
+
+        Raises:
+            AdapterError: A value is not finite.
+        """
+        return _factor_values(self.lora_a, self.where)
+
+    @cached_property
+    def b(self) -> np.ndarray:
+        """``lora_B.weight`` as float64, ``(out, r)`` (read on first use).
+
+        Raises:
+            AdapterError: A value is not finite.
+        """
+        return _factor_values(self.lora_b, self.where)
 
 
 @dataclass
@@ -153,6 +188,16 @@ class LoraAdapterIn:
     biases: dict[str, StoredTensor]
     head_tensors: dict[str, StoredTensor]
     files: list[Path]
+
+    def read_factors(self) -> None:
+        """Read every module's factors now (they are otherwise read on first use).
+
+        Raises:
+            AdapterError: A factor holds a non-finite value.
+        """
+        for mod in self.modules.values():
+            mod.a  # noqa: B018  (reads and checks on first use)
+            mod.b  # noqa: B018
 
 
 def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
@@ -179,19 +224,29 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
                 where, f"{name} is {value!r}: {why}", "convert a plain LoRA adapter (merge this one with PEFT instead)"
             )
     r = cfg.get("r", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterError(where, f"r is {r!r}, expected an integer >= 1", "fix the config")
+    if not _is_rank(r):
+        raise AdapterError(where, f"r is {_short(r)}, expected an integer >= 1", "fix the config")
     alpha = cfg.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise AdapterError(where, f"lora_alpha is {alpha!r}, expected a finite number", "fix the config")
+    if not _is_finite_number(alpha):
+        raise AdapterError(where, f"lora_alpha is {_short(alpha)}, expected a finite number", "fix the config")
     ranks = cfg.get("rank_pattern") or {}
     alphas = cfg.get("alpha_pattern") or {}
-    if not isinstance(ranks, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in ranks.values()):
-        raise AdapterError(where, f"rank_pattern is {ranks!r}, expected a map of name -> int", "fix the config")
-    if not isinstance(alphas, dict) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in alphas.values()
-    ):
-        raise AdapterError(where, f"alpha_pattern is {alphas!r}, expected a map of name -> number", "fix the config")
+    if not isinstance(ranks, dict):
+        raise AdapterError(where, f"rank_pattern is {_short(ranks)}, expected a map of name -> int", "fix the config")
+    for key, value in ranks.items():
+        if not _is_rank(value):
+            raise AdapterError(
+                where, f"rank_pattern[{key!r}] is {_short(value)}, expected an integer >= 1", "fix the config"
+            )
+    if not isinstance(alphas, dict):
+        raise AdapterError(
+            where, f"alpha_pattern is {_short(alphas)}, expected a map of name -> number", "fix the config"
+        )
+    for key, value in alphas.items():
+        if not _is_finite_number(value):
+            raise AdapterError(
+                where, f"alpha_pattern[{key!r}] is {_short(value)}, expected a finite number", "fix the config"
+            )
     bias = cfg.get("bias", "none") or "none"
     if bias not in LORA_BIAS_MODES:
         raise AdapterError(where, f"bias is {bias!r}, expected one of {', '.join(LORA_BIAS_MODES)}", "fix the config")
@@ -213,6 +268,26 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
     )
 
 
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_finite_number(value: Any) -> bool:
+    """An int or float that is finite as a float (``10**400`` is an int that no float holds)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a config value may be a huge number or map)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 _FACTOR = re.compile(r"^(.*)\.lora_(A|B)\.weight$")
 _UNSUPPORTED = (
     ("lora_embedding_A", "embedding LoRA (lora_embedding_A / B): FourierFT adapts linear layers only"),
@@ -230,12 +305,15 @@ def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_p
         allow_pickle: Load ``adapter_model.bin`` through torch's weights-only loader.
 
     Returns:
-        The adapter with its factors decoded (float64) and other tensors located.
+        The adapter with its factors and other tensors located from the header, not read: call
+        :meth:`LoraAdapterIn.read_factors` (or use ``module.a`` / ``module.b``) once their shapes are checked
+        against the base.
 
     Raises:
-        InputFileError: Missing or unreadable files, bad JSON.
+        InputFileError: Missing or unreadable files, bad JSON, or a folder holding adapters rather than one.
         PickleRefusedError: Only a pickle is present and ``allow_pickle`` is False.
-        AdapterError: Not LoRA, a refused variant, or invalid tensors.
+        AdapterError: Not LoRA (a model folder or an ONNX export: the message says which), a refused variant,
+            invalid factor shapes or ranks, or a scale beyond float32.
 
     Example:
         >>> lora = read_lora_adapter("my-lora")  # doctest: +SKIP
@@ -246,6 +324,8 @@ def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_p
         str(spec), what="adapter", subfolder=subfolder, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME]
     )
     config_path = folder / CONFIG_NAME
+    if folder.is_dir() and not config_path.exists():
+        not_an_adapter(folder, "LoRA")
     settings = parse_lora_settings(load_json(config_path), config_path)
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
@@ -270,7 +350,7 @@ def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_p
         modules_to_save=settings.modules_to_save,
         where=where,
     )
-    modules = _pair_factors(groups.method, settings, where)
+    modules = _pair_factors(groups.method, settings, where, str(config_path))
     if settings.bias == "lora_only":
         stray = [k for k in groups.biases if k[: -len(".bias")] not in modules]
         if stray:
@@ -281,14 +361,23 @@ def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_p
     return LoraAdapterIn(folder, label, settings, modules, groups.biases, groups.heads, files)
 
 
-def _factor_values(t: StoredTensor) -> np.ndarray:
+def _factor_values(t: StoredTensor, where: str) -> np.ndarray:
     if t.info is not None:
-        return read_numpy_float64(t.info).reshape(t.shape)
-    assert t.value is not None
-    return t.value.double().numpy()
+        arr = read_numpy_float64(t.info).reshape(t.shape)
+    else:
+        assert t.value is not None
+        arr = t.value.double().numpy()
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise AdapterError(where, f"{t.key!r} holds {int(bad.sum())} non-finite value(s)", "use a sound checkpoint")
+    return arr
 
 
-def _pair_factors(factors: dict[str, StoredTensor], settings: LoraSettings, where: str) -> dict[str, LoraModule]:
+def _pair_factors(
+    factors: dict[str, StoredTensor], settings: LoraSettings, where: str, config_where: str
+) -> dict[str, LoraModule]:
+    """Pair each module's factors and check, from their shapes alone (no tensor data is read), that they are 2-D
+    float matrices of one rank, the rank the config gives, and that PEFT's scale for them is finite in float32."""
     halves: dict[str, dict[str, StoredTensor]] = {}
     for clean, t in factors.items():
         m = _FACTOR.match(clean)
@@ -324,14 +413,18 @@ def _pair_factors(factors: dict[str, StoredTensor], settings: LoraSettings, wher
                 f"{module!r}: the factors have rank {r} but the config gives rank {settings.rank_for(module)}",
                 "check r / rank_pattern in adapter_config.json",
             )
-        a, b = _factor_values(ta), _factor_values(tb)
-        for key, arr in ((ta.key, a), (tb.key, b)):
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                raise AdapterError(
-                    where, f"{key!r} holds {int(bad.sum())} non-finite value(s)", "use a sound checkpoint"
-                )
-        modules[module] = LoraModule(module, a, b, settings.scale_for(module, r), ta.dtype)
+        scale = settings.scale_for(module, r)
+        if not abs(scale) <= MAX_SCALE:
+            field_name = settings.alpha_field(module)
+            divisor = "sqrt(r)" if settings.use_rslora else "r"
+            raise AdapterError(
+                config_where,
+                f"{field_name} is {settings.alpha_for(module):g}: the LoRA scale {field_name} / {divisor} = "
+                f"{scale:.3g} of {module!r} (rank {r}) is beyond float32's range ({MAX_SCALE:.3g}), where PEFT "
+                "computes the delta",
+                f"set {field_name} to the value the adapter was trained with",
+            )
+        modules[module] = LoraModule(module, ta, tb, scale, where)
     if not modules:
         raise AdapterError(where, "holds no lora_A / lora_B tensors", "check that this is a LoRA adapter")
     return modules

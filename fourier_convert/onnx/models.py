@@ -3,19 +3,25 @@
 A model comes from a folder (a checkpoint already in the wanted dtype is mapped, not copied) or from tensors
 held in memory (a merge, or a checkpoint converted to the export dtype), which transformers takes as they
 are: no second copy.
+
+A ``config.json`` that disagrees with the weights (0 attention heads, a vocabulary size or head count the
+tensors do not have) is refused with one line naming the file, before transformers allocates anything: the
+model is first built on the meta device and its parameter shapes compared with the checkpoint's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Set
+import warnings
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fourier_convert.errors import ExportError
+from fourier_convert.errors import ExportError, InputFileError
+from fourier_convert.io.calibration.common import first_line
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_torch
 from fourier_convert.onnx.tasks import AUTO_CLASSES
@@ -23,9 +29,25 @@ from fourier_convert.onnx.tasks import AUTO_CLASSES
 #: torch dtype -> its safetensors name.
 _STORED = {torch.float32: "F32", torch.float16: "F16"}
 
+#: Top-level config counts that transformers divides by or sizes every layer with: 0 or less is refused here,
+#: as transformers' own messages say nothing useful (0 heads: "integer division or modulo by zero").
+POSITIVE_COUNTS = (
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_head",
+    "num_heads",
+)
+#: The fix of every error about a config.json that transformers cannot build, or that does not fit the weights.
+CONFIG_FIX = "the config does not match the weights: check config.json"
+
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
+    """transformers' logging at ERROR, no progress bars, and Python warnings ignored (torch warns on stderr, in
+    two lines, when a config makes a zero-element tensor)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -33,7 +55,9 @@ def _quiet_transformers() -> Iterator[None]:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
@@ -46,6 +70,7 @@ def config_from_dict(config: Mapping[str, Any], source: Path) -> Any:
 
     Raises:
         ExportError: transformers does not know the ``model_type``.
+        InputFileError: A count of :data:`POSITIVE_COUNTS` is 0 or less, or transformers refuses the values.
 
     Example:
         >>> config_from_dict({"model_type": "bert", "hidden_size": 32}, Path("config.json")).hidden_size
@@ -60,7 +85,124 @@ def config_from_dict(config: Mapping[str, Any], source: Path) -> Any:
         raise ExportError(
             str(source), f"model_type {model_type!r} is not known to this transformers", "upgrade transformers"
         )
-    return CONFIG_MAPPING[model_type].from_dict(dict(config))
+    for key in POSITIVE_COUNTS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise InputFileError(str(source), f"{key} is {value}, expected a positive integer", CONFIG_FIX)
+    try:
+        with _quiet_transformers():
+            return CONFIG_MAPPING[model_type].from_dict(dict(config))
+    except Exception as exc:  # the config class's own validation: ValueError, TypeError, strict-dataclass errors...
+        raise InputFileError(
+            str(source), f"transformers cannot build a {model_type} config from it ({reported(exc)})", CONFIG_FIX
+        ) from exc
+
+
+def reported(exc: BaseException) -> str:
+    """What transformers said: the first line of ``exc`` (escaped, as :func:`first_line`), or of its cause when
+    that line only announces the details (huggingface_hub's strict dataclass errors: ``Validation error for
+    field 'vocab_size':``, the reason on the next line and in the cause).
+
+    Example:
+        >>> reported(ValueError("The hidden size (64) is not a multiple of the number of attention heads (3)."))
+        'The hidden size (64) is not a multiple of the number of attention heads (3).'
+    """
+    said = first_line(exc)
+    if said.endswith(":") and exc.__cause__ is not None:
+        return first_line(exc.__cause__)
+    return said
+
+
+def _task_error(folder: Path, task: str, exc: BaseException) -> ExportError:
+    return ExportError(
+        str(folder),
+        f"transformers cannot load it as {AUTO_CLASSES[task]} for task {task} ({reported(exc)})",
+        "choose the --task the model was trained for",
+    )
+
+
+def build_on_meta(folder: Path, task: str, config: Any) -> Any:
+    """The model of ``task`` built from ``config`` on the meta device (no memory, no initialisation).
+
+    Raises:
+        ExportError: The task's auto class does not take this kind of model.
+        InputFileError: transformers cannot build the model from ``config`` (``folder``'s config.json named).
+    """
+    import transformers
+
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    try:
+        with _quiet_transformers(), torch.device("meta"):
+            return auto.from_config(config)
+    except Exception as exc:  # whatever the modeling code raises on the config's values
+        takes = getattr(auto, "_model_mapping", None)  # config class -> model class, of this auto class
+        if takes is None or type(config) not in takes:
+            raise _task_error(folder, task, exc) from exc
+        raise InputFileError(
+            str(folder / "config.json"),
+            f"transformers cannot build {AUTO_CLASSES[task]} from it ({reported(exc)})",
+            CONFIG_FIX,
+        ) from exc
+
+
+def check_shapes(model: Any, shapes: Mapping[str, Sequence[int]], config_path: Path) -> None:
+    """Refuse weights whose shapes differ from ``model``'s (built from ``config_path`` on the meta device).
+
+    Tensors are matched by name, with or without the model's ``base_model_prefix``; names only one side has
+    (heads of another task, renamed legacy keys) are left to transformers.
+
+    Raises:
+        InputFileError: A tensor's shape differs (the first one named, with how many others differ).
+
+    Example:
+        >>> check_shapes(build_on_meta(folder, "causal-lm", config), shapes, folder / "config.json")  # doctest: +SKIP
+    """
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    differ: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    for key, value in model.state_dict().items():
+        stored = shapes.get(key)
+        if stored is None and prefix:
+            other = key[len(prefix) + 1 :] if key.startswith(f"{prefix}.") else f"{prefix}.{key}"
+            stored = shapes.get(other)
+        if stored is not None and tuple(stored) != tuple(value.shape):
+            differ.append((key, tuple(value.shape), tuple(stored)))
+    if differ:
+        key, wanted, held = differ[0]
+        more = f" ({len(differ) - 1} more tensor(s) differ)" if len(differ) > 1 else ""
+        raise InputFileError(
+            str(config_path),
+            f"{type(model).__name__} built from it has {key} of shape {list(wanted)}, the weights hold "
+            f"{list(held)}{more}",
+            CONFIG_FIX,
+        )
+
+
+def check_config_fits(ckpt: BaseCheckpoint, task: str | None) -> None:
+    """Before anything is read or merged: transformers builds ``ckpt``'s config, and the ``task`` model it
+    describes (on the meta device) has the weights' shapes.
+
+    Nothing is checked without a config.json or a model_type transformers knows, and the shapes are not checked
+    without a task or for a task the model does not take: those are left to the loading steps, whose messages
+    they are.
+
+    Raises:
+        InputFileError: The config is refused (:func:`config_from_dict`, :func:`build_on_meta`), or the
+            weights' shapes differ (:func:`check_shapes`).
+
+    Example:
+        >>> check_config_fits(open_checkpoint("fixtures/llama/base"), "causal-lm")  # doctest: +SKIP
+    """
+    if ckpt.config is None:
+        return
+    path = ckpt.folder / "config.json"
+    try:
+        hf_config = config_from_dict(ckpt.config, path)
+        model = build_on_meta(ckpt.folder, task, hf_config) if task is not None else None
+    except ExportError:
+        return
+    if model is None:
+        return
+    check_shapes(model, {k: t.shape for k, t in ckpt.tensors.items()}, path)
 
 
 def load_task_model(
@@ -89,6 +231,9 @@ def load_task_model(
     Raises:
         ExportError: transformers cannot build this model for the task, or the checkpoint lacks weights the
             task needs (a classification head that would be random).
+        InputFileError: With ``state_dict``: the model ``config`` describes does not take these tensors
+            (:func:`check_shapes`), or transformers fails to build or load it for another reason than the task
+            (named as ``folder``'s config.json).
 
     Example:
         >>> model = load_task_model(Path("fixtures/roberta/base"), "text-classification")  # doctest: +SKIP
@@ -96,25 +241,30 @@ def load_task_model(
     import transformers
 
     auto = getattr(transformers, AUTO_CLASSES[task])
+    model_class = None
+    if state_dict is not None:
+        # The auto classes take no state_dict without a folder; the concrete class does (the class is found by
+        # building the model on the meta device, whose shapes are then compared with the tensors').
+        skeleton = build_on_meta(folder, task, config)
+        check_shapes(skeleton, {k: tuple(v.shape) for k, v in state_dict.items()}, folder / "config.json")
+        model_class = type(skeleton)
+        del skeleton
     try:
         with _quiet_transformers():
-            if state_dict is None:
+            if model_class is None:
                 model, info = auto.from_pretrained(str(folder), config=config, dtype=dtype, output_loading_info=True)
             else:
-                # The auto classes take no state_dict without a folder; the concrete class does (the class is
-                # found by building the model on the meta device: no memory, no initialisation).
-                with torch.device("meta"):
-                    model_class = type(auto.from_config(config))
                 model, info = model_class.from_pretrained(
                     None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
                 )
     except (ValueError, KeyError, OSError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            str(folder),
-            f"transformers cannot load it as {AUTO_CLASSES[task]} for task {task} ({first})",
-            "choose the --task the model was trained for",
-        ) from None
+        raise _task_error(folder, task, exc) from None
+    except Exception as exc:  # RuntimeError (sizes transformers found unequal), ArithmeticError...: from config.json
+        raise InputFileError(
+            str(folder / "config.json"),
+            f"transformers cannot load the weights into {AUTO_CLASSES[task]} built from it ({reported(exc)})",
+            CONFIG_FIX,
+        ) from exc
     missing = sorted(k for k in info.get("missing_keys", []) if k not in provided)
     if missing:
         raise ExportError(

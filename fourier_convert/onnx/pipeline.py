@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fourier_convert.errors import DiskSpaceError, OnnxValidationError, OutputError, UsageError
+from fourier_convert.errors import (
+    DiskSpaceError,
+    FourierConvertError,
+    OnnxValidationError,
+    OutputError,
+    UsageError,
+)
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.progress import phase
@@ -44,7 +50,7 @@ from fourier_convert.merging.specs import AdapterSpec, adapter_specs, config_jso
 from fourier_convert.onnx.compare import TOLERANCES
 from fourier_convert.onnx.exporter import MODEL_FILE, export_graph, release_weights
 from fourier_convert.onnx.inputs import export_case, make_inputs
-from fourier_convert.onnx.models import config_from_dict, load_checkpoint_model, load_task_model
+from fourier_convert.onnx.models import check_config_fits, config_from_dict, load_checkpoint_model, load_task_model
 from fourier_convert.onnx.proof import apply_unmerged
 from fourier_convert.onnx.report import REPORT_FILE, OnnxReport
 from fourier_convert.onnx.runtime import check_device, check_providers, optimize_graph, require_packages
@@ -136,6 +142,7 @@ def export_onnx(
     adapters = [read_adapter(s.path, subfolder=s.subfolder, allow_pickle=allow_pickle) for s in specs]
     ckpt = open_checkpoint(model if model is not None else str(base), revision=revision)
     refuse_input_as_output(out, [ckpt.folder] + [a.folder for a in adapters])
+    check_config_fits(ckpt, _known_task(task, ckpt.config))  # before the merge: a config unlike the weights
     onnx_bytes = _onnx_bytes(ckpt, export_dtype)
     aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
     _check_disk(out, onnx_bytes * (2 if optimize else 1) + aux_bytes)  # the merge and dtype changes are in memory
@@ -345,6 +352,17 @@ def _check_disk(out: Path, need: int) -> None:
             f"needs about {need / 1e9:.2f} GB of free disk space, {free / 1e9:.2f} GB available",
             "free some space or write --out to another disk",
         )
+
+
+def _known_task(task: str, config: dict[str, Any] | None) -> str | None:
+    """``task``, or the one ``config`` implies for ``auto``; None when there is none yet (the merged config may
+    still name one, and its own error comes later)."""
+    if task != "auto":
+        return task
+    try:
+        return infer_task(config or {})[0]
+    except FourierConvertError:
+        return None
 
 
 def _version(dist: str) -> str:
