@@ -718,7 +718,7 @@ def test_json_report_never_lands_in_an_input(command: str, llama: tuple[Path, Pa
     assert snapshot(base.parent) == before and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["merge", "to-lora", "to-onnx", "inspect"])
+@pytest.mark.parametrize("command", ["merge", "to-lora", "from-lora", "to-onnx", "inspect"])
 @pytest.mark.parametrize("kind", ["folder", "fifo", "link-loop", "the-out-folder"])
 def test_json_report_path_that_cannot_take_the_report_is_refused_before_any_work(
     command: str, kind: str, llama: tuple[Path, Path], tmp_path: Path
@@ -747,6 +747,7 @@ def test_json_report_path_that_cannot_take_the_report_is_refused_before_any_work
         "merge": ["merge", "--base", base, "--adapter", adapter, "--out", out],
         "to-lora": ["to-lora", "--adapter", adapter, "--base", base, "--out", out],
         "to-onnx": ["to-onnx", "--base", base, "--adapter", adapter, "--out", out],
+        "from-lora": ["from-lora", "--adapter", adapter, "--base", base, "--out", out],  # checked before reading
         "inspect": ["inspect", adapter],
     }[command]
     before = snapshot(tmp_path)

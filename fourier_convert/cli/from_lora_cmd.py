@@ -66,7 +66,7 @@ def from_lora_cmd(
 ) -> None:
     """Convert a PEFT LoRA adapter to the closest FourierFT adapter (least squares on PEFT's frequencies; with
     --calibration, least squares on the layers' real inputs)."""
-    check_report_path(json_path, [adapter, base, calibration])  # usage errors before the heavy imports below
+    check_report_path(json_path, [adapter, base, calibration], out)  # usage errors before the heavy imports below
     from fourier_convert.calibrate.pipeline import CalibrationOptions
     from fourier_convert.io.writer import check_output_target
     from fourier_convert.lora_to_fourierft import from_lora, parse_pattern
