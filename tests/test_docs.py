@@ -17,7 +17,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import transformers
 from click.testing import CliRunner
 
 from fourier_convert.cli.main import cli
@@ -54,7 +53,7 @@ def test_api_examples_print_what_the_docs_show(tmp_path: Path, monkeypatch: pyte
 def _normalise(line: str) -> str:
     line = re.sub(r"\b\d+\.\d+ s\b", "<seconds>", line)
     line = re.sub(r"\b\d\.\d+e-1\d\b", "<tiny>", line)  # float64 rounding errors, platform-dependent
-    return line.replace(f"transformers {transformers.__version__}", "transformers <version>").rstrip()
+    return re.sub(r"transformers \d+\.\d+\.\d+", "transformers <version>", line).rstrip()
 
 
 def _matches(shown: list[str], got: list[str]) -> bool:
