@@ -165,6 +165,71 @@ def test_quiet_prints_nothing(llama: tuple[Path, Path], tmp_path: Path) -> None:
     assert (out / "model.safetensors.index.json").is_file()
 
 
+@pytest.mark.parametrize("command", ["to-lora", "from-lora", "to-onnx", "inspect"])
+def test_quiet_prints_nothing_on_every_command(command: str, llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """-q on every command: no stdout and no progress, only warning lines on stderr (warnings are kept, as
+    documented), and the output still written."""
+    base, adapter = llama
+    lora = tmp_path / "lora"
+    if command == "from-lora":
+        made = invoke("to-lora", "--adapter", adapter, "--base", base, "--rank", "4", "--out", lora, "-q")
+        assert made.exit_code == 0, made.output
+    out = tmp_path / "out"
+    args = {
+        "to-lora": ["to-lora", "--adapter", adapter, "--base", base, "--rank", "4", "--out", out],
+        "from-lora": ["from-lora", "--adapter", lora, "--base", base, "--n-frequency", "40", "--out", out],
+        "to-onnx": ["to-onnx", "--base", base, "--adapter", adapter, "--out", out],
+        "inspect": ["inspect", adapter, "--base", base, "--json", tmp_path / "r.json"],
+    }[command]
+    res = invoke(*args, "-q")
+    assert (res.exit_code, res.stdout) == (0, ""), res.output
+    assert all(line.startswith("warning: ") for line in res.stderr.splitlines()), res.stderr
+    assert (tmp_path / "r.json").is_file() if command == "inspect" else any(out.iterdir())
+
+
+def _stderr_on_a_terminal(args: list[str], tmp_path: Path) -> str:
+    """Run the CLI in a new process whose stderr is a pseudo-terminal; return what it wrote there."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fourier_convert", *args], stdout=subprocess.DEVNULL, stderr=follower, cwd=tmp_path
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, seen
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.parametrize("command", ["merge", "to-lora"])
+def test_progress_shows_on_a_terminal_and_not_with_quiet(
+    command: str, llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """On a terminal a long command shows its phases and bars on stderr; -q removes them."""
+    base, adapter = llama
+    args = {
+        "merge": ["merge", "--base", str(base), "--adapter", str(adapter), "--device", "cpu"],
+        "to-lora": ["to-lora", "--adapter", str(adapter), "--base", str(base), "--rank", "64"],
+    }[command]
+    shown = _stderr_on_a_terminal([*args, "--out", str(tmp_path / "a")], tmp_path)
+    expected = {"merge": "merge [", "to-lora": "to-lora: factorising 4 layer deltas"}[command]
+    assert expected in shown, shown
+    quiet = _stderr_on_a_terminal([*args, "--out", str(tmp_path / "b"), "-q"], tmp_path)
+    assert all(line.startswith("warning: ") for line in quiet.splitlines() if line.strip()), quiet
+
+
 def test_dry_run_writes_nothing_and_lists_merged_tensors(llama: tuple[Path, Path], tmp_path: Path) -> None:
     import transformers
 
