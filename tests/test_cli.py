@@ -230,6 +230,30 @@ def test_progress_shows_on_a_terminal_and_not_with_quiet(
     assert all(line.startswith("warning: ") for line in quiet.splitlines() if line.strip()), quiet
 
 
+def test_two_merges_into_one_out_never_both_succeed(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two runs started together into the same --out without --overwrite: one publishes, the other fails with one
+    line (which line depends on when it looks), never replacing what the first published."""
+    import subprocess
+    import sys
+
+    base, adapter = llama
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fourier_convert", "merge", "--base", str(base), "--adapter", str(adapter)]
+    cmd += ["--out", str(out), "--device", "cpu", "-q"]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = sorted((p.wait(timeout=120), *p.communicate()) for p in runs)
+    (ok, ok_out, ok_err), (failed, failed_out, failed_err) = done
+    assert (ok, ok_out, ok_err) == (0, "", "")
+    assert (failed, failed_out) == (1, "")
+    assert failed_err in (
+        f"error: {out}: exists and is not empty; choose another --out or pass --overwrite\n",
+        f"error: {out}: appeared or filled up while this run was writing (another run?); nothing was published; "
+        "choose another --out or pass --overwrite\n",
+    ), failed_err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "out"]  # nothing left beside it
+    assert (out / "model.safetensors.index.json").is_file()
+
+
 def test_dry_run_writes_nothing_and_lists_merged_tensors(llama: tuple[Path, Path], tmp_path: Path) -> None:
     import transformers
 
