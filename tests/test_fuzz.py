@@ -1,10 +1,10 @@
 """A seeded mutator over the fixtures' headers, index and configs, run through ``merge``, ``inspect`` and
-``to-lora``.
+``to-lora``, and over a LoRA adapter (and its base) run through ``from-lora``.
 
 Every case must end in one of two ways, within a few seconds: exit 0 with an output that the safetensors
 library loads, or exit 1 / 2 with one ``error:`` line on stderr, nothing published and the inputs untouched;
 never a traceback or an ``unexpected`` error. The seeds are fixed, so a failure reproduces; CI runs
-``FUZZ_CASES`` cases (more with ``FOURIER_CONVERT_FUZZ_CASES``).
+``FUZZ_CASES`` cases and a third as many from-lora cases (more with ``FOURIER_CONVERT_FUZZ_CASES``).
 """
 
 from __future__ import annotations
@@ -138,6 +138,28 @@ def _loads(folder: Path) -> bool:
     return True
 
 
+def _run_and_check(args: list[Any], label: str, out: Path, root: Path, before: dict[str, str]) -> None:
+    """One command on a corrupted input: a loadable output, or one error line with nothing published; the inputs
+    untouched either way; a few seconds at most; never an internal error."""
+    start = time.perf_counter()
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    took = time.perf_counter() - start
+    assert took < 10, f"{label}: took {took:.1f} s"
+    assert res.exception is None or isinstance(res.exception, SystemExit), f"{label}: {res.exception!r}"
+    internal = "run again with --debug for the traceback and report it"  # the CLI's wording for a bug
+    assert internal not in res.stderr and "Traceback" not in res.stderr, f"{label}: {res.stderr}"
+    if res.exit_code == 0:
+        if args[0] != "inspect":
+            assert _loads(out), label
+            shutil.rmtree(out)
+    else:
+        assert res.exit_code in (1, 2), f"{label}: exit {res.exit_code}"
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"{label}: {res.stderr!r}"
+        assert not out.exists(), label
+    assert snapshot(root) == before, f"{label}: an input changed"
+
+
 @pytest.mark.parametrize("seed", range(FUZZ_CASES))
 def test_a_corrupted_input_gives_a_loadable_output_or_one_line(seed: int, tmp_path: Path) -> None:
     rng = random.Random(seed)
@@ -153,22 +175,43 @@ def test_a_corrupted_input_gives_a_loadable_output_or_one_line(seed: int, tmp_pa
         ["to-lora", "--adapter", root / "adapter", "--base", root / "base", "--out", out, "--rank", "2", "-q"],
     ]
     for args in runs:
-        start = time.perf_counter()
-        res = CliRunner().invoke(cli, [str(a) for a in args])
-        took = time.perf_counter() - start
-        label = f"seed {seed} ({what}), {args[0]}"
-        assert took < 10, f"{label}: took {took:.1f} s"
-        assert res.exception is None or isinstance(res.exception, SystemExit), f"{label}: {res.exception!r}"
-        internal = "run again with --debug for the traceback and report it"  # the CLI's wording for a bug
-        assert internal not in res.stderr and "Traceback" not in res.stderr, f"{label}: {res.stderr}"
-        if res.exit_code == 0:
-            if args[0] != "inspect":
-                assert _loads(out), label
-                shutil.rmtree(out)
-        else:
-            assert res.exit_code in (1, 2), f"{label}: exit {res.exit_code}"
-            lines = res.stderr.splitlines()
-            assert len(lines) == 1 and lines[0].startswith("error: "), f"{label}: {res.stderr!r}"
-            assert not out.exists(), label
-        assert snapshot(root) == before, f"{label}: an input changed"
+        _run_and_check(args, f"seed {seed} ({what}), {args[0]}", out, root, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.fixture(scope="module")
+def lora_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA adapter of the llama fixture (to-lora at rank 4), the input the from-lora cases corrupt."""
+    lora = tmp_path_factory.mktemp("lora-input") / "lora"
+    args = ["to-lora", "--adapter", FIXTURES / "llama" / "adapter", "--base", FIXTURES / "llama" / "base"]
+    res = CliRunner().invoke(cli, [str(a) for a in [*args, "--rank", "4", "--out", lora, "-q"]])
+    assert res.exit_code == 0, res.output
+    return lora
+
+
+@pytest.mark.parametrize("seed", range(FUZZ_CASES // 3))
+def test_a_corrupted_lora_gives_a_loadable_adapter_or_one_line(seed: int, tmp_path: Path, lora_input: Path) -> None:
+    """The same promise for from-lora: its LoRA input's header, bytes and config, and the base, corrupted."""
+    rng = random.Random(100_000 + seed)
+    root = tmp_path / "llama"
+    shutil.copytree(FIXTURES / "llama" / "base", root / "base")
+    shutil.copytree(lora_input, root / "lora")
+    weights, config = root / "lora" / "adapter_model.safetensors", root / "lora" / "adapter_config.json"
+    shards = sorted((root / "base").glob("*.safetensors"))
+    mutations: list[tuple[Callable[[random.Random, Path], str], Path]] = [
+        (_mutate_header, weights),
+        (_mutate_header, weights),
+        (_flip_bytes, weights),
+        (_truncate, weights),
+        (_mutate_json, config),
+        (_mutate_json, config),
+        (_mutate_header, rng.choice(shards)),
+        (_mutate_json, root / "base" / "config.json"),
+    ]
+    fn, path = rng.choice(mutations)
+    what = fn(rng, path)
+    before = snapshot(root)
+    out = tmp_path / "fft"
+    args = ["from-lora", "--adapter", root / "lora", "--base", root / "base", "--out", out, "--n-frequency", "20", "-q"]
+    _run_and_check(args, f"seed {seed} ({what}), from-lora", out, root, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
