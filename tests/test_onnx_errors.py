@@ -106,6 +106,8 @@ FORMS = ["model", "base-adapter"]
             "LlamaForCausalLM built from it has model.layers.0.self_attn.k_proj.weight of shape [48, 64], the "
             "weights hold [32, 64] (3 more tensor(s) differ)",
         ),
+        # extra layers would be 'weights the checkpoint lacks', which read as a wrong --task
+        ({"num_hidden_layers": 3}, "LlamaForCausalLM built from it has 3 layers, the weights hold 2"),
         # zero-element tensors on the meta device: torch's UserWarning must not reach stderr
         (
             {"intermediate_size": 0},
@@ -121,6 +123,7 @@ FORMS = ["model", "base-adapter"]
         "heads-not-dividing",
         "vocab-huge",
         "kv-heads-3",
+        "layers-3",
         "intermediate-0",
     ],
 )

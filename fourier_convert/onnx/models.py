@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,13 @@ def check_shapes(model: Any, shapes: Mapping[str, Sequence[int]], config_path: P
         >>> check_shapes(build_on_meta(folder, "causal-lm", config), shapes, folder / "config.json")  # doctest: +SKIP
     """
     prefix = str(getattr(model, "base_model_prefix", "") or "")
+    n_built, n_held = _layer_count(model.state_dict()), _layer_count(shapes)
+    if n_built and n_held and n_built != n_held:  # extra layers would be "weights the checkpoint lacks", a task error
+        raise InputFileError(
+            str(config_path),
+            f"{type(model).__name__} built from it has {n_built} layers, the weights hold {n_held}",
+            CONFIG_FIX,
+        )
     differ: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     for key, value in model.state_dict().items():
         stored = shapes.get(key)
@@ -175,6 +183,16 @@ def check_shapes(model: Any, shapes: Mapping[str, Sequence[int]], config_path: P
             f"{list(held)}{more}",
             CONFIG_FIX,
         )
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def _layer_count(names: Iterable[str]) -> int:
+    """How many numbered layers (``layers.N.``, ``layer.N.``, ``h.N.``, ``blocks.N.``) the names hold: 1 + the
+    largest N, or 0."""
+    found = [int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))]
+    return max(found) + 1 if found else 0
 
 
 def check_config_fits(ckpt: BaseCheckpoint, task: str | None) -> None:
