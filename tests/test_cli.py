@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,10 +190,7 @@ def test_quiet_prints_nothing_on_every_command(command: str, llama: tuple[Path, 
 
 def _stderr_on_a_terminal(args: list[str], tmp_path: Path) -> str:
     """Run the CLI in a new process whose stderr is a pseudo-terminal; return what it wrote there."""
-    import os
     import pty
-    import subprocess
-    import sys
 
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
@@ -233,8 +231,6 @@ def test_progress_shows_on_a_terminal_and_not_with_quiet(
 def test_two_merges_into_one_out_never_both_succeed(llama: tuple[Path, Path], tmp_path: Path) -> None:
     """Two runs started together into the same --out without --overwrite: one publishes, the other fails with one
     line (which line depends on when it looks), never replacing what the first published."""
-    import subprocess
-    import sys
 
     base, adapter = llama
     out = tmp_path / "out"
@@ -243,7 +239,11 @@ def test_two_merges_into_one_out_never_both_succeed(llama: tuple[Path, Path], tm
     runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     done = sorted((p.wait(timeout=120), *p.communicate()) for p in runs)
     (ok, ok_out, ok_err), (failed, failed_out, failed_err) = done
-    assert (ok, ok_out, ok_err) == (0, "", "")
+    assert (ok, ok_out) == (0, "")
+    # the winner may see the other run's temporary folder, and says so (it is not its own to delete)
+    seen = r"warning: 1 unfinished output folder\(s\) from an interrupted run lie beside --out \(first: \S+\); "
+    seen += r"delete them if no other merge is writing there\n"
+    assert ok_err == "" or re.fullmatch(seen, ok_err), ok_err
     assert (failed, failed_out) == (1, "")
     assert failed_err in (
         f"error: {out}: exists and is not empty; choose another --out or pass --overwrite\n",
