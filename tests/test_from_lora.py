@@ -647,3 +647,30 @@ def test_cli_says_what_a_wrong_adapter_folder_is(
             "FourierFT adapter (to-lora converts the other way)"
         )
     _cli_fails(tmp_path, monkeypatch, cls, msg, adapter)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_cli_refuses_lora_weights_that_are_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    """A FIFO (which would block) or a link to /dev/zero as adapter_model.safetensors is named by type, not read
+    and not reported missing."""
+    import os
+
+    from click.testing import CliRunner
+
+    from fourier_convert.cli.main import cli
+
+    lora = _peft_lora(tmp_path / "loras", "llama", r=2, target_modules=["q_proj"])
+    weights = lora / "adapter_model.safetensors"
+    weights.unlink()
+    if kind == "fifo":
+        os.mkfifo(weights)
+    else:
+        weights.symlink_to("/dev/zero")
+    out = tmp_path / "fft"
+    start = time.perf_counter()
+    res = CliRunner().invoke(cli, ["from-lora", "--adapter", str(lora), "--base", str(FIXTURES / "llama" / "base"),
+                                   "--out", str(out)])  # fmt: skip
+    assert time.perf_counter() - start < 10
+    assert (res.exit_code, res.stdout) == (1, "")
+    assert res.stderr == f"error: {weights}: is not a regular file (a FIFO or a device); pass a .safetensors file\n"
+    assert not out.exists()

@@ -9,6 +9,7 @@ change this maths (DoRA, ``lora_bias``, embedding or convolution LoRA, ...) are 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -328,11 +329,11 @@ def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_p
         not_an_adapter(folder, "LoRA")
     settings = parse_lora_settings(load_json(config_path), config_path)
     weights = folder / WEIGHTS_NAME
-    if weights.is_file():
+    if os.path.lexists(weights):  # a FIFO, device or dangling link there is refused by read_header, not skipped
         header = read_header(weights)
         tensors = {k: StoredTensor(k, t.dtype, t.shape, info=t) for k, t in header.tensors.items()}
         files = [config_path, weights]
-    elif (folder / PICKLE_NAME).is_file():
+    elif os.path.lexists(folder / PICKLE_NAME):
         tensors = load_pickle(folder / PICKLE_NAME, allow_pickle)
         files = [config_path, folder / PICKLE_NAME]
     else:
