@@ -31,6 +31,7 @@ from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, e
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.lora_adapter import MAX_SCALE, LoraAdapterIn, LoraModule, read_lora_adapter
+from fourier_convert.io.progress import StepProgress, phase
 from fourier_convert.maths.delta import delta_sq_norm
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.project import Projection, project_lowrank
@@ -189,7 +190,7 @@ def from_lora(
             minimise ``||(dW_lora - dW_fourier) X||_F`` on the layer's real inputs ``X``; the report measures the
             FourierFT model against the LoRA model on held-out samples, for the plain and the calibrated fit.
         device: With calibration: where the model runs (overrides the options'; default ``auto``).
-        progress: Print phases on stderr (calibration only).
+        progress: Print phases and a bar over the layers on stderr.
 
     Returns:
         The FourierFT adapter (call ``.save(path)``) and the report.
@@ -251,11 +252,14 @@ def from_lora(
                 "lower --n-frequency or give this module a smaller n with --n-frequency-pattern",
             )
         cache.reserve(m, n_in, seed, n)
+    phase(progress, "from-lora", f"reading the factors of {len(lora.modules)} layers")
     lora.read_factors()
     tensors: dict[str, torch.Tensor] = {}
     layers: list[FromLoraLayerReport] = []
     fits: dict[str, Projection] = {}
-    for module, mod in lora.modules.items():
+    phase(progress, "from-lora", "fitting the FourierFT coefficients (least squares on the spectral positions)")
+    bar = StepProgress(len(lora.modules), "fit", enabled=progress)
+    for step, (module, mod) in enumerate(lora.modules.items(), start=1):
         m, n_in = mod.shape
         n = settings.n_for(module)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
@@ -272,6 +276,8 @@ def from_lora(
                 f"{module}: n={n} keeps {fit.retained:.1%} of the LoRA delta's energy "
                 f"(every frequency would keep {fit.ceiling:.1%})"
             )
+        bar.update(step, module.rsplit(".", 2)[-2] if "." in module else module)
+    bar.close()
     extras = extra_tensor_keys(lora.biases, lora.head_tensors, lora.modules)
     tensors.update({key: t.load() for key, t in extras.items()})
 

@@ -211,18 +211,27 @@ def _stderr_on_a_terminal(args: list[str], tmp_path: Path) -> str:
     return seen.decode(errors="replace")
 
 
-@pytest.mark.parametrize("command", ["merge", "to-lora"])
+@pytest.mark.parametrize("command", ["merge", "to-lora", "from-lora"])
 def test_progress_shows_on_a_terminal_and_not_with_quiet(
     command: str, llama: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """On a terminal a long command shows its phases and bars on stderr; -q removes them."""
     base, adapter = llama
+    lora = tmp_path / "lora"
+    if command == "from-lora":
+        made = invoke("to-lora", "--adapter", adapter, "--base", base, "--rank", "4", "--out", lora, "-q")
+        assert made.exit_code == 0, made.output
     args = {
         "merge": ["merge", "--base", str(base), "--adapter", str(adapter), "--device", "cpu"],
         "to-lora": ["to-lora", "--adapter", str(adapter), "--base", str(base), "--rank", "64"],
+        "from-lora": ["from-lora", "--adapter", str(lora), "--base", str(base), "--n-frequency", "40"],
     }[command]
     shown = _stderr_on_a_terminal([*args, "--out", str(tmp_path / "a")], tmp_path)
-    expected = {"merge": "merge [", "to-lora": "to-lora: factorising 4 layer deltas"}[command]
+    expected = {
+        "merge": "merge [",
+        "to-lora": "to-lora: factorising 4 layer deltas",
+        "from-lora": "from-lora: fitting the FourierFT coefficients",
+    }[command]
     assert expected in shown, shown
     quiet = _stderr_on_a_terminal([*args, "--out", str(tmp_path / "b"), "-q"], tmp_path)
     assert all(line.startswith("warning: ") for line in quiet.splitlines() if line.strip()), quiet
