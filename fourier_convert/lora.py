@@ -37,7 +37,7 @@ from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import open_adapter_base
 from fourier_convert.io.gguf_lora import GGUFLoraLayout, gguf_layout
 from fourier_convert.io.progress import StepProgress, phase
-from fourier_convert.io.safetensors_file import read_numpy_float64
+from fourier_convert.io.safetensors_file import float_norm
 from fourier_convert.maths.delta import delta_sq_norm
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.ranks import VLLM_RANKS, allocate_budget, choose_rank
@@ -440,7 +440,7 @@ def _delta_norms(plan: MergePlan, cache: IndexCache) -> list[_Norms]:
                 "LoRA factors' dtype)",
                 "check the adapter's scaling",
             )
-        found.append(_Norms(layer.module, norm, float(np.linalg.norm(read_numpy_float64(layer.weight)))))
+        found.append(_Norms(layer.module, norm, float_norm(layer.weight)))
     return found
 
 

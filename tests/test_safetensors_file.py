@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -32,3 +33,21 @@ def test_writing_to_a_mapped_view_leaves_the_file_alone(tmp_path: Path) -> None:
     view.add_(1.0)
     assert view[0, 0].item() == 1.0 and hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert map_torch(info["empty"]).shape == (0,)
+
+
+def test_float_norm_reads_in_blocks_and_equals_the_float64_norm(tmp_path: Path) -> None:
+    """to-lora's base-weight norms: read a block at a time (blocks of 100 bytes here, so most tensors take many),
+    decoded exactly, summed in float64."""
+    from fourier_convert.io.safetensors_file import float_norm
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"w_{d}": torch.randn(37, 11, generator=gen).to(d) for d in (torch.bfloat16, torch.float16, torch.float32)
+    }
+    tensors["w_f64"] = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    tensors["empty"] = torch.zeros(0)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    for info in open_checkpoint(tmp_path).tensors.values():
+        want = float(torch.linalg.vector_norm(tensors[info.name].double()))
+        assert float_norm(info, block_bytes=100) == pytest.approx(want, rel=1e-14, abs=0.0), info.name
+        assert float_norm(info) == pytest.approx(want, rel=1e-14, abs=0.0), info.name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import mmap
 import os
 import stat
@@ -324,9 +325,38 @@ def read_numpy_float64(info: TensorInfo) -> np.ndarray:
     Raises:
         InputFileError: The tensor is not a floating dtype.
     """
+    return _float64(info, read_bytes(info)).reshape(info.shape)
+
+
+def float_norm(info: TensorInfo, block_bytes: int = 1 << 24) -> float:
+    """The Frobenius norm of a floating tensor, summed in float64 from blocks of about ``block_bytes`` read in
+    turn (memory stays at one block, not a float64 copy of the tensor).
+
+    Raises:
+        InputFileError: The tensor is not a floating dtype, or its file ends inside it.
+
+    Example:
+        >>> float_norm(open_checkpoint("fixtures/llama/base").tensors["model.norm.weight"])  # doctest: +SKIP
+        8.0
+    """
     import numpy as np
 
-    raw = read_bytes(info)
+    size = DTYPE_SIZES[info.dtype]
+    step = max(size, block_bytes // size * size)
+    buffer = bytearray(min(step, info.nbytes))
+    total = 0.0
+    for start in range(0, info.nbytes, step):
+        part = memoryview(buffer)[: min(step, info.nbytes - start)]
+        read_into(info, part, start)
+        values = _float64(info, part)
+        total += float(np.dot(values, values))
+    return math.sqrt(total)
+
+
+def _float64(info: TensorInfo, raw: bytes | bytearray | memoryview) -> np.ndarray:
+    """Stored little-endian floats of ``info``'s dtype, decoded exactly to a flat float64 array."""
+    import numpy as np
+
     if info.dtype == "BF16":
         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         arr = bits.view(np.float32)
@@ -340,7 +370,7 @@ def read_numpy_float64(info: TensorInfo) -> np.ndarray:
         raise InputFileError(
             str(info.path), f"tensor {info.name!r} has dtype {info.dtype}, expected a float dtype", "re-save it"
         )
-    return arr.astype(np.float64).reshape(info.shape)
+    return arr.astype(np.float64)
 
 
 def read_torch(info: TensorInfo) -> torch.Tensor:
