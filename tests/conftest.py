@@ -39,3 +39,17 @@ def fixture_copy(tmp_path: Path):
         return dst
 
     return make
+
+
+def replace_with_special_file(path: Path, kind: str) -> None:
+    """Put a file that is not a regular one where ``path`` was: ``"fifo"`` (reading it would block),
+    ``"dev-zero"`` (a link to a device that never ends) or ``"dangling-link"`` (a link to nothing)."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "dangling-link":
+        path.symlink_to(path.parent / f".{path.name}.gone")
+    else:
+        raise ValueError(f"unknown kind {kind!r}")

@@ -23,6 +23,7 @@ import fourier_convert as fc
 import fourier_convert.io.writer as writer_module
 from fourier_convert.cli.main import cli
 from fourier_convert.maths.closed_form import DeltaCheck, DeltaSample
+from tests.conftest import replace_with_special_file
 
 SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
 Q0 = SPECTRUM.format(i=0, m="q_proj")
@@ -856,11 +857,7 @@ def test_config_that_is_not_a_regular_file_is_refused_without_reading(
     """A FIFO would block and /dev/zero would never end: both are refused from their file type."""
     base, adapter = llama
     config = adapter / "adapter_config.json"
-    config.unlink()
-    if kind == "fifo":
-        os.mkfifo(config)
-    else:
-        config.symlink_to("/dev/zero")
+    replace_with_special_file(config, kind)
     msg = f"{config}: is not a regular file (a folder, FIFO or device); pass a JSON file"
     fails(tmp_path, fc.InputFileError, msg, base, adapter)
 
@@ -884,13 +881,7 @@ def test_special_files_in_place_of_inputs_are_refused_not_taken_as_missing(
     the output, and weights reported missing."""
     base, _ = llama
     path = base.parent / which
-    path.unlink()
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dev-zero":
-        path.symlink_to("/dev/zero")
-    else:
-        path.symlink_to(tmp_path / "gone")
+    replace_with_special_file(path, kind)
     if path.name.endswith(".json") and path.name != "tokenizer.json":
         why = "is not a regular file (a folder, FIFO or device); pass a JSON file"
         if kind == "dangling-link":

@@ -17,7 +17,7 @@ import fourier_convert as fc
 from fourier_convert.lora_to_fourierft import from_lora, parse_pattern
 from fourier_convert.maths.indices import spectral_indices
 from fourier_convert.maths.project import project_lowrank
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, replace_with_special_file
 from tests.reference import peft_indices, reference_delta
 from tests.test_forward import _inputs, load_task_model
 
@@ -653,19 +653,13 @@ def test_cli_says_what_a_wrong_adapter_folder_is(
 def test_cli_refuses_lora_weights_that_are_not_a_regular_file(tmp_path: Path, kind: str) -> None:
     """A FIFO (which would block) or a link to /dev/zero as adapter_model.safetensors is named by type, not read
     and not reported missing."""
-    import os
-
     from click.testing import CliRunner
 
     from fourier_convert.cli.main import cli
 
     lora = _peft_lora(tmp_path / "loras", "llama", r=2, target_modules=["q_proj"])
     weights = lora / "adapter_model.safetensors"
-    weights.unlink()
-    if kind == "fifo":
-        os.mkfifo(weights)
-    else:
-        weights.symlink_to("/dev/zero")
+    replace_with_special_file(weights, kind)
     out = tmp_path / "fft"
     start = time.perf_counter()
     res = CliRunner().invoke(cli, ["from-lora", "--adapter", str(lora), "--base", str(FIXTURES / "llama" / "base"),

@@ -379,7 +379,9 @@ def _sink(writer: CheckpointWriter, where: dict[str, ShardLayout]) -> Sink:
             return
         from fourier_convert.merging.transfer import PinnedBuffers, download
 
-        ring = rings.get(value.device) or rings.setdefault(value.device, PinnedBuffers(value.device))
+        ring = rings.get(value.device)
+        if ring is None:
+            ring = rings[value.device] = PinnedBuffers(value.device)
         download(value, ring, lambda part, at: writer.write_tensor(filename, name, part, at=at))
 
     return put

@@ -37,7 +37,7 @@ class PinnedBuffers:
 
     Example:
         >>> ring = PinnedBuffers(torch.device("cuda"))  # doctest: +SKIP
-        >>> weight = upload(info, torch.device("cuda"), ring)  # doctest: +SKIP
+        >>> weight = upload(info, ring)  # doctest: +SKIP
     """
 
     def __init__(self, device: torch.device, count: int = 2, nbytes: int | None = None) -> None:
@@ -68,7 +68,7 @@ class PinnedBuffers:
 
 
 def upload(info: TensorInfo, ring: PinnedBuffers) -> torch.Tensor:
-    """Read a tensor from its file straight onto ``device``, part by part through ``ring``.
+    """Read a tensor from its file straight onto the ring's device, part by part through ``ring``.
 
     Args:
         info: The tensor in its safetensors file.
