@@ -769,7 +769,8 @@ def test_a_report_that_cannot_be_written_says_the_output_was_published(tmp_path:
     with pytest.raises(fc.OutputError) as info:
         write_report(fifo, {"a": 1})
     assert str(info.value) == (
-        f"--json: cannot write the report to {fifo} (No such device or address); the output itself was published"
+        f"--json: cannot write the report to {fifo} (No such device or address); the output itself was published; "
+        "give a writable --json path next time (a merge's output also holds its report, in fourier_convert.json)"
     )
     write_report(tmp_path / "ok.json", {"a": 1})
     assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}

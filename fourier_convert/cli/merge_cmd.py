@@ -110,7 +110,9 @@ def write_report(path: Path, doc: dict[str, Any]) -> None:
             os.close(fd)
     except OSError as exc:
         raise OutputError(
-            "--json", f"cannot write the report to {path} ({exc.strerror})", "the output itself was published"
+            "--json",
+            f"cannot write the report to {path} ({exc.strerror}); the output itself was published",
+            "give a writable --json path next time (a merge's output also holds its report, in fourier_convert.json)",
         ) from None
 
 
