@@ -22,6 +22,7 @@ from fourier_convert.errors import (
     OnnxValidationError,
     OutputError,
     PickleRefusedError,
+    ResourceError,
     UsageError,
     VerificationError,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "OutputCheck",
     "OutputError",
     "PickleRefusedError",
+    "ResourceError",
     "UsageError",
     "VerificationError",
     "__version__",

@@ -91,5 +91,9 @@ class DiskSpaceError(OutputError):
     """Not enough free disk space for the output."""
 
 
+class ResourceError(FourierConvertError):
+    """The work an input asks for needs more memory than this machine has available; refused before it starts."""
+
+
 class UsageError(FourierConvertError):
     """Invalid combination of options or arguments (exit code 2 in the CLI)."""

@@ -27,6 +27,7 @@ import torch
 from fourier_convert.calibrate.pipeline import POOR_AGREEMENT, CalibrationOptions
 from fourier_convert.calibrate.reverse import FromLoraCalibration, calibrate, calibration_base, calibration_options
 from fourier_convert.errors import AdapterError, BaseMismatchError, FourierConvertError, UsageError
+from fourier_convert.host import check_position_draw
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, extra_tensor_keys, parse_settings
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
@@ -250,6 +251,16 @@ def from_lora(
                 "--n-frequency",
                 f"{module} is {m}x{n_in} = {m * n_in} positions, fewer than n = {n}",
                 "lower --n-frequency or give this module a smaller n with --n-frequency-pattern",
+            )
+        if ckpt is None:  # with a base, the plan has checked this against the base weight
+            check_position_draw(
+                m,
+                n_in,
+                n,
+                where=str(lora.files[1]),
+                layer=f"{module!r} (lora_B {list(mod.lora_b.shape)} times lora_A {list(mod.lora_a.shape)})",
+                fix="pass --base to check the factors against the model (factors this size are likely corrupt), "
+                "or run on a machine with more memory",
             )
         cache.reserve(m, n_in, seed, n)
     phase(progress, "from-lora", f"reading the factors of {len(lora.modules)} layers")

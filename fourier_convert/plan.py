@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fourier_convert.errors import AdapterError, BaseMismatchError
+from fourier_convert.host import check_position_draw
 from fourier_convert.io.adapter import FourierFTAdapter, Spectrum, StoredTensor
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
@@ -287,6 +288,14 @@ def build_plan(
                 )
             if info.dtype not in FLOAT_DTYPES:
                 raise BaseMismatchError(key, f"base weight has dtype {info.dtype}", "merge into a float checkpoint")
+            check_position_draw(
+                info.shape[0],
+                info.shape[1],
+                spec.n,
+                where=f"{where}: {spec.key}",
+                layer=f"module {module!r} (base weight {key!r})",
+                fix="run on a machine with more memory (PEFT needs as much to load this adapter)",
+            )
             if total >= RANDPERM_THRESHOLD:
                 warnings.append(
                     f"{module}: {info.shape[0]}x{info.shape[1]} = {total} positions is above torch.randperm's "

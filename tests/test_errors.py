@@ -925,6 +925,61 @@ def test_a_shard_listing_too_many_tensors_is_refused_from_its_header(llama: tupl
     fails(tmp_path, fc.InputFileError, msg, base, adapter)
 
 
+def test_a_layer_too_large_to_draw_positions_for_is_refused_by_every_command(tmp_path: Path) -> None:
+    """A base weight of 300,000 x 300,000 (a 180 GB sparse file) asks for a permutation of 9e10 positions (720 GB).
+    merge, inspect and to-lora refuse it from the header, naming the module and the memory available; inspect and
+    to-lora used to fail inside torch's allocator ('unexpected RuntimeError')."""
+    side = 300_000
+    base, adapter = tmp_path / "inputs" / "base", tmp_path / "inputs" / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir()
+    header = json.dumps(
+        {
+            "model.layers.0.self_attn.q_proj.weight": {
+                "dtype": "F16",
+                "shape": [side, side],
+                "data_offsets": [0, 2 * side * side],
+            }
+        }
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    with open(base / "model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 2 * side * side)
+    write_tensors(adapter / "adapter_model.safetensors", {Q0: torch.ones(10)})
+    config = {"peft_type": "FOURIERFT", "n_frequency": 10, "scaling": 150.0, "target_modules": ["q_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    stat = (base / "model.safetensors").stat()
+    before = snapshot(adapter)
+    pattern = (
+        re.escape(
+            f"error: {adapter}: {Q0}: module 'model.layers.0.self_attn.q_proj' (base weight "
+            "'model.layers.0.self_attn.q_proj.weight') is 300000x300000: PEFT draws its spectral positions from a "
+            "permutation of all 90,000,000,000 positions, 720.0 GB of memory, more than the "
+        )
+        + r"[0-9.]+ [KMGT]?B"
+        + re.escape(
+            " this machine has available; run on a machine with more memory (PEFT needs as much to load this adapter)\n"
+        )
+    )
+    out = tmp_path / "out"
+    for args in [
+        ["merge", "--base", base, "--adapter", adapter, "--out", out],
+        ["inspect", adapter, "--base", base],
+        ["to-lora", "--adapter", adapter, "--base", base, "--out", out, "--rank", "2"],
+    ]:
+        start = time.perf_counter()
+        res = invoke(*args)
+        assert time.perf_counter() - start < TIME_BOUND
+        assert (res.exit_code, res.stdout) == (1, ""), res.output
+        assert re.fullmatch(pattern, res.stderr), res.stderr
+        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+    assert snapshot(adapter) == before
+    after = (base / "model.safetensors").stat()
+    assert (after.st_size, after.st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+
 def test_json_nested_too_deeply_is_an_error_not_a_crash(llama: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = llama
     config = adapter / "adapter_config.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -500,6 +501,51 @@ def test_cli_refuses_a_1gb_sparse_lora_a_from_its_header(tmp_path: Path, monkeyp
         f"= 32x64) at rank 4; {RETRAIN}"
     )
     _cli_fails(tmp_path, monkeypatch, fc.BaseMismatchError, msg, src)
+
+
+def test_cli_refuses_factors_too_large_to_draw_positions_for_without_a_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a base nothing bounds the factors' shapes: a lora_A [2, 1,000,000] and lora_B [1,000,000, 2] (16 MB,
+    sparse) ask for a permutation of 10**12 positions (8 TB). That was an 'unexpected RuntimeError' from torch's
+    allocator; it is refused before any factor is read, naming both factors and the memory available."""
+    from click.testing import CliRunner
+
+    import fourier_convert.io.lora_adapter as lora_io
+    from fourier_convert.cli.main import cli
+
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj"])
+    _set_config(src, base_model_name_or_path=None)
+    for key, shape in [(f"{Q0}.lora_A.weight", (2, 1_000_000)), (f"{Q0}.lora_B.weight", (1_000_000, 2))]:
+        _sparse_factor(src, f"base_model.model.{key}", shape)
+    reads: list[str] = []
+    real = lora_io.read_numpy_float64
+    monkeypatch.setattr(lora_io, "read_numpy_float64", lambda info: reads.append(info.name) or real(info))
+    out = tmp_path / "fft"
+    before = _snapshot(tmp_path, LLAMA_BASE)
+    pattern = (
+        re.escape(
+            f"{src / 'adapter_model.safetensors'}: '{Q0}' (lora_B [1000000, 2] times lora_A [2, 1000000]) is "
+            "1000000x1000000: PEFT draws its spectral positions from a permutation of all 1,000,000,000,000 "
+            "positions, 8.0 TB of memory, more than the "
+        )
+        + r"[0-9.]+ [KMGT]?B"
+        + re.escape(
+            " this machine has available; pass --base to check the factors against the model (factors this size "
+            "are likely corrupt), or run on a machine with more memory"
+        )
+    )
+    with pytest.raises(fc.ResourceError) as info:
+        from_lora(src, n_frequency=100)
+    assert re.fullmatch(pattern, str(info.value)), str(info.value)
+    start = time.perf_counter()
+    res = CliRunner().invoke(cli, ["from-lora", "--adapter", str(src), "--n-frequency", "100", "--out", str(out)])
+    assert time.perf_counter() - start < 10
+    assert (res.exit_code, res.stdout) == (1, "")
+    assert re.fullmatch(f"error: {pattern}\n", res.stderr), res.stderr
+    assert not out.exists()
+    assert _snapshot(tmp_path, LLAMA_BASE) == before
+    assert reads == []
 
 
 @pytest.mark.parametrize(

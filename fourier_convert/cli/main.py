@@ -23,6 +23,7 @@ from fourier_convert.errors import (
     FourierConvertError,
     InputFileError,
     OutputError,
+    ResourceError,
     UsageError,
     VerificationError,
 )
@@ -36,6 +37,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (VerificationError, 1),
     (ExportError, 1),
     (OutputError, 1),
+    (ResourceError, 1),
     (FourierConvertError, 1),
 ]
 INTERRUPTED = 130

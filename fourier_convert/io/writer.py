@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from fourier_convert.errors import DiskSpaceError, InputFileError, OutputError, UsageError
+from fourier_convert.host import fmt_bytes
 from fourier_convert.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from fourier_convert.io.progress import ByteProgress
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, SafetensorsFile
@@ -308,7 +309,9 @@ class CheckpointWriter:
         free = shutil.disk_usage(self.temp).free
         if need > free:
             raise DiskSpaceError(
-                str(self.out), f"needs {_fmt(need)} of free disk space, {_fmt(free)} available", "free some space"
+                str(self.out),
+                f"needs {fmt_bytes(need)} of free disk space, {fmt_bytes(free)} available",
+                "free some space",
             )
         for lay in layouts:
             path = self.temp / lay.filename
@@ -487,7 +490,7 @@ class CheckpointWriter:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskSpaceError(
                     str(self.out),
-                    f"disk full while writing (the output needs {_fmt(self._need)})",
+                    f"disk full while writing (the output needs {fmt_bytes(self._need)})",
                     "free some space and retry",
                 ) from None
             raise OutputError(str(self.out), f"write failed ({exc.strerror or exc})", "check the output disk") from None
@@ -582,12 +585,3 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
-
-
-def _fmt(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1000
-    return f"{n} B"

@@ -60,6 +60,7 @@ def randperm_prefix(total: int, n: int, seed: int) -> np.ndarray:
         ValueError: ``total`` or ``n`` is out of range.
 
     Example:
+        >>> import torch
         >>> full = torch.randperm(10, generator=torch.Generator().manual_seed(777))
         >>> randperm_prefix(10, 4, 777).tolist() == full[:4].tolist()
         True
@@ -112,6 +113,30 @@ def spectral_positions(out_features: int, in_features: int, n: int, seed: int) -
 
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].numpy()
     return np.stack([perm // in_features, perm % in_features])
+
+
+def draw_bytes(out_features: int, in_features: int, n: int) -> int:
+    """Bytes :func:`spectral_positions` allocates at its peak for a layer: the whole int64 permutation when torch
+    draws it, a few arrays of ``n`` entries when the prefix is replayed.
+
+    Args:
+        out_features: Rows of the delta (M).
+        in_features: Columns of the delta (N).
+        n: Number of coefficients.
+
+    Returns:
+        The peak allocation in bytes (an estimate within a few ``n``-sized arrays).
+
+    Example:
+        >>> draw_bytes(4096, 4096, 1000)  # replayed: O(n)
+        48000
+        >>> draw_bytes(100_000, 100_000, 1000)  # above the threshold: the whole permutation
+        80000000000
+    """
+    total = out_features * in_features
+    if total < RANDPERM_THRESHOLD and n <= _PREFIX_MAX_N:
+        return 48 * n  # raw outputs, the sparse map's keys and values, the kept prefix
+    return 8 * total
 
 
 def spectral_indices(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
