@@ -240,6 +240,36 @@ def test_allow_pickle_merges_identically(llama: tuple[Path, Path], tmp_path: Pat
     assert sorted(files) == ["adapter_config.json", "adapter_model.bin"]
 
 
+def test_a_pickled_adapter_is_memory_mapped_not_read_whole(llama: tuple[Path, Path]) -> None:
+    """torch.save's zip format is mapped: a spectrum's data stays in the file until it is used (so shapes are checked
+    first); a legacy (non-zip) pickle, which cannot be mapped, still loads."""
+    from fourier_convert.io.adapter import load_pickle
+
+    _, adapter = llama
+    tensors = read_tensors(adapter / "adapter_model.safetensors")
+    _to_pickle(adapter)
+    path = adapter / "adapter_model.bin"
+    loaded = load_pickle(path, allow=True)
+    assert {k: _mapped_file(t.value) for k, t in loaded.items()} == dict.fromkeys(tensors, str(path))
+    assert all(torch.equal(loaded[k].value, v) for k, v in tensors.items())
+    torch.save(tensors, path, _use_new_zipfile_serialization=False)
+    legacy = load_pickle(path, allow=True)
+    assert all(torch.equal(legacy[k].value, v) for k, v in tensors.items())
+    assert all(_mapped_file(t.value) is None for t in legacy.values())
+
+
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds ``t``'s data (from /proc/self/maps), or None for anonymous memory."""
+    ptr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= ptr < high:
+                return fields[5].strip() if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
 def test_adapter_weights_missing(llama: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = llama
     (adapter / "adapter_model.safetensors").unlink()

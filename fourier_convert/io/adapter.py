@@ -13,6 +13,7 @@ import math
 import os
 import re
 import stat
+import zipfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,6 +387,9 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
 def load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
     """Load ``adapter_model.bin`` through torch's weights-only loader, if ``allow``; refuse it otherwise.
 
+    A file in torch's zip format is memory-mapped, so that its tensors' shapes can be checked against the base
+    before their data is read (a legacy, non-zip pickle is read whole).
+
     Raises:
         PickleRefusedError: ``allow`` is False.
         InputFileError: The file cannot be loaded or is not a flat dict of tensors.
@@ -401,8 +405,8 @@ def load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
 
     from fourier_convert.io.dtypes import st_dtype
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a zip-format file (torch.save's default) is memory-mapped: shapes are checked before data is read
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputFileError(
