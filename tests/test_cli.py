@@ -211,7 +211,7 @@ def _stderr_on_a_terminal(args: list[str], tmp_path: Path) -> str:
     return seen.decode(errors="replace")
 
 
-@pytest.mark.parametrize("command", ["merge", "to-lora", "from-lora"])
+@pytest.mark.parametrize("command", ["merge", "to-lora", "from-lora", "to-onnx"])
 def test_progress_shows_on_a_terminal_and_not_with_quiet(
     command: str, llama: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -225,12 +225,14 @@ def test_progress_shows_on_a_terminal_and_not_with_quiet(
         "merge": ["merge", "--base", str(base), "--adapter", str(adapter), "--device", "cpu"],
         "to-lora": ["to-lora", "--adapter", str(adapter), "--base", str(base), "--rank", "64"],
         "from-lora": ["from-lora", "--adapter", str(lora), "--base", str(base), "--n-frequency", "40"],
+        "to-onnx": ["to-onnx", "--base", str(base), "--adapter", str(adapter)],
     }[command]
     shown = _stderr_on_a_terminal([*args, "--out", str(tmp_path / "a")], tmp_path)
     expected = {
         "merge": "merge [",
         "to-lora": "to-lora: factorising 4 layer deltas",
         "from-lora": "from-lora: fitting the FourierFT coefficients",
+        "to-onnx": "validate [",  # a bar over the validation cases, after the phase lines
     }[command]
     assert expected in shown, shown
     quiet = _stderr_on_a_terminal([*args, "--out", str(tmp_path / "b"), "-q"], tmp_path)

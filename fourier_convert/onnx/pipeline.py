@@ -41,7 +41,7 @@ from fourier_convert.errors import (
 )
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
-from fourier_convert.io.progress import phase
+from fourier_convert.io.progress import StepProgress, phase
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES
 from fourier_convert.io.writer import CheckpointWriter, check_output_target, refuse_input_as_output
 from fourier_convert.merging.folder import PROVENANCE_NAME
@@ -111,7 +111,8 @@ def export_onnx(
         external_data: Force or forbid ``model.onnx.data``; None: when the weights exceed 256 MiB.
         allow_pickle: Accept an ``adapter_model.bin`` adapter.
         revision: Hub revision of ``base`` / ``model``.
-        progress: Print each phase (merge, proof, export, optimisation, validation) on stderr as it starts.
+        progress: Print each phase (merge, proof, export, optimisation, validation) on stderr as it starts, and a bar
+            over the input cases while PyTorch and onnxruntime run them.
 
     Returns:
         An :class:`~fourier_convert.onnx.report.OnnxReport`.
@@ -223,9 +224,9 @@ def _merge_and_prove(
         report.task_reason = f"inferred from config.json: {why}"
     if merged is None:
         phase(progress, "to-onnx", f"loading {ckpt.folder} ({report.task}) and computing reference outputs")
-        return (*_reference(report, ckpt), aux)
+        return (*_reference(report, ckpt, progress), aux)
     phase(progress, "to-onnx", f"loading the merged model ({report.task}), its reference outputs and the merge proof")
-    model, refs, inputs = _prove(report, ckpt, merged, adapters, [s.weight for s in specs])
+    model, refs, inputs = _prove(report, ckpt, merged, adapters, [s.weight for s in specs], progress)
     return model, refs, inputs, aux
 
 
@@ -276,7 +277,12 @@ def _export_and_publish(
             t = time.perf_counter()
             phase(options.progress, "to-onnx", f"validating in onnxruntime against PyTorch ({len(refs)} input cases)")
             report.validation, report.providers, notes = validate_graph(
-                temp / MODEL_FILE, options.device, inputs, refs, *options.tol
+                temp / MODEL_FILE,
+                options.device,
+                inputs,
+                refs,
+                *options.tol,
+                _case_bar(inputs, "validate", options.progress),
             )
             report.notes += notes
             report.validated = True
@@ -391,12 +397,14 @@ def _is_aux(name: str) -> bool:
     )
 
 
-def _reference(report: OnnxReport, ckpt: BaseCheckpoint) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
+def _reference(
+    report: OnnxReport, ckpt: BaseCheckpoint, progress: bool
+) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
     """An already merged model in the export dtype, its validation inputs and reference outputs."""
     t = time.perf_counter()
     model = load_checkpoint_model(ckpt, report.task, _torch_dtype(report.dtype))
     inputs = validation_inputs(describe(model, report.task))
-    outputs = torch_outputs(FlatModel(model, inputs.sig).eval(), inputs)
+    outputs = torch_outputs(FlatModel(model, inputs.sig).eval(), inputs, _case_bar(inputs, "reference", progress))
     report.timings["reference"] = time.perf_counter() - t
     return model, outputs, inputs
 
@@ -407,6 +415,7 @@ def _prove(
     merged: MergedState,
     adapters: list[FourierFTAdapter],
     weights: list[float],
+    progress: bool,
 ) -> tuple[Any, list[list[np.ndarray]], ValidationInputs]:
     """Reference outputs of the merged model (float32), the merge proof on the same model, then the model to
     export in the export dtype with its references.
@@ -419,7 +428,7 @@ def _prove(
     model = load_task_model(ckpt.folder, report.task, dtype=torch.float32, config=config, state_dict=merged.tensors)
     inputs = validation_inputs(describe(model, report.task))
     flat = FlatModel(model, inputs.sig).eval()
-    outputs = torch_outputs(flat, inputs)
+    outputs = torch_outputs(flat, inputs, _case_bar(inputs, "reference", progress))
     report.timings["reference"] = time.perf_counter() - t
     t = time.perf_counter()
     layers = [(r.module, r.key) for r in merged.report.layers]
@@ -471,9 +480,15 @@ def _prove(
     model = load_task_model(ckpt.folder, report.task, dtype=export_dtype, config=config, state_dict=merged.tensors)
     merged.tensors.clear()
     inputs = validation_inputs(describe(model, report.task))
-    outputs = torch_outputs(FlatModel(model, inputs.sig).eval(), inputs)
+    bar = _case_bar(inputs, f"reference ({report.dtype})", progress)
+    outputs = torch_outputs(FlatModel(model, inputs.sig).eval(), inputs, bar)
     report.timings["reload"] = time.perf_counter() - t
     return model, outputs, inputs
+
+
+def _case_bar(inputs: ValidationInputs, label: str, progress: bool) -> StepProgress | None:
+    """A bar over the validation cases, on a terminal (None otherwise)."""
+    return StepProgress(len(inputs.cases), label) if progress else None
 
 
 def _torch_dtype(name: str) -> torch.dtype:

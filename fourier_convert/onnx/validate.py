@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fourier_convert.io.progress import StepProgress
 from fourier_convert.onnx.compare import CaseCheck, compare_outputs
 from fourier_convert.onnx.inputs import Case, make_inputs, query_mask, validation_cases
 from fourier_convert.onnx.runtime import open_session
@@ -43,13 +44,22 @@ def validation_inputs(sig: Signature) -> ValidationInputs:
     return ValidationInputs(sig, cases, [make_inputs(sig, c, seed=i + 1) for i, c in enumerate(cases)])
 
 
-def torch_outputs(flat: FlatModel, vin: ValidationInputs) -> list[list[np.ndarray]]:
-    """``flat``'s outputs (no grad) for every case, as numpy arrays in the model's dtype."""
+def torch_outputs(flat: FlatModel, vin: ValidationInputs, bar: StepProgress | None = None) -> list[list[np.ndarray]]:
+    """``flat``'s outputs (no grad) for every case, as numpy arrays in the model's dtype; ``bar`` advances a step per
+    case (and is closed at the end)."""
     results = []
     with torch.no_grad():
-        for tensors in vin.tensors:
+        for step, (case, tensors) in enumerate(zip(vin.cases, vin.tensors, strict=True), start=1):
             results.append([o.detach().cpu().numpy() for o in flat(*tensors)])
+            _advance(bar, step, case, vin)
+    if bar is not None:
+        bar.close()
     return results
+
+
+def _advance(bar: StepProgress | None, step: int, case: Case, vin: ValidationInputs) -> None:
+    if bar is not None:
+        bar.update(step, case.label(bool(vin.sig.past_layers)))
 
 
 def compare_cases(
@@ -68,7 +78,13 @@ def compare_cases(
 
 
 def validate_graph(
-    model_path: Path, device: str, vin: ValidationInputs, reference: list[list[np.ndarray]], atol: float, rtol: float
+    model_path: Path,
+    device: str,
+    vin: ValidationInputs,
+    reference: list[list[np.ndarray]],
+    atol: float,
+    rtol: float,
+    bar: StepProgress | None = None,
 ) -> tuple[list[CaseCheck], list[str], list[str]]:
     """Run ``model_path`` in onnxruntime on every case and compare with ``reference``.
 
@@ -79,6 +95,7 @@ def validate_graph(
         reference: PyTorch outputs for each case (:func:`torch_outputs`).
         atol: Absolute tolerance.
         rtol: Relative tolerance.
+        bar: Advanced a step per case run (and closed at the end), when given.
 
     Returns:
         ``(checks, providers actually used, notes)``.
@@ -93,10 +110,12 @@ def validate_graph(
     """
     info = open_session(model_path, device)
     names = list(vin.sig.outputs)
-    got = [
-        list(info.session.run(names, {n: t.numpy() for n, t in zip(vin.sig.inputs, x, strict=True)}))
-        for x in vin.tensors
-    ]
+    got = []
+    for step, (case, x) in enumerate(zip(vin.cases, vin.tensors, strict=True), start=1):
+        got.append(list(info.session.run(names, {n: t.numpy() for n, t in zip(vin.sig.inputs, x, strict=True)})))
+        _advance(bar, step, case, vin)
+    if bar is not None:
+        bar.close()
     providers, notes = info.providers, info.notes
     del info
     gc.collect()
