@@ -728,3 +728,41 @@ def test_inspect_quiet_and_debug_anywhere(tmp_path: Path) -> None:
     debug = subprocess.run([sys.executable, "-m", "fourier_convert", *args, "--debug"], capture_output=True, text=True)
     assert plain.stderr.startswith("error: ") and "Traceback" not in plain.stderr
     assert "Traceback" in debug.stderr and "InputFileError" in debug.stderr
+
+
+def test_running_out_of_memory_is_one_line_not_an_internal_error(tmp_path: Path) -> None:
+    """A LoRA of a 30,000 x 30,000 layer, converted without a base: drawing its positions takes 7.2 GB. Under a 4 GB
+    address-space limit torch's allocator fails; the CLI says so in one line (it printed 'unexpected RuntimeError
+    ... report it'), exits 1 and publishes nothing."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    from fourier_convert.host import available_memory
+
+    if (available_memory() or 0) < 8 * 10**9:
+        pytest.skip("needs 8 GB available: the position-draw check would refuse the layer first")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{key}.lora_A.weight": torch.zeros(2, 30_000), f"{key}.lora_B.weight": torch.zeros(30_000, 2)},
+        str(lora / "adapter_model.safetensors"),
+    )
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "fft"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 10**9, 4 * 10**9))
+
+    args = ["from-lora", "--adapter", str(lora), "--out", str(out), "--n-frequency", "10", "-q"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fourier_convert", *args], capture_output=True, text=True, preexec_fn=limit, timeout=120
+    )
+    assert (proc.returncode, proc.stdout) == (1, ""), proc.stderr
+    assert proc.stderr == (
+        "error: out of memory: an allocation of 7.2 GB failed; nothing was published; free memory or use a machine "
+        "with more (run again with --debug to see where)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]

@@ -7,6 +7,7 @@ Library errors become one line on stderr (``error: <where>: <what>; <fix>``) and
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from fourier_convert.errors import (
     ResourceError,
     UsageError,
     VerificationError,
+    printable,
 )
 
 #: Library exception -> exit code. The first matching class wins (subclasses first).
@@ -79,12 +81,46 @@ class _Group(click.Group):
             if debug:
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if out_of_memory(exc):
+                click.echo(f"error: {out_of_memory_line(first)}", err=True)
+                ctx.exit(1)
             click.echo(
                 f"error: unexpected {type(exc).__name__}: {first} (run again with --debug for the traceback "
                 "and report it)",
                 err=True,
             )
             ctx.exit(1)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: Python's or numpy's ``MemoryError``, or torch's allocator error on
+    the CPU (``can't allocate memory``) or a GPU (``out of memory``)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def out_of_memory_line(first: str) -> str:
+    """The one line for an allocation failure whose message starts with ``first``: the size asked for, when the
+    message gives it, and what to do.
+
+    Example:
+        >>> out_of_memory_line("can't allocate memory: you tried to allocate 7200000000 bytes.")[:48]
+        'out of memory: an allocation of 7.2 GB failed; n'
+    """
+    from fourier_convert.host import fmt_bytes  # here: the host module needs numpy, which start-up avoids
+
+    size = re.search(r"allocate (\d+) bytes", first)
+    asked = re.search(r"allocate ([\d.]+ ?[KMGTP]i?B)", first)
+    if size is not None:
+        what = f"an allocation of {fmt_bytes(int(size.group(1)))} failed"
+    elif asked is not None:
+        what = f"an allocation of {asked.group(1)} failed"
+    else:
+        what = printable(first[:200]) or "an allocation failed"
+    fix = "free memory or use a machine with more (run again with --debug to see where)"
+    return f"out of memory: {what}; nothing was published; {fix}"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
