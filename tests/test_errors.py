@@ -270,6 +270,83 @@ def _mapped_file(t: torch.Tensor) -> str | None:
     return None
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_pickle_that_is_not_a_regular_file_is_refused_by_type(
+    llama: tuple[Path, Path], tmp_path: Path, kind: str
+) -> None:
+    """With --allow-pickle, a FIFO under adapter_model.bin blocked for ever and a link to /dev/zero was read until
+    the kernel killed the process (24 GB); both are refused before opening."""
+    base, adapter = llama
+    _to_pickle(adapter)
+    replace_with_special_file(adapter / "adapter_model.bin", kind)
+    msg = f"{adapter / 'adapter_model.bin'}: is not a regular file (a folder, FIFO or device); "
+    msg += "re-save the adapter with PEFT"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter, "--allow-pickle", allow_pickle=True)
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, ("echo this ran",))
+
+
+@pytest.mark.parametrize(
+    ("case", "found"),
+    [
+        ("int key", "has a key 1 that is not a string"),
+        ("list", "holds a list, not a dict of tensors"),
+        ("complex", "{key!r} has dtype torch.complex64, not one a PEFT adapter holds"),
+        ("sparse", "{key!r} is a torch.sparse_coo tensor, not a dense one"),
+        ("meta", "{key!r} is a tensor on the meta device, which holds no data here"),
+        ("code", "cannot be loaded with the weights-only loader (Trying to load unsupported GLOBAL posix.system whose "
+         "module posix is blocked.)"),
+        ("plain pickle", "cannot be loaded with the weights-only loader (WeightsUnpickler error: Unsupported operand "
+         "149)"),
+    ],
+)  # fmt: skip
+def test_a_pickle_that_is_not_a_dict_of_dense_tensors_is_one_line(
+    llama: tuple[Path, Path], tmp_path: Path, case: str, found: str
+) -> None:
+    """Each of these was an 'unexpected' error, and a pickle torch did not write printed torch's warning too: now
+    one line, without torch's advice to load with weights_only=False (which runs code)."""
+    import pickle
+
+    base, adapter = llama
+    tensors = read_tensors(adapter / "adapter_model.safetensors")
+    key = next(iter(tensors))
+    path = adapter / "adapter_model.bin"
+    objects: dict[str, Any] = {
+        "int key": {1: tensors[key]},
+        "list": [tensors[key]],
+        "complex": {**tensors, key: tensors[key].to(torch.complex64)},
+        "sparse": {**tensors, key: tensors[key].to_sparse()},
+        "meta": {**tensors, key: torch.empty(tensors[key].shape, device="meta")},
+        "code": {key: _RunsCode()},
+    }
+    (adapter / "adapter_model.safetensors").unlink()
+    if case == "plain pickle":
+        path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    else:
+        torch.save(objects[case], path)
+    fix = "re-save it with PEFT" if "weights-only" in found or "dtype" in found else "re-save the adapter with PEFT"
+    msg = f"{path}: {found.format(key=key)}; {fix}"
+    fails(tmp_path, fc.InputFileError, msg, base, adapter, "--allow-pickle", allow_pickle=True)
+
+
+def test_a_pickle_of_parameters_merges_like_its_tensors(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """A dict of nn.Parameter (torch.save of a state dict with grads on) was an 'unexpected' error; it merges."""
+    base, adapter = llama
+    reference = tmp_path / "reference"
+    fc.merge(base, adapter, reference, device="cpu")
+    tensors = read_tensors(adapter / "adapter_model.safetensors")
+    torch.save({k: torch.nn.Parameter(v) for k, v in tensors.items()}, adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    out = tmp_path / "out"
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu", "--allow-pickle", "-q")
+    assert (res.exit_code, res.stdout, res.stderr) == (0, "", "")
+    for shard in reference.glob("*.safetensors"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
+
+
 def test_adapter_weights_missing(llama: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = llama
     (adapter / "adapter_model.safetensors").unlink()

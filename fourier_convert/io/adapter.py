@@ -13,6 +13,8 @@ import math
 import os
 import re
 import stat
+import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -290,11 +292,24 @@ def load_json(path: Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputFileError(str(path), f"cannot be read ({exc})", "check the file") from None
+    if text.startswith("\ufeff"):
+        raise InputFileError(
+            str(path),
+            "starts with a UTF-8 byte-order mark, which the JSON readers of PEFT and transformers refuse",
+            "re-save it as UTF-8 without the mark",
+        )
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputFileError(
             str(path), f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", "fix or re-save it"
+        ) from None
+    except ValueError:  # the only other ValueError json raises: an integer literal too long to convert
+        raise InputFileError(
+            str(path),
+            f"holds an integer of more than {sys.get_int_max_str_digits():,} digits, which Python's JSON reader "
+            "(PEFT's and transformers' too) refuses to convert",
+            "fix the number",
         ) from None
     except RecursionError:
         raise InputFileError(str(path), "is JSON nested too deeply to read", "fix or re-save it") from None
@@ -388,11 +403,14 @@ def load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
     """Load ``adapter_model.bin`` through torch's weights-only loader, if ``allow``; refuse it otherwise.
 
     A file in torch's zip format is memory-mapped, so that its tensors' shapes can be checked against the base
-    before their data is read (a legacy, non-zip pickle is read whole).
+    before their data is read (a legacy, non-zip pickle is read whole). Only a regular file is opened (a FIFO
+    would block, ``/dev/zero`` never end), and only a flat dict of dense CPU tensors of safetensors' dtypes is
+    accepted: what PEFT's ``save_pretrained`` writes.
 
     Raises:
         PickleRefusedError: ``allow`` is False.
-        InputFileError: The file cannot be loaded or is not a flat dict of tensors.
+        InputFileError: The file is not a regular file, cannot be loaded weights-only, or does not hold a flat
+            dict of such tensors.
     """
     if not allow:
         raise PickleRefusedError(
@@ -401,20 +419,73 @@ def load_pickle(path: Path, allow: bool) -> dict[str, StoredTensor]:
             "re-save the adapter with PEFT's save_pretrained(safe_serialization=True), "
             "or pass --allow-pickle to load it with torch's weights-only loader",
         )
+    try:
+        found = path.stat()
+    except OSError as exc:
+        raise InputFileError(str(path), f"cannot be read ({exc.strerror})", "check the adapter folder") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise InputFileError(
+            str(path), "is not a regular file (a folder, FIFO or device)", "re-save the adapter with PEFT"
+        )
     import torch
 
-    from fourier_convert.io.dtypes import st_dtype
+    from fourier_convert.io.dtypes import st_dtype_or_none
 
     try:  # a zip-format file (torch.save's default) is memory-mapped: shapes are checked before data is read
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch warns on stderr about pickles it did not write
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputFileError(
-            str(path), f"cannot be loaded with the weights-only loader ({first})", "re-save it"
+            str(path), f"cannot be loaded with the weights-only loader ({_load_failure(exc)})", "re-save it with PEFT"
         ) from None
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise InputFileError(str(path), "does not hold a flat dict of tensors", "re-save the adapter with PEFT")
-    return {k: StoredTensor(k, st_dtype(v.dtype), tuple(v.shape), value=v.contiguous()) for k, v in data.items()}
+    if not isinstance(data, dict):
+        raise InputFileError(
+            str(path), f"holds a {type(data).__name__}, not a dict of tensors", "re-save the adapter with PEFT"
+        )
+    tensors: dict[str, StoredTensor] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise InputFileError(str(path), f"has a key {key!r} that is not a string", "re-save the adapter with PEFT")
+        if not isinstance(value, torch.Tensor):
+            raise InputFileError(
+                str(path), f"{key!r} is a {type(value).__name__}, not a tensor", "re-save the adapter with PEFT"
+            )
+        if value.layout != torch.strided:
+            raise InputFileError(
+                str(path), f"{key!r} is a {value.layout} tensor, not a dense one", "re-save the adapter with PEFT"
+            )
+        if value.device.type != "cpu":
+            raise InputFileError(
+                str(path),
+                f"{key!r} is a tensor on the {value.device.type} device, which holds no data here",
+                "re-save the adapter with PEFT",
+            )
+        dtype = st_dtype_or_none(value.dtype)
+        if dtype is None:
+            raise InputFileError(
+                str(path), f"{key!r} has dtype {value.dtype}, not one a PEFT adapter holds", "re-save it with PEFT"
+            )
+        value = value.detach()  # an nn.Parameter loads as one
+        tensors[key] = StoredTensor(key, dtype, tuple(value.shape), value=value.contiguous())
+    return tensors
+
+
+def _load_failure(exc: Exception) -> str:
+    """The reason in torch's load error, without its advice to load with ``weights_only=False`` (which runs code)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        keep = [
+            line.removeprefix(
+                "Please file an issue with the following so that we can make `weights_only=True` "
+                "compatible with your use case: "
+            )
+            for line in lines[1:]
+            if not line.startswith("Check the documentation")
+        ]
+        keep = [line for line in keep if line]
+        return " ".join(keep)[:300] or "it holds objects other than tensors"
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _count(n: int, noun: str) -> str:

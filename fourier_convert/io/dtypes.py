@@ -58,6 +58,17 @@ def st_dtype(dtype: torch.dtype) -> str:
     return _tables()[1][dtype]
 
 
+def st_dtype_or_none(dtype: torch.dtype) -> str | None:
+    """safetensors dtype string for a torch dtype, or None for one safetensors cannot hold (complex, say).
+
+    Example:
+        >>> import torch
+        >>> st_dtype_or_none(torch.bfloat16), st_dtype_or_none(torch.complex64)
+        ('BF16', None)
+    """
+    return _tables()[1].get(dtype)
+
+
 def parse_user_dtype(name: str) -> str:
     """Map a ``--dtype`` value to a safetensors dtype string.
 
