@@ -1094,6 +1094,22 @@ def test_json_nested_too_deeply_is_an_error_not_a_crash(llama: tuple[Path, Path]
     fails(tmp_path, fc.InputFileError, f"{config}: is JSON nested too deeply to read; fix or re-save it", base, adapter)
 
 
+def test_a_config_with_a_byte_order_mark_or_a_5000_digit_number_is_one_line(
+    llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Python's JSON reader (PEFT's too) refuses both; the messages were 'Unexpected UTF-8 BOM' and 'unexpected
+    ValueError: Exceeds the limit (4300 digits)'."""
+    base, adapter = llama
+    config = adapter / "adapter_config.json"
+    text = config.read_text()
+    config.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    msg = f"{config}: starts with a UTF-8 byte-order mark, which the JSON readers of PEFT and transformers refuse; "
+    fails(tmp_path, fc.InputFileError, msg + "re-save it as UTF-8 without the mark", base, adapter)
+    config.write_text(text.replace('"scaling": ', '"scaling": 1' + "0" * 5000 + ', "was_scaling": ', 1))
+    msg = f"{config}: holds an integer of more than 4,300 digits, which Python's JSON reader (PEFT's and "
+    fails(tmp_path, fc.InputFileError, msg + "transformers' too) refuses to convert; fix the number", base, adapter)
+
+
 def test_random_loc_seed_beyond_64_bits_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
     """PEFT seeds torch.Generator with it, which takes at most 64 bits: such an adapter cannot be loaded."""
     base, adapter = llama
