@@ -24,6 +24,7 @@ import fourier_convert.io.writer as writer_module
 from fourier_convert.cli.main import cli
 from fourier_convert.maths.closed_form import DeltaCheck, DeltaSample
 from tests.conftest import replace_with_special_file
+from tests.reference import peft_indices
 
 SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
 Q0 = SPECTRUM.format(i=0, m="q_proj")
@@ -1108,6 +1109,35 @@ def test_a_config_with_a_byte_order_mark_or_a_5000_digit_number_is_one_line(
     config.write_text(text.replace('"scaling": ', '"scaling": 1' + "0" * 5000 + ', "was_scaling": ', 1))
     msg = f"{config}: holds an integer of more than 4,300 digits, which Python's JSON reader (PEFT's and "
     fails(tmp_path, fc.InputFileError, msg + "transformers' too) refuses to convert; fix the number", base, adapter)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "found"),
+    [
+        (torch.float32, 3e38, "{key!r}: its coefficients' magnitudes sum to 1.5e+40, beyond float32's range (3.4e+38): "
+         "PEFT takes the inverse DFT in float32, where such a spectrum overflows to inf or NaN"),
+        (torch.float64, 1e40, "{key!r} holds a coefficient of 1e+40, beyond float32's range (3.4e+38): PEFT loads the "
+         "spectrum into a float32 parameter, where it becomes inf"),
+    ],
+)  # fmt: skip
+def test_a_spectrum_peft_turns_into_inf_is_refused(
+    llama: tuple[Path, Path], tmp_path: Path, dtype: torch.dtype, value: float, found: str
+) -> None:
+    """With a tiny scaling (1e-30) these merged to finite weights with only a warning, while PEFT's delta (float32
+    parameter, ifft2 in complex64) holds inf / NaN, as the first lines show."""
+    base, adapter = llama
+    tensors = read_tensors(adapter / "adapter_model.safetensors")
+    tensors[Q0] = torch.full_like(tensors[Q0], value, dtype=dtype)
+    peft_param = tensors[Q0].to(torch.float32)  # PEFT's parameter, then its get_delta_weight:
+    rows, cols = peft_indices(64, 64, peft_param.numel(), 777)
+    dense = torch.zeros(64, 64, dtype=torch.float32)
+    dense[rows, cols] = peft_param
+    assert not torch.fft.ifft2(dense).real.mul(1e-30).isfinite().all()
+    write_tensors(adapter / "adapter_model.safetensors", tensors)
+    edit_config(adapter, scaling=1e-30)
+    fix = "the training diverged; use an earlier checkpoint"
+    msg = f"{adapter / 'adapter_model.safetensors'}: {found.format(key=Q0)}; {fix}"
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
 
 
 def test_random_loc_seed_beyond_64_bits_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:

@@ -147,8 +147,33 @@ class Spectrum:
                     f"{t.key!r} holds {_count(int(bad.sum()), 'non-finite value')} (first at index {i}: {raw[i]})",
                     "the training diverged; use an earlier checkpoint",
                 )
+            _check_float32_range(raw, t.key, self.where)
             self.loaded = np.ascontiguousarray(raw)
         return self.loaded
+
+
+def _check_float32_range(raw: np.ndarray, key: str, where: str) -> None:
+    """Refuse a spectrum PEFT turns into inf: PEFT holds it in a float32 parameter and takes its inverse DFT in
+    complex64, whose partial sums stay finite only while the coefficients' magnitudes sum within float32's range."""
+    import numpy as np
+
+    f32_max = float(np.finfo(np.float32).max)
+    magnitudes = np.abs(raw)
+    if magnitudes.size and float(magnitudes.max()) > f32_max:
+        raise AdapterError(
+            where,
+            f"{key!r} holds a coefficient of {float(magnitudes.max()):.3g}, beyond float32's range ({f32_max:.3g}): "
+            "PEFT loads the spectrum into a float32 parameter, where it becomes inf",
+            "the training diverged; use an earlier checkpoint",
+        )
+    total = float(magnitudes.sum())
+    if total > f32_max:
+        raise AdapterError(
+            where,
+            f"{key!r}: its coefficients' magnitudes sum to {total:.3g}, beyond float32's range ({f32_max:.3g}): PEFT "
+            "takes the inverse DFT in float32, where such a spectrum overflows to inf or NaN",
+            "the training diverged; use an earlier checkpoint",
+        )
 
 
 @dataclass

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Overflow from absurd inputs is not warned about: callers refuse non-finite values in one line.
+_QUIET = np.errstate(over="ignore", invalid="ignore")
 
+
+@_QUIET
 def delta_at(
     values: np.ndarray,
     indices: np.ndarray,
@@ -55,6 +59,7 @@ def delta_at(
     return result
 
 
+@_QUIET
 def row_float64(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int], scaling: float, p: int) -> np.ndarray:
     """Row ``p`` of the delta in float64, through numpy's FFT (pass ``indices[::-1]`` and the swapped shape for
     a column).

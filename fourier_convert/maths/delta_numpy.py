@@ -19,6 +19,11 @@ import numpy as np
 _CHUNK_ELEMENTS = 1 << 18
 
 
+#: Overflow to inf or NaN from absurd inputs (a scaling of 1e308) is not warned about: callers refuse non-finite
+#: deltas in one line, and numpy's warnings would break it. A decorator, so that worker threads get it too.
+_QUIET = np.errstate(over="ignore", invalid="ignore")
+
+
 @dataclass(frozen=True)
 class ColumnPass:
     """A delta after the first pass of its ``irfft2``: every row of the half-spectrum columns that hold
@@ -36,6 +41,7 @@ class ColumnPass:
     values: np.ndarray
 
 
+@_QUIET
 def column_pass(
     values: np.ndarray,
     indices: np.ndarray,
@@ -77,6 +83,7 @@ def column_pass(
     np.add.at(spectrum, (which, u_all[keep]), vals)
     step = max(1, _CHUNK_ELEMENTS // max(m, 1))
 
+    @_QUIET
     def transform(part: slice) -> None:
         spectrum[part] = np.fft.ifft(spectrum[part], axis=1)
 
@@ -85,6 +92,7 @@ def column_pass(
     return ColumnPass((m, n_cols), columns, spectrum)
 
 
+@_QUIET
 def delta_rows(cp: ColumnPass, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """Rows ``start .. stop`` of the delta (the second pass of its ``irfft2``), in float64.
 
@@ -132,6 +140,7 @@ def delta_float64(values: np.ndarray, indices: np.ndarray, shape: tuple[int, int
     return delta_rows(column_pass(values, indices, shape, scaling), 0, shape[0])
 
 
+@_QUIET
 def delta_weights_numpy(
     values: np.ndarray, indices: np.ndarray, out_features: int, in_features: int, scaling: float
 ) -> np.ndarray:
