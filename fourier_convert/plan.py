@@ -314,6 +314,7 @@ def build_plan(
             layer = layers.setdefault(key, LayerPlan(module, key, info, []))
             layer.contributions.append(Contribution(i, spec, s.scaling * mult[i], s.random_loc_seed))
         _check_targets(adapter, universe)
+        _check_saved_heads(adapter, sorted(inverse[k] for k in ckpt.tensors if k in inverse))
         for clean, t in {**adapter.biases, **adapter.head_tensors}.items():
             key = names.find(clean)
             if key is None:
@@ -375,6 +376,22 @@ def build_plan(
         for c in layer.contributions:
             c.spectrum.values  # noqa: B018  (reads and checks on first use)
     return MergePlan(outputs, list(layers.values()), names, warnings, notes, config, changed)
+
+
+def _check_saved_heads(adapter: FourierFTAdapter, base_keys: list[str]) -> None:
+    """Refuse a ``modules_to_save`` entry that names a module of the base whose tensors the adapter lacks: PEFT wraps
+    that module and fails to load the adapter (``KeyError``). An entry matching no module is fine (PEFT's task
+    types list heads, such as ``classifier`` and ``score``, that a model may not have)."""
+    for entry in adapter.settings.modules_to_save:
+        for key in base_keys:
+            module = key.rsplit(".", 1)[0]
+            if (module == entry or module.endswith(f".{entry}")) and key not in adapter.head_tensors:
+                raise AdapterError(
+                    adapter.label,
+                    f"modules_to_save lists {entry!r}, the base's module {module!r}, but the adapter holds no {key!r}; "
+                    "PEFT fails to load such an adapter (KeyError)",
+                    "remove the entry from modules_to_save in adapter_config.json, or re-save the adapter with PEFT",
+                )
 
 
 def _check_targets(adapter: FourierFTAdapter, universe: list[str]) -> None:

@@ -1140,6 +1140,47 @@ def test_a_spectrum_peft_turns_into_inf_is_refused(
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "found"),
+    [
+        ("task_type", "BOGUS", "task_type is 'BOGUS', which PEFT refuses on loading; it takes one of SEQ_CLS, "
+         "SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION or null"),
+        ("task_type", 5, "task_type is 5, which PEFT refuses on loading; it takes one of SEQ_CLS, SEQ_2_SEQ_LM, "
+         "CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION or null"),
+        ("bias", None, "bias is None, expected one of none, all, fourier_only"),
+        ("bias", 0, "bias is 0, expected one of none, all, fourier_only"),
+    ],
+)  # fmt: skip
+def test_config_values_peft_cannot_load_are_refused(
+    llama: tuple[Path, Path], tmp_path: Path, field: str, value: Any, found: str
+) -> None:
+    """PEFT fails to load these (ValueError: Invalid task type; AttributeError on a null bias); to-lora copied the
+    task type into a LoRA PEFT could not load, and merge took a null bias as 'none'."""
+    base, adapter = llama
+    edit_config(adapter, **{field: value})
+    fails(tmp_path, fc.AdapterError, f"{adapter / 'adapter_config.json'}: {found}; fix the config", base, adapter)
+    res = invoke("to-lora", "--adapter", adapter, "--base", base, "--out", tmp_path / "lora", "--rank", "2")
+    assert (res.exit_code, res.stderr) == (1, f"error: {adapter / 'adapter_config.json'}: {found}; fix the config\n")
+
+
+def test_modules_to_save_naming_a_base_module_the_adapter_lacks_is_refused(
+    llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """PEFT wraps the base's lm_head and fails on loading (KeyError: 'base_model.model.lm_head.weight'); merge and
+    to-lora gave exit 0. An entry that names no module of the base stays accepted, as PEFT accepts it."""
+    base, adapter = llama
+    edit_config(adapter, modules_to_save=["score", "classifier"])
+    ok = invoke("inspect", adapter, "--base", base, "-q")
+    assert (ok.exit_code, ok.stderr) == (0, ""), ok.output
+    edit_config(adapter, modules_to_save=["lm_head"])
+    msg = (
+        f"{adapter}: modules_to_save lists 'lm_head', the base's module 'lm_head', but the adapter holds no "
+        "'lm_head.weight'; PEFT fails to load such an adapter (KeyError); remove the entry from modules_to_save in "
+        "adapter_config.json, or re-save the adapter with PEFT"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
 def test_random_loc_seed_beyond_64_bits_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
     """PEFT seeds torch.Generator with it, which takes at most 64 bits: such an adapter cannot be loaded."""
     base, adapter = llama

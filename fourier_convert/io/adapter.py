@@ -343,6 +343,41 @@ def load_json(path: Path) -> dict[str, Any]:
     return data
 
 
+#: PEFT's ``TaskType`` values; PEFT refuses a config whose ``task_type`` is none of them (or null).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def check_task_type(cfg: dict[str, Any], where: str) -> None:
+    """Refuse a ``task_type`` PEFT refuses on loading (``ValueError: Invalid task type``), so that no output carries
+    it on.
+
+    Raises:
+        AdapterError: ``task_type`` is set and not one of :data:`TASK_TYPES`.
+
+    Example:
+        >>> check_task_type({"task_type": "CAUSAL_LM"}, "adapter_config.json")
+    """
+    task_type = cfg.get("task_type")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise AdapterError(
+            where,
+            f"task_type is {short_repr(task_type)}, which PEFT refuses on loading; it takes one of "
+            f"{', '.join(TASK_TYPES)} or null",
+            "fix the config",
+        )
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a config value may be a huge number or map).
+
+    Example:
+        >>> short_repr("x" * 100, 10)
+        "'xxxxxx..."
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _names_or_regex(value: Any) -> bool:
     """A module selector as PEFT takes it: a regex string, or a list of name strings."""
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
@@ -377,9 +412,10 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
     scaling = cfg.get("scaling", 150.0)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise AdapterError(where, f"scaling is {scaling!r}, expected a finite number", "fix the config")
-    bias = cfg.get("bias", "none") or "none"
-    if bias not in BIAS_MODES:
+    bias = cfg.get("bias", "none")  # null, 0 or "" make PEFT fail on loading (AttributeError): refused too
+    if not isinstance(bias, str) or bias not in BIAS_MODES:
         raise AdapterError(where, f"bias is {bias!r}, expected one of {', '.join(BIAS_MODES)}", "fix the config")
+    check_task_type(cfg, where)
     pattern = cfg.get("n_frequency_pattern") or {}
     if not isinstance(pattern, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pattern.values()
