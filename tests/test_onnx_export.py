@@ -153,12 +153,16 @@ def test_gpt2_with_past_float16(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = tmp_path / "onnx"
     base = FIXTURES / "gpt2" / "base"
     report = fc.export_onnx(out, base=base, adapter=FIXTURES / "gpt2" / "adapter", dtype="float16", progress=True)
-    assert capsys.readouterr().err.splitlines() == [
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("to-onnx:")] == [
         f"to-onnx: merging 1 adapter(s) into {base} in memory ...",
         "to-onnx: loading the merged model (causal-lm-with-past), its reference outputs and the merge proof ...",
         f"to-onnx: exporting the graph ({report.export_shape}) ...",
         f"to-onnx: validating in onnxruntime against PyTorch ({len(report.validation)} input cases) ...",
     ]
+    cases = len(report.validation)  # and a bar over the cases: PyTorch's references (float32, float16), onnxruntime
+    for label in ("reference", "reference (float16)", "validate"):
+        assert any(line.startswith(f"{label} [{'#' * 30}] {cases}/{cases} ") for line in err.splitlines()), err
     _graph_checks(out, report, "float16")
     assert report.task == "causal-lm-with-past" and report.proof_passed
     assert report.outputs["present.0.key"]["dtype"] == "float16"
