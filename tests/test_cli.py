@@ -473,7 +473,7 @@ def test_usage_error_missing_out() -> None:
     res = invoke("merge", "--base", FIXTURES / "llama" / "base", "--adapter", FIXTURES / "llama" / "adapter")
     assert res.exit_code == 2
     assert res.stdout == ""
-    assert res.stderr.splitlines()[-1] == "Error: Missing option '--out'."
+    assert res.stderr == "error: Missing option '--out'; see 'fourier-convert merge --help'\n"
 
 
 def test_usage_error_weight_count(tmp_path: Path) -> None:
@@ -529,8 +529,9 @@ def test_usage_error_unknown_precision(tmp_path: Path) -> None:
         "float16",
     )
     assert res.exit_code == 2
-    assert res.stderr.splitlines()[-1] == (
-        "Error: Invalid value for '--precision': 'float16' is not one of 'float32', 'float64'."
+    assert res.stderr == (
+        "error: Invalid value for '--precision': 'float16' is not one of 'float32', 'float64'; see 'fourier-convert "
+        "merge --help'\n"
     )
 
 
@@ -583,8 +584,7 @@ def test_console_entry_exit_codes_and_tracebacks(tmp_path: Path) -> None:
 
     (out, err), code = res["usage"]
     assert code == 2 and "Traceback" not in err
-    assert err.splitlines()[-1] == "Error: Missing option '--out'."
-    assert err.splitlines()[0] == "Usage: fourier-convert merge [OPTIONS]"
+    assert err == "error: Missing option '--out'; see 'fourier-convert merge --help'\n"
 
     assert list(tmp_path.iterdir()) == []
 
@@ -766,3 +766,22 @@ def test_running_out_of_memory_is_one_line_not_an_internal_error(tmp_path: Path)
         "with more (run again with --debug to see where)\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["merge", "--threads", "0"], "Invalid value for '--threads': 0 is not in the range x>=1; see "
+         "'fourier-convert merge --help'"),
+        (["merge", "--bogus"], "No such option '--bogus'. (Did you mean one of: '--base', '--out'?); see "
+         "'fourier-convert merge --help'"),
+        (["bogus"], "No such command 'bogus'; see 'fourier-convert --help'"),
+        (["inspect"], "Missing argument 'ADAPTER'; see 'fourier-convert inspect --help'"),
+        (["from-lora", "--n-frequency", "abc"], "Invalid value for '--n-frequency': 'abc' is not a valid integer; "
+         "see 'fourier-convert from-lora --help'"),
+    ],
+)  # fmt: skip
+def test_click_usage_errors_are_one_line(args: list[str], line: str) -> None:
+    """click's own errors were four lines (usage, hint, blank, 'Error: ...'); now one, as every other error."""
+    res = invoke(*args)
+    assert (res.exit_code, res.stdout, res.stderr) == (2, "", f"error: {line}\n")

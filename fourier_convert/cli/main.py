@@ -54,7 +54,33 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 class _Group(click.Group):
-    """Runs subcommands under the error table."""
+    """Runs subcommands under the error table, and prints click's own usage errors as one line."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # no command at all: the help, as click prints it
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            click.echo(f"error: {usage_line(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {printable(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo(INTERRUPTED_LINE, err=True)
+            sys.exit(INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("FOURIER_CONVERT_DEBUG") == "1"
@@ -92,6 +118,17 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+def usage_line(exc: click.UsageError) -> str:
+    """click's usage error as the one line the CLI prints after ``error: ``, with where to look for help.
+
+    Example:
+        >>> usage_line(click.UsageError("Missing option '--out'."))
+        "Missing option '--out'; see 'fourier-convert --help'"
+    """
+    command = exc.ctx.command_path if exc.ctx is not None else "fourier-convert"
+    return f"{printable(exc.format_message()).rstrip('.')}; see '{command} --help'"
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure: Python's or numpy's ``MemoryError``, or torch's allocator error on
     the CPU (``can't allocate memory``) or a GPU (``out of memory``)."""
@@ -123,7 +160,7 @@ def out_of_memory_line(first: str) -> str:
     return f"out of memory: {what}; nothing was published; {fix}"
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("fourier-convert", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fourier-convert")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:

@@ -217,12 +217,19 @@ def _check_layer_count(config: dict[str, Any], keys: list[str], where: Path) -> 
     12 layers, one stored) stay well inside the margin.
 
     Raises:
+        InputFileError: A layer count that is not a whole number >= 0 (a string, a float, -1).
         BaseMismatchError: More than 64 x the stored layers + 64.
     """
     indices = [int(m.group(1)) for k in keys for m in [re.search(r"\.(\d+)\.", k)] if m]
     stored = max(indices) + 1 if indices else 0
     for name in LAYER_COUNT_KEYS:
         claimed = config.get(name)
+        if name in config and (isinstance(claimed, bool) or not isinstance(claimed, int) or claimed < 0):
+            raise InputFileError(
+                str(where),
+                f"{name} is {claimed!r}, expected a whole number of layers (transformers cannot build the model)",
+                "pass the config.json that belongs to these weights",
+            )
         if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed > 64 * stored + 64:
             raise BaseMismatchError(
                 str(where),
@@ -276,8 +283,9 @@ def _refuse_outside_link(path: Path, folder: Path) -> None:
         return
     target = path.resolve()
     root = folder.resolve()
-    if root.parent.name == "snapshots":  # hub cache: models--org--name/snapshots/<rev>/f -> ../../blobs/<hash>
-        root = root.parent.parent
+    repo = root.parent.parent  # a hub cache: models--org--name/snapshots/<rev>/f -> ../../blobs/<hash>
+    if root.parent.name == "snapshots" and repo.name.startswith("models--") and target.is_relative_to(repo / "blobs"):
+        return
     if not target.is_relative_to(root):
         raise InputFileError(
             str(path),
