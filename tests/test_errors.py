@@ -23,7 +23,7 @@ import fourier_convert as fc
 import fourier_convert.io.writer as writer_module
 from fourier_convert.cli.main import cli
 from fourier_convert.maths.closed_form import DeltaCheck, DeltaSample
-from tests.conftest import replace_with_special_file
+from tests.conftest import FIXTURES, replace_with_special_file
 from tests.reference import peft_indices
 
 SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
@@ -1280,6 +1280,52 @@ def test_a_small_file_linked_from_outside_the_model_is_not_copied(llama: tuple[P
         "into the output; copy the file into the model folder, or remove the link"
     )
     fails(tmp_path, fc.InputFileError, msg, base, adapter)
+
+
+def test_a_folder_merely_named_snapshots_does_not_widen_what_links_may_reach(tmp_path: Path) -> None:
+    """A base at <home>/snapshots/rev with a link to <home>/.ssh/id_rsa: the hub-cache rule (snapshot -> blob links)
+    took any folder named 'snapshots' as the cache and published the key. Only models--*/snapshots/<rev> links
+    into that repository's blobs/ are followed, as the second half checks with a real cache layout."""
+    home = tmp_path / "home"
+    base = home / "snapshots" / "rev"
+    shutil.copytree(FIXTURES / "llama" / "base", base)
+    adapter = FIXTURES / "llama" / "adapter"
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
+    (base / "special_tokens_map.json").symlink_to("../../.ssh/id_rsa")
+    out = tmp_path / "out"
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out)
+    msg = (
+        f"{base / 'special_tokens_map.json'}: is a link to {(home / '.ssh' / 'id_rsa').resolve()}, outside the model "
+        "folder, and would be copied into the output; copy the file into the model folder, or remove the link"
+    )
+    assert (res.exit_code, res.stdout, res.stderr) == (1, "", f"error: {msg}\n")
+    assert not out.exists()
+    repo = tmp_path / "hub" / "models--org--name"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(FIXTURES / "llama" / "base", snapshot)
+    (repo / "blobs").mkdir()
+    (snapshot / "tokenizer.json").rename(repo / "blobs" / "0f1e2d")
+    (snapshot / "tokenizer.json").symlink_to("../../blobs/0f1e2d")
+    res = invoke("merge", "--base", snapshot, "--adapter", adapter, "--out", out, "-q")
+    assert (res.exit_code, res.stderr) == (0, ""), res.output
+    assert (out / "tokenizer.json").read_bytes() == (repo / "blobs" / "0f1e2d").read_bytes()
+
+
+@pytest.mark.parametrize("value", [-1, "2", 2.0, True, None])
+def test_a_layer_count_that_is_not_a_whole_number_is_refused(fixture_copy, tmp_path: Path, value: Any) -> None:  # type: ignore[no-untyped-def]
+    """num_hidden_layers -1 was an 'unexpected ValueError' in to-onnx, and merge published a folder transformers
+    cannot load; a string, float, bool or null does the same in transformers."""
+    d = fixture_copy("llama")
+    config = d / "base" / "config.json"
+    doc = json.loads(config.read_text())
+    doc["num_hidden_layers"] = value
+    config.write_text(json.dumps(doc))
+    msg = (
+        f"{config}: num_hidden_layers is {value!r}, expected a whole number of layers (transformers cannot build the "
+        "model); pass the config.json that belongs to these weights"
+    )
+    fails(tmp_path, fc.InputFileError, msg, d / "base", d / "adapter")
 
 
 # -- headers of base shards that are copied byte for byte ---------------------------------------------------
