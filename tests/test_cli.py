@@ -676,6 +676,41 @@ def test_json_into_missing_folder_fails_before_publishing(tmp_path: Path) -> Non
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["merge", "to-lora"])
+def test_json_in_a_folder_that_takes_no_new_file_fails_before_publishing(command: str, tmp_path: Path) -> None:
+    """--json /proc/version passed the checks (a regular file), then failed to write after the output was published
+    (exit 1 with the output in place). The report is now written beside its target and renamed over it, so its
+    folder must take a new file: checked before any work."""
+    base, adapter, out = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", tmp_path / "m"
+    args = {
+        "merge": ["merge", "--base", base, "--adapter", adapter, "--out", out, "--device", "cpu"],
+        "to-lora": ["to-lora", "--base", base, "--adapter", adapter, "--out", out, "--rank", "2"],
+    }[command]
+    res = invoke(*args, "--json", "/proc/version")
+    assert (res.exit_code, res.stdout) == (2, "")
+    assert re.fullmatch(
+        r"error: --json: cannot write /proc/version: no new file can be made in /proc \([^)]+\); choose another "
+        r"--json path\n",
+        res.stderr,
+    ), res.stderr
+    assert not out.exists()
+
+
+def test_json_report_replaces_its_target_whole(tmp_path: Path) -> None:
+    """The report goes to a new file renamed over the target: an existing read-only report is replaced, and a link
+    named by --json is written through (its target replaced, the link kept)."""
+    report = tmp_path / "r.json"
+    report.write_text("old")
+    report.chmod(0o444)
+    link = tmp_path / "link.json"
+    link.symlink_to(report)
+    args = ["inspect", FIXTURES / "llama" / "adapter", "-q", "--json", link]
+    res = invoke(*args)
+    assert (res.exit_code, res.stderr) == (0, ""), res.output
+    assert link.is_symlink() and json.loads(report.read_text())["layers"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "r.json"]
+
+
 def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     """`fourier-convert inspect ... | head -1` must not print an error."""
     proc = subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,8 +46,9 @@ def specs_from_options(
 
 def check_report_path(path: Path | None, inputs: Sequence[str | Path | None] = (), out: Path | None = None) -> None:
     """Refuse, before any work is done, a --json path the report could not be written to after success: its
-    folder missing, a folder, a FIFO or device, a link loop, or a path that is or lies in one of the command's
-    local inputs (it would overwrite an input file) or in ``out`` (the output folder is published whole).
+    folder missing or not taking new files (``/proc``), a folder, a FIFO or device, a link loop, or a path that is
+    or lies in one of the command's local inputs (it would overwrite an input file) or in ``out`` (the output folder
+    is published whole).
 
     Raises:
         UsageError: Any of these.
@@ -69,6 +71,16 @@ def check_report_path(path: Path | None, inputs: Sequence[str | Path | None] = (
         raise UsageError("--json", f"{path} is not a regular file (a FIFO or a device)", "give a file path")
     if out is not None and (target == out.resolve() or target.is_relative_to(out.resolve())):
         raise UsageError("--json", f"{path} lies in --out {out}", "write the report outside the output folder")
+    try:  # the report is written beside its target and renamed over it: that folder must take a new file
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            "--json",
+            f"cannot write {path}: no new file can be made in {target.parent} ({exc.strerror})",
+            "choose another --json path",
+        ) from None
     for spec in inputs:
         if not spec:
             continue
@@ -102,13 +114,21 @@ def write_report(path: Path, doc: dict[str, Any]) -> None:
         OutputError: It cannot be written (the command's output is already published; the message says so).
     """
     data = (json.dumps(doc, indent=2, default=str) + "\n").encode()
-    try:  # O_NONBLOCK: a FIFO put there since the check fails at once instead of blocking
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
+    temp = None
+    try:  # a new file beside the target, renamed over it: never a half-written report, never a write into a FIFO
+        target = path.resolve()
+        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
-            os.write(fd, data)
+            os.fchmod(fd, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
+        os.replace(temp, target)
     except OSError as exc:
+        if temp is not None and os.path.lexists(temp):
+            os.unlink(temp)
         raise OutputError(
             "--json",
             f"cannot write the report to {path} ({exc.strerror}); the output itself was published",
