@@ -14,11 +14,12 @@ exactly the ones the config selects, and lists every output tensor with its sour
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fourier_convert.errors import AdapterError, BaseMismatchError
+from fourier_convert.errors import AdapterError, BaseMismatchError, UsageError
 from fourier_convert.host import check_position_draw
 from fourier_convert.io.adapter import FourierFTAdapter, Spectrum, StoredTensor
 from fourier_convert.io.checkpoint import BaseCheckpoint
@@ -213,6 +214,10 @@ _TASK_MAPPINGS = {
 }
 
 
+#: float32's smallest normal number: a delta scale below it keeps no precision in PEFT's float32 arithmetic.
+F32_TINY = 1.1754943508222875e-38
+
+
 def build_plan(
     ckpt: BaseCheckpoint,
     adapters: Sequence[FourierFTAdapter],
@@ -261,6 +266,27 @@ def build_plan(
         if s.scaling * mult[i] == 0:
             why = "scaling is 0 in its adapter_config.json" if s.scaling == 0 else "its --weight is 0"
             warnings.append(f"{where}: {why}, so its deltas are zero and it changes nothing")
+        elif not math.isfinite(s.scaling * mult[i]):
+            raise UsageError(
+                "--weight",
+                f"scaling x weight = {s.scaling:g} x {mult[i]:g} overflows for {where}",
+                "pass a multiplier such as 1.0 or 0.5",
+            )
+        elif abs(s.scaling) < F32_TINY:
+            raise AdapterError(
+                where,
+                f"scaling is {s.scaling:g} in its adapter_config.json, below float32's smallest normal number "
+                f"({F32_TINY:.3g}): PEFT's float32 delta would vanish or keep no precision",
+                "set scaling to the value the adapter was trained with",
+            )
+        elif abs(s.scaling * mult[i]) < F32_TINY:
+            raise UsageError(
+                "--weight",
+                f"scaling x weight = {s.scaling:g} x {mult[i]:g} = {s.scaling * mult[i]:.3g} for {where}, below "
+                f"float32's smallest normal number ({F32_TINY:.3g}): PEFT's float32 delta would vanish or keep no "
+                "precision",
+                "pass --weight 0 to leave the adapter out, or a multiplier such as 0.5",
+            )
         for module, spec in adapter.spectra.items():
             key = names.find(f"{module}.weight")
             if key is None:

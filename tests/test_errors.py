@@ -868,20 +868,23 @@ def test_json_report_path_that_cannot_take_the_report_is_refused_before_any_work
 
 
 def test_a_report_that_cannot_be_written_says_the_output_was_published(tmp_path: Path) -> None:
-    """Checked paths can still fail when written (a FIFO put there meanwhile, a full disk): one line that says
-    the output exists, never a block on a FIFO or an internal error."""
+    """Checked paths can still fail when written (the folder removed meanwhile, a full disk): one line that says
+    the output exists, never an internal error. A FIFO put at the path meanwhile is replaced, never written into
+    (which would block)."""
     from fourier_convert.cli.merge_cmd import write_report
 
-    fifo = tmp_path / "r.json"
-    os.mkfifo(fifo)
+    gone = tmp_path / "gone" / "r.json"
     with pytest.raises(fc.OutputError) as info:
-        write_report(fifo, {"a": 1})
+        write_report(gone, {"a": 1})
     assert str(info.value) == (
-        f"--json: cannot write the report to {fifo} (No such device or address); the output itself was published; "
+        f"--json: cannot write the report to {gone} (No such file or directory); the output itself was published; "
         "give a writable --json path next time (a merge's output also holds its report, in fourier_convert.json)"
     )
-    write_report(tmp_path / "ok.json", {"a": 1})
-    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)
+    write_report(fifo, {"a": 1})
+    assert json.loads(fifo.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
 def test_an_out_that_is_a_link_loop_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
@@ -1177,6 +1180,41 @@ def test_modules_to_save_naming_a_base_module_the_adapter_lacks_is_refused(
         f"{adapter}: modules_to_save lists 'lm_head', the base's module 'lm_head', but the adapter holds no "
         "'lm_head.weight'; PEFT fails to load such an adapter (KeyError); remove the entry from modules_to_save in "
         "adapter_config.json, or re-save the adapter with PEFT"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+@pytest.mark.parametrize(
+    ("weight", "found"),
+    [
+        (1e-310, "scaling x weight = 150 x 1e-310 = 1.5e-308 for {adapter}, below float32's smallest normal number "
+         "(1.18e-38): PEFT's float32 delta would vanish or keep no precision; pass --weight 0 to leave the adapter "
+         "out, or a multiplier such as 0.5"),
+        (1e308, "scaling x weight = 150 x 1e+308 overflows for {adapter}; pass a multiplier such as 1.0 or 0.5"),
+    ],
+)  # fmt: skip
+def test_a_weight_whose_delta_scale_leaves_float32_is_a_usage_error(
+    llama: tuple[Path, Path], tmp_path: Path, weight: float, found: str
+) -> None:
+    """--weight 1e-310 failed the float64 spot check (a tolerance of 0) and asked for a bug report; 1e308 printed
+    13 lines of numpy warnings before one."""
+    base, adapter = llama
+    msg = f"--weight: {found.format(adapter=adapter)}"
+    before, out = snapshot(tmp_path), tmp_path / "merged"
+    with pytest.raises(fc.UsageError) as info:
+        fc.merge(base, fc.AdapterSpec(adapter, weight=weight), out, device="cpu")
+    assert str(info.value) == msg
+    res = invoke("merge", "--base", base, "--adapter", adapter, "--out", out, "--weight", weight)
+    assert (res.exit_code, res.stdout, res.stderr) == (2, "", f"error: {msg}\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_subnormal_scaling_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    edit_config(adapter, scaling=1e-310)
+    msg = (
+        f"{adapter}: scaling is 1e-310 in its adapter_config.json, below float32's smallest normal number (1.18e-38): "
+        "PEFT's float32 delta would vanish or keep no precision; set scaling to the value the adapter was trained with"
     )
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
 

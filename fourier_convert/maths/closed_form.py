@@ -155,6 +155,7 @@ class DeltaSample:
         if not finite and not np.isfinite(block).all():  # (a finite block can still overflow the sum)
             self.finite = False
 
+    @_QUIET
     def check(self, values: np.ndarray, indices: np.ndarray, scaling: float, *, eps: float) -> DeltaCheck:
         """Compare the recorded entries with the closed form (an entry never taken counts as a failure).
 

@@ -15,6 +15,7 @@ torch is not imported: on a 2-core machine ``import torch`` alone costs as much 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -274,6 +275,13 @@ def verification_error(layer: LayerPlan, first: DeltaCheck, library: str, versio
     Example:
         >>> str(verification_error(layer, DeltaCheck(1, 1.0, 1e-6, False), "numpy", "2.4.6"))  # doctest: +SKIP
     """
+    if not (math.isfinite(first.tolerance) and math.isfinite(first.max_abs_error)):  # overflow, not a bug
+        scales = ", ".join(f"{c.scaling:g}" for c in layer.contributions)
+        return VerificationError(
+            layer.key,
+            f"the delta overflows even float64 (scaling x --weight: {scales}); nothing was written",
+            "check the adapter's scaling and spectrum, and --weight",
+        )
     return VerificationError(
         layer.key,
         f"reconstructed delta differs from the float64 closed form by {first.max_abs_error:.3e} "
