@@ -469,15 +469,15 @@ def test_extra_spectrum_for_an_untargeted_module(llama: tuple[Path, Path], tmp_p
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
 
 
-def test_unexpected_tensor_in_adapter(llama: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_stray_tensor_in_the_adapter_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = llama
     st = adapter / "adapter_model.safetensors"
     tensors = read_tensors(st)
     tensors["base_model.model.foo.weight"] = torch.zeros(3)
     write_tensors(st, tensors)
     msg = (
-        f"{st}: unexpected tensor 'base_model.model.foo.weight' (not a spectrum, not a trained bias for "
-        "bias='none', not in modules_to_save []); check that adapter_config.json belongs to these weights"
+        f"{st}: tensor 'base_model.model.foo.weight' has no role PEFT would load it in (not a spectrum, not a trained "
+        "bias for bias='none', not in modules_to_save []); check that adapter_config.json belongs to these weights"
     )
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
 

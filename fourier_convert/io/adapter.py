@@ -664,7 +664,9 @@ def classify_tensors(
             clean = clean.replace(".base_layer.", ".")
             if not clean.endswith(".bias") or bias == "none":
                 raise AdapterError(
-                    where, f"unexpected tensor {key!r} with bias={bias!r}", "re-save the adapter with PEFT"
+                    where,
+                    f"tensor {key!r} belongs to a base layer, which PEFT saves only as a trained bias (bias={bias!r})",
+                    "re-save the adapter with PEFT",
                 )
             biases[clean] = t
             continue
@@ -675,8 +677,8 @@ def classify_tensors(
         else:
             raise AdapterError(
                 where,
-                f"unexpected tensor {key!r} (not {method_noun}, not a trained bias for bias={bias!r}, "
-                f"not in modules_to_save {modules_to_save})",
+                f"tensor {key!r} has no role PEFT would load it in (not {method_noun}, not a trained bias for "
+                f"bias={bias!r}, not in modules_to_save {modules_to_save})",
                 "check that adapter_config.json belongs to these weights",
             )
     for clean, t in wrapped.items():
