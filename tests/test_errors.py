@@ -1219,6 +1219,23 @@ def test_a_subnormal_scaling_is_refused(llama: tuple[Path, Path], tmp_path: Path
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
 
 
+def test_a_safetensors_header_with_a_byte_order_mark_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """The message quoted Python's 'Unexpected UTF-8 BOM'; the safetensors library refuses such a header too."""
+    from safetensors import safe_open
+
+    base, adapter = llama
+    st = adapter / "adapter_model.safetensors"
+    raw = st.read_bytes()
+    hlen = int.from_bytes(raw[:8], "little")
+    header = b"\xef\xbb\xbf" + raw[8 : 8 + hlen].rstrip(b" ")
+    header += b" " * (-len(header) % 8)
+    st.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + hlen :])
+    with pytest.raises(Exception):  # noqa: B017  (the library's own error type)
+        safe_open(str(st), framework="np")
+    msg = f"{st}: safetensors header starts with a UTF-8 byte-order mark, which the safetensors library refuses; "
+    fails(tmp_path, fc.InputFileError, msg + "re-save the file", base, adapter)
+
+
 def test_random_loc_seed_beyond_64_bits_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
     """PEFT seeds torch.Generator with it, which takes at most 64 bits: such an adapter cannot be loaded."""
     base, adapter = llama

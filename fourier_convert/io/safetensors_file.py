@@ -147,6 +147,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
         raise InputFileError(str(p), "is a directory, expected a .safetensors file", "check the path") from None
     except PermissionError:
         raise InputFileError(str(p), "permission denied", "make the file readable") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise InputFileError(
+            str(p),
+            "safetensors header starts with a UTF-8 byte-order mark, which the safetensors library refuses",
+            "re-save the file",
+        )
     try:
         header: dict[str, Any] = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
