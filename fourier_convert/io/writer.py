@@ -228,6 +228,39 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: in
     return done
 
 
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new ``dst`` byte for byte, copying only its data and leaving its holes holes: a 20 GB
+    sparse file beside the weights took 41 s and 21 GB of disk as a dense copy.
+
+    Falls back to a plain copy where the file system cannot say where the data is (no ``SEEK_DATA``).
+
+    Example:
+        >>> copy_sparse(Path("fixtures/llama/base/config.json"), Path("/tmp/config-copy.json"))  # doctest: +SKIP
+    """
+    if not hasattr(os, "SEEK_DATA"):
+        shutil.copyfile(src, dst)
+        return
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        pos = 0
+        never = threading.Event()
+        while pos < size:
+            try:
+                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole from pos to the end
+                    break
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # the file system cannot tell: copy it all
+                    start, end = pos, size
+                else:
+                    raise
+            else:
+                end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
+            _copy_range(fi.fileno(), fo.fileno(), start, start, end - start, never)
+            pos = end
+        fo.truncate(size)
+
+
 class CheckpointWriter:
     """Write a model folder atomically: complete and verified, or not at all.
 
@@ -375,9 +408,10 @@ class CheckpointWriter:
         self._guard(lambda: (self.temp / name).write_bytes(data))  # type: ignore[operator]
 
     def copy_file(self, src: Path, name: str | None = None) -> None:
-        """Copy a small input file (tokenizer, generation config) into the output folder."""
+        """Copy an input file (tokenizer, generation config, any other file of the model) into the output folder,
+        holes kept (:func:`copy_sparse`)."""
         assert self.temp is not None
-        self._guard(lambda: shutil.copyfile(src, self.temp / (name or src.name)))  # type: ignore[operator]
+        self._guard(lambda: copy_sparse(src, self.temp / (name or src.name)))  # type: ignore[operator]
 
     # -- finish -----------------------------------------------------------------------------------
     def wait(self) -> None:
