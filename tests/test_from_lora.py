@@ -714,3 +714,313 @@ def test_cli_refuses_lora_weights_that_are_not_a_regular_file(tmp_path: Path, ki
     assert (res.exit_code, res.stdout) == (1, "")
     assert res.stderr == f"error: {weights}: is not a regular file (a FIFO or a device); pass a .safetensors file\n"
     assert not out.exists()
+
+
+# -- what PEFT would not apply, or would apply differently, is refused -----------------------------------------------
+SELECTED = "in adapter_config.json if the module was trained, or remove its factors"
+Q1, V1 = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+NAMES_FIX = "set target_modules in adapter_config.json to the adapted modules' names, as PEFT's save_pretrained writes"
+
+
+def _factor_key(module: str, half: str = "A") -> str:
+    return f"base_model.model.{module}.lora_{half}.weight"
+
+
+@pytest.mark.parametrize(
+    ("config", "module", "found", "fix", "peft_loads"),
+    [
+        ({"target_modules": ["q_proj"]}, V0, "which target_modules ['q_proj'] does not select",
+         "add the module to target_modules", True),
+        ({"target_modules": ["self_attn.q_proj", V1]}, V0,
+         f"which target_modules ['self_attn.q_proj', '{V1}'] does not select",
+         "add the module to target_modules", True),
+        ({"target_modules": r".*\.q_proj"}, V0,
+         r"which target_modules '.*\\.q_proj' (a regex matched against the whole name) does not select",
+         "make target_modules match the module", True),
+        ({"target_modules": []}, Q0, "which target_modules [] does not select", "add the module to target_modules",
+         False),
+        ({"exclude_modules": ["v_proj"]}, V0, "which exclude_modules ['v_proj'] excludes",
+         "remove the module from exclude_modules", True),
+        ({"exclude_modules": r".*layers\.1\..*"}, Q1, r"which exclude_modules '.*layers\\.1\\..*' excludes",
+         "make exclude_modules not match the module", True),
+        ({"layers_to_transform": [0]}, Q1, "which layers_to_transform [0] does not select",
+         "add its layer to layers_to_transform", True),
+        ({"layers_to_transform": 1, "layers_pattern": "h"}, Q0,
+         "which layers_to_transform 1 with layers_pattern 'h' does not select",
+         "add its layer to layers_to_transform (or fix layers_pattern)", False),
+        ({"modules_to_save": ["v_proj"]}, V0,
+         "which modules_to_save ['v_proj'] lists (PEFT saves that module whole instead)",
+         "remove the module from modules_to_save", False),
+    ],
+)  # fmt: skip
+def test_cli_refuses_factors_of_a_module_the_config_does_not_select(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    config: dict[str, Any],
+    module: str,
+    found: str,
+    fix: str,
+    peft_loads: bool,
+) -> None:
+    """Factors of a module the config leaves out (target_modules as a list or a regex, exclude_modules,
+    layers_to_transform / layers_pattern, modules_to_save) were converted; PEFT puts no LoRA layer on that module
+    and ignores them. Refused, naming the first such tensor, the field and the fix; PEFT agrees on the module."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, **config)
+    msg = (
+        f"{src / 'adapter_model.safetensors'}: tensor '{_factor_key(module)}' is a factor of '{module}', {found}, so "
+        f"PEFT puts no LoRA layer there and ignores it; {fix} {SELECTED}"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, msg, src)
+    if peft_loads:  # PEFT, given the same folder, puts no LoRA layer on the module
+        assert module not in _peft_deltas("llama", src)
+    else:  # PEFT matches no module at all, or fails on the modules_to_save entry it finds no tensor for
+        with pytest.raises((ValueError, KeyError)):
+            _peft_deltas("llama", src)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": r".*\.layers\.1\..*_proj", "exclude_modules": ["k_proj"]},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+        {"target_modules": ["q_proj", "o_proj"], "exclude_modules": r".*\.0\.self_attn\.o_proj"},
+        {"target_modules": ["self_attn.q_proj", "model.layers.1.mlp.up_proj"], "layers_to_transform": 1},
+    ],
+)
+def test_peft_selections_convert_exactly_the_modules_peft_adapts(tmp_path: Path, config: dict[str, Any]) -> None:
+    """PEFT-saved adapters selecting by regex, exclude_modules, layers_to_transform / layers_pattern pass the
+    selection check, and every module PEFT adapts is converted."""
+    src = _peft_lora(tmp_path, "llama", r=2, **config)
+    _, report = from_lora(src, base=LLAMA_BASE, n_frequency=100)
+    assert {x.module for x in report.layers} == set(_peft_deltas("llama", src))
+
+
+@pytest.mark.parametrize(
+    ("config", "found", "fix"),
+    [
+        ({"target_modules": None},
+         "target_modules is not set, so PEFT adapts the default modules of the base model's type, which the adapter "
+         "does not say", None),
+        ({"target_modules": "all-linear"},
+         "target_modules is 'all-linear', which PEFT expands against the base model when it loads the adapter (every "
+         "linear layer but the output layer)", None),
+        ({"target_modules": "ALL-Linear"},
+         "target_modules is 'ALL-Linear', which PEFT expands against the base model when it loads the adapter (every "
+         "linear layer but the output layer)", None),
+        ({"target_modules": 5}, "target_modules is 5, expected a list or a regex", "fix the config"),
+        ({"exclude_modules": [1]}, "exclude_modules is [1], expected a list of names or a regex", "fix the config"),
+        ({"layers_to_transform": "1"}, "layers_to_transform is '1', expected an int or list", "fix the config"),
+        ({"target_modules": ".*q_proj", "layers_to_transform": [0]},
+         "layers_to_transform is [0] with target_modules a regex ('.*q_proj'), which PEFT refuses on loading",
+         "remove layers_to_transform, or make target_modules a list of names"),
+        ({"target_modules": ".*q_proj", "layers_pattern": "layers"},
+         "layers_pattern is 'layers' with target_modules a regex ('.*q_proj'), which PEFT refuses on loading",
+         "remove layers_pattern, or make target_modules a list of names"),
+        ({"layers_pattern": "layers"},
+         "layers_pattern is 'layers' without layers_to_transform, which PEFT refuses on loading",
+         "set layers_to_transform, or remove layers_pattern"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_selection_the_adapter_cannot_check_or_peft_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], found: str, fix: str | None
+) -> None:
+    """target_modules unset or 'all-linear' is resolved by PEFT against the base model (PEFT's save_pretrained
+    always writes the names); selection fields of the wrong type, and combinations PEFT's LoraConfig refuses."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, **config)
+    fix = fix or NAMES_FIX
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, f"{src / 'adapter_config.json'}: {found}; {fix}", src)
+
+
+@pytest.mark.parametrize("half", ["A", "B"])
+def test_cli_refuses_a_factor_without_the_peft_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, half: str
+) -> None:
+    """A lora_A (or lora_B) stored without 'base_model.model.' was converted; PEFT warns of a missing adapter key
+    and keeps the factor it initialised the layer with. Refused, naming the key."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    path = src / "adapter_model.safetensors"
+    stored = load_torch(str(path))
+    key = _factor_key(V0, half)
+    stored[key.removeprefix("base_model.model.")] = stored.pop(key)
+    save_file(stored, str(path), metadata={"format": "pt"})
+    msg = (
+        f"{path}: tensor '{V0}.lora_{half}.weight' lacks PEFT's 'base_model.model.' prefix, so PEFT would ignore it; "
+        "re-save the adapter with PEFT (or add the prefix)"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, msg, src)
+
+
+MERGE_INSTEAD = "convert a plain LoRA adapter (merge this one with PEFT instead)"
+NO_MERGE_EITHER = "convert a plain LoRA adapter (PEFT cannot merge this one either)"
+NOT_A_MAP = "which PEFT refuses on loading: it takes a map or null; fix the config"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"kasa_config": {}},
+         "kasa_config is {}: KaSA drops the base weight's r smallest singular directions and puts a learned diagonal "
+         f"(lora_diag) between lora_A and lora_B, so the delta is not scale * lora_B @ lora_A; {MERGE_INSTEAD}"),
+        ({"kasa_config": {"beta": 0.0001, "gamma": 0.001}},
+         "kasa_config is {'beta': 0.0001, 'gamma': 0.001}: KaSA drops the base weight's r smallest singular directions "
+         "and puts a learned diagonal (lora_diag) between lora_A and lora_B, so the delta is not scale * lora_B @ "
+         f"lora_A; {MERGE_INSTEAD}"),
+        ({"use_bdlora": {"target_modules_bd_a": ["q_proj"], "nblocks": 2}},
+         "use_bdlora is {'target_modules_bd_a': ['q_proj'], 'nblocks': 2}: BD-LoRA stores lora_A or lora_B as the "
+         f"blocks of a block-diagonal matrix, not as the factor itself; {MERGE_INSTEAD}"),
+        ({"use_bdlora": {}},
+         "use_bdlora is {}: BD-LoRA stores lora_A or lora_B as the blocks of a block-diagonal matrix, not as the "
+         f"factor itself; {MERGE_INSTEAD}"),
+        ({"use_bdlora": True}, f"use_bdlora is True, {NOT_A_MAP}"),
+        ({"use_bdlora": False}, f"use_bdlora is False, {NOT_A_MAP}"),
+        ({"arrow_config": {}},
+         "arrow_config is {}: Arrow routes every token through the top-k of several LoRA experts, which no single "
+         f"static delta represents; {NO_MERGE_EITHER}"),
+        ({"arrow_config": "yes"}, f"arrow_config is 'yes', {NOT_A_MAP}"),
+        ({"velora_config": True}, f"velora_config is True, {NOT_A_MAP}"),
+        ({"monteclora_config": 1}, f"monteclora_config is 1, {NOT_A_MAP}"),
+        ({"eva_config": []}, f"eva_config is [], {NOT_A_MAP}"),
+        ({"lora_bias": True},
+         f"lora_bias is True: lora_bias adds a bias to lora_B, which FourierFT cannot represent; {MERGE_INSTEAD}"),
+        ({"alora_invocation_tokens": [5, 6]},
+         "alora_invocation_tokens is [5, 6]: aLoRA activates only after invocation tokens, which a static delta "
+         f"cannot do; {NO_MERGE_EITHER}"),
+        ({"use_qalora": True},
+         f"use_qalora is True: QA-LoRA pools the input groups, which changes the maths of the delta; {MERGE_INSTEAD}"),
+        ({"layer_replication": [[0, 2], [1, 2]]},
+         "layer_replication is [[0, 2], [1, 2]]: layer_replication duplicates base layers, which changes the model "
+         f"itself; {MERGE_INSTEAD}"),
+        ({"trainable_token_indices": [1, 2]},
+         "trainable_token_indices is [1, 2]: trainable tokens change embedding rows, which FourierFT cannot "
+         f"represent; {MERGE_INSTEAD}"),
+        ({"megatron_config": {"tensor_model_parallel_size": 2}},
+         "megatron_config is {'tensor_model_parallel_size': 2}: Megatron-parallel LoRA layers are not plain linear "
+         f"layers; {MERGE_INSTEAD}"),
+        ({"target_parameters": ["mlp.experts.down_proj"]},
+         "target_parameters is ['mlp.experts.down_proj']: target_parameters adapts raw parameters (e.g. MoE "
+         f"experts), not linear layers; {MERGE_INSTEAD}"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_lora_variants_peft_applies_differently_or_cannot_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], message: str
+) -> None:
+    """KaSA (even kasa_config {}: PEFT makes it a KasaConfig, which is true), BD-LoRA and Arrow were converted as
+    plain LoRA; they, the other variants that change the delta, and sub-configs PEFT cannot load are refused from
+    the config, before any factor is read."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, **config)
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, f"{src / 'adapter_config.json'}: {message}", src)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "found"),
+    [
+        ("task_type", "BOGUS", "task_type is 'BOGUS', which PEFT refuses on loading; it takes one of SEQ_CLS, "
+         "SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION or null"),
+        ("bias", None, "bias is None, expected one of none, all, lora_only"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_config_values_peft_cannot_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field: str, value: Any, found: str
+) -> None:
+    """The task type was copied into a FourierFT adapter PEFT could not load; a null bias was taken as 'none'."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, **{field: value})
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, f"{src / 'adapter_config.json'}: {found}; fix the config", src)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_cli_refuses_an_initialisation_peft_reruns_on_the_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, init: str
+) -> None:
+    """PEFT re-runs these on the base weights when it loads the adapter (q_proj's base moved by up to 0.04 on this
+    fixture with PiSSA), so converting the factors against the unchanged base would not behave like the adapter."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, init_lora_weights=init)
+    message = (
+        f"init_lora_weights is {init!r}: PEFT runs this initialisation again on the base weights when it loads the "
+        "adapter (the base becomes W - scale * B0 @ A0), so the adapter's delta against the original base is not "
+        "scale * lora_B @ lora_A; re-save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion"
+        "=...), which turns it into a plain LoRA"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, f"{src / 'adapter_config.json'}: {message}", src)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"init_lora_weights": "mica"},
+        {"init_lora_weights": "orthogonal"},
+        {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}},
+        {"init_lora_weights": "lora_ga", "lora_ga_config": {}},
+        {"corda_config": {"corda_method": "kpm"}, "loftq_config": {"loftq_bits": 4}},
+        {"lora_dropout": 0.1, "ensure_weight_tying": True},
+        {"use_dora": False, "lora_bias": False, "kasa_config": None, "use_bdlora": None, "arrow_config": None,
+         "alora_invocation_tokens": [], "monteclora_config": False, "megatron_core": "megatron.core",
+         "qalora_group_size": 8},
+    ],
+)  # fmt: skip
+def test_fields_that_do_not_change_peft_delta_are_accepted(tmp_path: Path, config: dict[str, Any]) -> None:
+    """Initialisation fields that leave the base weights alone when PEFT loads the adapter (MiCA, orthogonal, EVA,
+    LoRA-GA; CorDA's and LoftQ's sub-configs without their init_lora_weights), training-only fields and variant
+    fields at values PEFT treats as off convert to the same adapter as without them."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    plain, _ = from_lora(src, base=LLAMA_BASE, n_frequency=100)
+    _set_config(src, **config)
+    fft, _ = from_lora(src, base=LLAMA_BASE, n_frequency=100)
+    assert fft.tensors.keys() == plain.tensors.keys()
+    for key, value in plain.tensors.items():
+        torch.testing.assert_close(fft.tensors[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "state"), [({"velora_config": {}}, "lora_velora_embed"), ({"monteclora_config": {}}, "lora_monteclora")]
+)
+def test_velora_and_monteclora_convert_as_the_plain_lora_peft_runs(
+    tmp_path: Path, config: dict[str, Any], state: str
+) -> None:
+    """VeLoRA changes only the backward pass and MonteCLoRA samples only in training: PEFT's delta and its forward
+    pass in eval mode are plain LoRA's. The training state PEFT saves beside the factors is skipped, and PEFT runs the
+    adapter as the same adapter without the variant."""
+    from peft import PeftModel
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"], **config)
+    assert any(state in k for k in load_file(str(src / "adapter_model.safetensors")))
+    _, report = from_lora(src, base=LLAMA_BASE, n_frequency=100)
+    deltas = _peft_deltas("llama", src)
+    assert {x.module for x in report.layers} == set(deltas)
+    for layer in report.layers:
+        assert layer.energy == pytest.approx(float(np.sum(deltas[layer.module] ** 2)), rel=1e-6)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**cfg, **dict.fromkeys(config)}))
+    tensors = load_torch(str(src / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if state not in k}, str(plain / "adapter_model.safetensors"))
+    x = _inputs("llama")
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(src)).eval()(**x).logits
+        want = PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(plain)).eval()(**x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _, plain_report = from_lora(plain, base=LLAMA_BASE, n_frequency=100)
+    assert [x.energy for x in report.layers] == [x.energy for x in plain_report.layers]
+
+
+def test_a_training_state_tensor_without_its_variant_is_still_refused(tmp_path: Path) -> None:
+    """A VeLoRA embedding in an adapter whose config sets no velora_config is no factor, bias or head: refused as
+    before (the skip is only for the variant the config sets, on a module with factors)."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"], velora_config={})
+    _set_config(src, velora_config=None)
+    with pytest.raises(fc.AdapterError, match=re.escape(f"'base_model.model.{Q0}.lora_velora_embed'")):
+        from_lora(src, base=LLAMA_BASE, n_frequency=100)
+    src2 = _peft_lora(tmp_path / "b", "llama", r=2, target_modules=["q_proj", "v_proj"], velora_config={})
+    _set_tensors(src2, **{"model.layers.0.mlp.up_proj.lora_velora_embed": torch.zeros(2)})
+    with pytest.raises(fc.AdapterError, match=re.escape("'base_model.model.model.layers.0.mlp.up_proj.lora_velora")):
+        from_lora(src2, base=LLAMA_BASE, n_frequency=100)

@@ -3,7 +3,8 @@
 Only plain LoRA on linear layers (``nn.Linear`` and GPT-2 ``Conv1D``) is accepted: the delta of module ``m``
 is ``scale_m * lora_B @ lora_A`` (``(out, in)``) with ``scale_m = alpha_m / r_m`` (``alpha_m / sqrt(r_m)`` with
 rsLoRA), ``r_m`` and ``alpha_m`` from ``rank_pattern`` / ``alpha_pattern`` as PEFT matches them. Variants that
-change this maths (DoRA, ``lora_bias``, embedding or convolution LoRA, ...) are refused with the reason.
+change this maths (DoRA, KaSA, BD-LoRA, Arrow, ``lora_bias``, embedding or convolution LoRA, ...) are refused with the
+reason, and so are factors of a module the config does not select (PEFT puts no LoRA layer there and ignores them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,33 +22,86 @@ import numpy as np
 from fourier_convert.errors import AdapterError, InputFileError
 from fourier_convert.io.adapter import (
     CONFIG_NAME,
+    KEY_PREFIX,
     PICKLE_NAME,
     WEIGHTS_NAME,
+    FourierFTSettings,
     StoredTensor,
+    check_task_type,
     classify_tensors,
     load_json,
     load_pickle,
     not_an_adapter,
+    short_repr,
 )
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_header, read_numpy_float64
 from fourier_convert.patterns import config_match
+from fourier_convert.targets import is_targeted
 
 LORA_BIAS_MODES = ("none", "all", "lora_only")
 #: Largest LoRA scale accepted: PEFT multiplies the factors' product by the scale in the layer's dtype, and a larger
 #: scale is infinite in float32 (and bfloat16), so the delta would be too.
 MAX_SCALE = float(np.finfo(np.float32).max)
-#: Config fields whose non-default values change the maths of the delta, with why each is refused.
-_REFUSED: dict[str, str] = {
-    "use_dora": "DoRA rescales every column of W + delta by a learned magnitude, which no additive delta represents",
-    "lora_bias": "lora_bias adds a bias to lora_B, which FourierFT cannot represent",
-    "layer_replication": "layer_replication duplicates base layers, which changes the model itself",
-    "target_parameters": "target_parameters adapts raw parameters (e.g. MoE experts), not linear layers",
-    "use_qalora": "QA-LoRA pools the input groups, which changes the maths of the delta",
-    "alora_invocation_tokens": "aLoRA activates only after invocation tokens, which a static delta cannot do",
-    "trainable_token_indices": "trainable tokens change embedding rows, which FourierFT cannot represent",
-    "megatron_config": "Megatron-parallel LoRA layers are not plain linear layers",
+_MERGE_INSTEAD = "convert a plain LoRA adapter (merge this one with PEFT instead)"
+_NO_MERGE_EITHER = "convert a plain LoRA adapter (PEFT cannot merge this one either)"
+#: Config fields whose truthy values (PEFT tests them for truth) change the delta or the model, with why each is
+#: refused and the fix.
+_REFUSED: dict[str, tuple[str, str]] = {
+    "use_dora": (
+        "DoRA rescales every column of W + delta by a learned magnitude, which no additive delta represents",
+        _MERGE_INSTEAD,
+    ),
+    "lora_bias": ("lora_bias adds a bias to lora_B, which FourierFT cannot represent", _MERGE_INSTEAD),
+    "layer_replication": ("layer_replication duplicates base layers, which changes the model itself", _MERGE_INSTEAD),
+    "target_parameters": (
+        "target_parameters adapts raw parameters (e.g. MoE experts), not linear layers",
+        _MERGE_INSTEAD,
+    ),
+    "use_qalora": ("QA-LoRA pools the input groups, which changes the maths of the delta", _MERGE_INSTEAD),
+    "alora_invocation_tokens": (
+        "aLoRA activates only after invocation tokens, which a static delta cannot do",
+        _NO_MERGE_EITHER,
+    ),
+    "trainable_token_indices": (
+        "trainable tokens change embedding rows, which FourierFT cannot represent",
+        _MERGE_INSTEAD,
+    ),
+    "megatron_config": ("Megatron-parallel LoRA layers are not plain linear layers", _MERGE_INSTEAD),
 }
+#: Sub-configs that make every LoRA layer a variant once set: PEFT turns any map (even ``{}``) into a config object,
+#: which is true, and refuses any other value but null on loading.
+#: ``init_lora_weights`` values whose initialisation PEFT re-runs on the base weights when loading (checked on the
+#: llama fixture: q_proj's base weight moved by up to 0.04): PiSSA, OLoRA, CorDA, LoftQ.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+_REFUSED_VARIANTS: dict[str, tuple[str, str]] = {
+    "kasa_config": (
+        "KaSA drops the base weight's r smallest singular directions and puts a learned diagonal (lora_diag) between "
+        "lora_A and lora_B, so the delta is not scale * lora_B @ lora_A",
+        _MERGE_INSTEAD,
+    ),
+    "use_bdlora": (
+        "BD-LoRA stores lora_A or lora_B as the blocks of a block-diagonal matrix, not as the factor itself",
+        _MERGE_INSTEAD,
+    ),
+    "arrow_config": (
+        "Arrow routes every token through the top-k of several LoRA experts, which no single static delta represents",
+        _NO_MERGE_EITHER,
+    ),
+}
+#: Sub-configs accepted as maps (or null): they decide only the initialisation (EVA, CorDA, LoRA-GA) or training
+#: (VeLoRA's backward pass, MonteCLoRA's sampling), and PEFT's delta stays ``scale * lora_B @ lora_A``. PEFT refuses
+#: any other value on loading (MonteCLoRA: any other true value).
+_ACCEPTED_SUBCONFIGS = ("eva_config", "corda_config", "lora_ga_config", "velora_config", "monteclora_config")
+#: Training-only state PEFT saves beside the factors of a VeLoRA / MonteCLoRA layer and never uses outside training:
+#: skipped when the config holds the sub-config and the module has factors.
+_TRAINING_STATE: dict[str, re.Pattern[str]] = {
+    "velora_config": re.compile(r"^(.*)\.lora_velora_embed$"),
+    "monteclora_config": re.compile(r"^(.*)\.lora_monteclora_sampler\.[^.]+$"),
+}
+#: ``target_modules`` shorthand PEFT expands against the base model (case-insensitive).
+_ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -66,6 +120,10 @@ class LoraSettings:
         task_type: PEFT task type.
         base_model_name_or_path: The base the adapter was trained on.
         raw: The whole JSON.
+        target_modules: Names (suffixes) or a regex of the modules PEFT adapts.
+        exclude_modules: Names (suffixes) or a regex of modules PEFT never adapts.
+        layers_to_transform: Layer indices PEFT adapts (with a list of ``target_modules``).
+        layers_pattern: Name(s) of the layer list whose index ``layers_to_transform`` reads.
     """
 
     r: int
@@ -79,6 +137,32 @@ class LoraSettings:
     task_type: str | None
     base_model_name_or_path: str | None
     raw: dict[str, Any] = field(repr=False)
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+    @cached_property
+    def selection(self) -> FourierFTSettings:
+        """The module selection fields, as the settings :func:`fourier_convert.targets.is_targeted` reads (it
+        decides as PEFT's ``check_target_module_exists`` decides, for LoRA as for FourierFT; it reads no other
+        field, so those are placeholders)."""
+        return FourierFTSettings(
+            n_frequency=1,
+            scaling=1.0,
+            random_loc_seed=0,
+            fan_in_fan_out=self.fan_in_fan_out,
+            bias=self.bias,
+            target_modules=self.target_modules,
+            exclude_modules=self.exclude_modules,
+            layers_to_transform=self.layers_to_transform,
+            layers_pattern=self.layers_pattern,
+            n_frequency_pattern={},
+            modules_to_save=self.modules_to_save,
+            task_type=self.task_type,
+            base_model_name_or_path=self.base_model_name_or_path,
+            raw=self.raw,
+        )
 
     def alpha_for(self, module: str) -> float:
         """``alpha`` PEFT gives ``module`` (first ``alpha_pattern`` key matching its name's end).
@@ -205,10 +289,13 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
     """Validate a LoRA adapter config dict.
 
     Raises:
-        AdapterError: Not LoRA, a variant that changes the maths, or an invalid field (named in the message).
+        AdapterError: Not LoRA, a variant that changes the maths, a sub-config or selection PEFT refuses on loading,
+            ``target_modules`` unset or ``all-linear`` (only the base model resolves them), or an invalid field (named
+            in the message).
 
     Example:
-        >>> parse_lora_settings({"peft_type": "LORA", "r": 8, "lora_alpha": 16}, Path("a.json")).scale_for("q", 8)
+        >>> cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+        >>> parse_lora_settings(cfg, Path("a.json")).scale_for("model.layers.0.q_proj", 8)
         2.0
     """
     where = str(path)
@@ -218,39 +305,61 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
         if peft_type == "FOURIERFT":
             fix = "this is already a FourierFT adapter (to-lora converts the other way)"
         raise AdapterError(where, f"peft_type is {peft_type!r}, expected 'LORA'", fix)
-    for name, why in _REFUSED.items():
+    for name, (why, fix) in _REFUSED.items():
         value = cfg.get(name)
-        if value not in (None, False, [], {}, ""):
-            raise AdapterError(
-                where, f"{name} is {value!r}: {why}", "convert a plain LoRA adapter (merge this one with PEFT instead)"
-            )
+        if value:
+            raise AdapterError(where, f"{name} is {short_repr(value)}: {why}", fix)
+    for name, (why, fix) in _REFUSED_VARIANTS.items():
+        value = cfg.get(name)
+        if isinstance(value, dict):
+            raise AdapterError(where, f"{name} is {short_repr(value)}: {why}", fix)
+        if value is not None:
+            raise AdapterError(where, _not_a_map(name, value), "fix the config")
+    for name in _ACCEPTED_SUBCONFIGS:
+        value = cfg.get(name)
+        if value is not None and not isinstance(value, dict) and (value or name != "monteclora_config"):
+            raise AdapterError(where, _not_a_map(name, value), "fix the config")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterError(
+            where,
+            f"init_lora_weights is {short_repr(init)}: PEFT runs this initialisation again on the base weights when it "
+            "loads the adapter (the base becomes W - scale * B0 @ A0), so the adapter's delta against the original "
+            "base is not scale * lora_B @ lora_A",
+            "re-save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), which turns it "
+            "into a plain LoRA",
+        )
+    targets, exclude, layers, layers_pattern = _parse_selection(cfg, where)
     r = cfg.get("r", 8)
     if not _is_rank(r):
-        raise AdapterError(where, f"r is {_short(r)}, expected an integer >= 1", "fix the config")
+        raise AdapterError(where, f"r is {short_repr(r)}, expected an integer >= 1", "fix the config")
     alpha = cfg.get("lora_alpha", 8)
     if not _is_finite_number(alpha):
-        raise AdapterError(where, f"lora_alpha is {_short(alpha)}, expected a finite number", "fix the config")
+        raise AdapterError(where, f"lora_alpha is {short_repr(alpha)}, expected a finite number", "fix the config")
     ranks = cfg.get("rank_pattern") or {}
     alphas = cfg.get("alpha_pattern") or {}
     if not isinstance(ranks, dict):
-        raise AdapterError(where, f"rank_pattern is {_short(ranks)}, expected a map of name -> int", "fix the config")
+        raise AdapterError(
+            where, f"rank_pattern is {short_repr(ranks)}, expected a map of name -> int", "fix the config"
+        )
     for key, value in ranks.items():
         if not _is_rank(value):
             raise AdapterError(
-                where, f"rank_pattern[{key!r}] is {_short(value)}, expected an integer >= 1", "fix the config"
+                where, f"rank_pattern[{key!r}] is {short_repr(value)}, expected an integer >= 1", "fix the config"
             )
     if not isinstance(alphas, dict):
         raise AdapterError(
-            where, f"alpha_pattern is {_short(alphas)}, expected a map of name -> number", "fix the config"
+            where, f"alpha_pattern is {short_repr(alphas)}, expected a map of name -> number", "fix the config"
         )
     for key, value in alphas.items():
         if not _is_finite_number(value):
             raise AdapterError(
-                where, f"alpha_pattern[{key!r}] is {_short(value)}, expected a finite number", "fix the config"
+                where, f"alpha_pattern[{key!r}] is {short_repr(value)}, expected a finite number", "fix the config"
             )
-    bias = cfg.get("bias", "none") or "none"
-    if bias not in LORA_BIAS_MODES:
+    bias = cfg.get("bias", "none")  # null, 0 or "" make PEFT fail on loading: refused too
+    if not isinstance(bias, str) or bias not in LORA_BIAS_MODES:
         raise AdapterError(where, f"bias is {bias!r}, expected one of {', '.join(LORA_BIAS_MODES)}", "fix the config")
+    check_task_type(cfg, where)
     mts = cfg.get("modules_to_save") or []
     if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
         raise AdapterError(where, f"modules_to_save is {mts!r}, expected a list of names", "fix the config")
@@ -266,7 +375,84 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
         task_type=cfg.get("task_type"),
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         raw=cfg,
+        target_modules=targets,
+        exclude_modules=exclude,
+        layers_to_transform=layers,
+        layers_pattern=layers_pattern,
     )
+
+
+def _not_a_map(name: str, value: Any) -> str:
+    return f"{name} is {short_repr(value)}, which PEFT refuses on loading: it takes a map or null"
+
+
+def _parse_selection(
+    cfg: dict[str, Any], where: str
+) -> tuple[list[str] | str, list[str] | str | None, list[int] | int | None, list[str] | str | None]:
+    """``target_modules``, ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern``, checked as PEFT's
+    ``LoraConfig`` checks them on loading; and a ``target_modules`` that only the base model resolves (unset, or
+    ``all-linear``) is refused, since which modules it selects cannot be checked from the adapter.
+
+    Raises:
+        AdapterError: A field of the wrong type, a combination PEFT refuses, or ``target_modules`` unset or
+            ``all-linear``.
+    """
+    names = "set target_modules in adapter_config.json to the adapted modules' names, as PEFT's save_pretrained writes"
+    if "target_modules" not in cfg or cfg["target_modules"] is None:
+        raise AdapterError(
+            where,
+            "target_modules is not set, so PEFT adapts the default modules of the base model's type, which the adapter "
+            "does not say",
+            names,
+        )
+    targets = cfg["target_modules"]
+    if not _names_or_regex(targets):
+        raise AdapterError(
+            where, f"target_modules is {short_repr(targets)}, expected a list or a regex", "fix the config"
+        )
+    if isinstance(targets, str) and targets.lower() == _ALL_LINEAR:
+        raise AdapterError(
+            where,
+            f"target_modules is {short_repr(targets)}, which PEFT expands against the base model when it loads the "
+            "adapter (every linear layer but the output layer)",
+            names,
+        )
+    for name in ("exclude_modules", "layers_pattern"):
+        value = cfg.get(name)
+        if value is not None and not _names_or_regex(value):
+            raise AdapterError(
+                where, f"{name} is {short_repr(value)}, expected a list of names or a regex", "fix the config"
+            )
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(x, int) for x in layers))
+    ):
+        raise AdapterError(
+            where, f"layers_to_transform is {short_repr(layers)}, expected an int or list", "fix the config"
+        )
+    pattern = cfg.get("layers_pattern")
+    if isinstance(targets, str):
+        for name, value in (("layers_to_transform", layers), ("layers_pattern", pattern)):
+            if value is not None:
+                raise AdapterError(
+                    where,
+                    f"{name} is {short_repr(value)} with target_modules a regex ({short_repr(targets)}), which PEFT "
+                    "refuses on loading",
+                    f"remove {name}, or make target_modules a list of names",
+                )
+    if pattern and layers is None:
+        raise AdapterError(
+            where,
+            f"layers_pattern is {short_repr(pattern)} without layers_to_transform, which PEFT refuses on loading",
+            "set layers_to_transform, or remove layers_pattern",
+        )
+    return targets, cfg.get("exclude_modules"), layers, pattern
+
+
+def _names_or_regex(value: Any) -> bool:
+    """A module selector as PEFT takes it: a regex string, or a list of name strings."""
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
 
 
 def _is_rank(value: Any) -> bool:
@@ -281,12 +467,6 @@ def _is_finite_number(value: Any) -> bool:
         return math.isfinite(float(value))
     except OverflowError:
         return False
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a config value may be a huge number or map)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 _FACTOR = re.compile(r"^(.*)\.lora_(A|B)\.weight$")
@@ -314,6 +494,7 @@ def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_p
         InputFileError: Missing or unreadable files, bad JSON, or a folder holding adapters rather than one.
         PickleRefusedError: Only a pickle is present and ``allow_pickle`` is False.
         AdapterError: Not LoRA (a model folder or an ONNX export: the message says which), a refused variant,
+            a key without PEFT's ``base_model.model.`` prefix, factors of a module the config does not select,
             invalid factor shapes or ranks, or a scale beyond float32.
 
     Example:
@@ -344,13 +525,15 @@ def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_p
             if marker in key:
                 raise AdapterError(where, f"{key!r} is {what}", "convert a plain LoRA adapter on linear layers")
     groups = classify_tensors(
-        tensors,
+        _without_training_state(tensors, settings),
         is_method=lambda k: _FACTOR.match(k) is not None,
         method_noun="a lora_A / lora_B factor",
         bias=settings.bias,
         modules_to_save=settings.modules_to_save,
         where=where,
+        require_prefix=True,
     )
+    _check_selected(groups.method, settings, where)
     modules = _pair_factors(groups.method, settings, where, str(config_path))
     if settings.bias == "lora_only":
         stray = [k for k in groups.biases if k[: -len(".bias")] not in modules]
@@ -360,6 +543,76 @@ def read_lora_adapter(spec: str | Path, *, subfolder: str | None = None, allow_p
             )
     label = f"{spec}:{subfolder}" if subfolder and not str(spec).endswith(f":{subfolder}") else str(spec)
     return LoraAdapterIn(folder, label, settings, modules, groups.biases, groups.heads, files)
+
+
+def _without_training_state(tensors: dict[str, StoredTensor], settings: LoraSettings) -> dict[str, StoredTensor]:
+    """``tensors`` less the training-only state (:data:`_TRAINING_STATE`) of the variants the config sets, for modules
+    that have factors; any other such tensor stays, for :func:`classify_tensors` to refuse."""
+    patterns = [p for name, p in _TRAINING_STATE.items() if isinstance(settings.raw.get(name), dict)]
+    if not patterns:
+        return tensors
+    factored = {m.group(1) for key in tensors if (m := _FACTOR.match(key)) is not None}
+    kept: dict[str, StoredTensor] = {}
+    for key, t in tensors.items():
+        found = [m.group(1) for p in patterns if (m := p.match(key)) is not None]
+        if not (key.startswith(KEY_PREFIX) and found and found[0] in factored):
+            kept[key] = t
+    return kept
+
+
+def _check_selected(factors: dict[str, StoredTensor], settings: LoraSettings, where: str) -> None:
+    """Refuse a factor of a module the config does not select: PEFT creates no LoRA layer there, so it ignores the
+    factor. Modules are selected as PEFT selects them (:func:`fourier_convert.targets.is_targeted`).
+
+    Raises:
+        AdapterError: Naming the first such factor (file order), the config field that leaves its module out, and
+            the fix.
+    """
+    selection = settings.selection
+    for clean, t in factors.items():
+        m = _FACTOR.match(clean)
+        assert m is not None
+        module = m.group(1)
+        if is_targeted(selection, module):
+            continue
+        found, fix = _why_not_selected(selection, module)
+        raise AdapterError(
+            where,
+            f"tensor {t.key!r} is a factor of {module!r}, {found}, so PEFT puts no LoRA layer there and ignores it",
+            f"{fix} in adapter_config.json if the module was trained, or remove its factors",
+        )
+
+
+def _why_not_selected(selection: FourierFTSettings, module: str) -> tuple[str, str]:
+    """Which config field leaves ``module`` out (for the message), decided by asking :func:`is_targeted` again
+    without ``exclude_modules`` / ``modules_to_save``, then without ``layers_to_transform``."""
+    unexcluded = replace(selection, exclude_modules=None, modules_to_save=[])
+    if is_targeted(unexcluded, module):
+        if selection.exclude_modules and not is_targeted(replace(selection, modules_to_save=[]), module):
+            regex = isinstance(selection.exclude_modules, str)
+            return (
+                f"which exclude_modules {short_repr(selection.exclude_modules)} excludes",
+                "make exclude_modules not match the module" if regex else "remove the module from exclude_modules",
+            )
+        return (
+            f"which modules_to_save {short_repr(selection.modules_to_save)} lists (PEFT saves that module whole "
+            "instead)",
+            "remove the module from modules_to_save",
+        )
+    if is_targeted(replace(unexcluded, layers_to_transform=None), module):
+        layers = f"layers_to_transform {short_repr(selection.layers_to_transform)}"
+        fix = "add its layer to layers_to_transform"
+        if selection.layers_pattern:
+            layers += f" with layers_pattern {short_repr(selection.layers_pattern)}"
+            fix += " (or fix layers_pattern)"
+        return f"which {layers} does not select", fix
+    targets = selection.target_modules
+    if isinstance(targets, str):
+        return (
+            f"which target_modules {short_repr(targets)} (a regex matched against the whole name) does not select",
+            "make target_modules match the module",
+        )
+    return f"which target_modules {short_repr(targets)} does not select", "add the module to target_modules"
 
 
 def _factor_values(t: StoredTensor, where: str) -> np.ndarray:
