@@ -1236,6 +1236,19 @@ def test_a_safetensors_header_with_a_byte_order_mark_is_refused(llama: tuple[Pat
     fails(tmp_path, fc.InputFileError, msg + "re-save the file", base, adapter)
 
 
+@pytest.mark.parametrize("sub", ["/etc", "../adapter", "second/../../adapter"])
+def test_a_named_adapter_that_leads_out_of_its_folder_is_refused(
+    llama: tuple[Path, Path], tmp_path: Path, sub: str
+) -> None:
+    """PATH:../adapter merged a sibling folder with exit 0; a named adapter is a folder inside PATH."""
+    base, adapter = llama
+    msg = (
+        f"{adapter}:{sub}: the adapter subfolder {sub!r} leads out of {adapter} (a named adapter is a folder inside "
+        f"it); pass the other folder itself, or a name listed in {adapter}"
+    )
+    fails(tmp_path, fc.InputFileError, msg, base, f"{adapter}:{sub}")
+
+
 def test_random_loc_seed_beyond_64_bits_is_refused(llama: tuple[Path, Path], tmp_path: Path) -> None:
     """PEFT seeds torch.Generator with it, which takes at most 64 bits: such an adapter cannot be loaded."""
     base, adapter = llama

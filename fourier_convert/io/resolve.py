@@ -59,6 +59,12 @@ def resolve_folder(
         PosixPath('fixtures/llama/adapter')
     """
     path_spec, sub = split_subfolder(spec, subfolder)
+    if sub and (Path(sub).is_absolute() or ".." in Path(sub).parts):
+        raise InputFileError(
+            f"{path_spec}:{sub}",
+            f"the {what} subfolder {sub!r} leads out of {path_spec} (a named adapter is a folder inside it)",
+            f"pass the other folder itself, or a name listed in {path_spec}",
+        )
     local = Path(path_spec).expanduser()
     if local.exists():
         if not local.is_dir():
