@@ -4,6 +4,8 @@ publishes nothing (and --keep-failed), and usage errors with their exit codes.""
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -63,22 +65,78 @@ def test_failed_validation_publishes_nothing_and_keep_failed(tmp_path: Path) -> 
     result = invoke(*args, "--keep-failed")
     assert result.exit_code == 1
     kept = tmp_path / "onnx.failed"
-    assert "task: image-classification (inferred from config.json: architectures[0] is ViTForImageClassification)" in (
-        result.output
+    lines = result.stdout.splitlines()  # the report, where a passing one goes
+    assert lines[0] == (
+        "task: image-classification (inferred from config.json: architectures[0] is ViTForImageClassification)"
     )
     assert (
         "validation in onnxruntime on CPUExecutionProvider vs PyTorch (atol 0, rtol 0, unmasked positions): FAILED"
-        in (result.output)
+        in lines
     )
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("error: validation: onnxruntime differs from PyTorch at batch 1: logits max abs diff ")
-    assert last.endswith(f"(atol 0, rtol 0); nothing was published; the failed export is kept at {kept}")
+    assert lines[-1] == f"nothing published; the failed export is kept at {kept}"
+    [error] = result.stderr.splitlines()  # one line on stderr
+    assert error.startswith("error: validation: onnxruntime differs from PyTorch at batch 1: logits max abs diff ")
+    assert error.endswith(f"(atol 0, rtol 0); nothing was published; the failed export is kept at {kept}")
     assert not out.exists()
     assert sorted(p.name for p in kept.iterdir()) == [
         "config.json", "model.onnx", "onnx_export.json", "preprocessor_config.json",
     ]  # fmt: skip
     assert json.loads((kept / "onnx_export.json").read_text())["passed"] is False
     assert not list(tmp_path.glob(".onnx*"))  # no temporary folders left
+
+
+def nan_weights(tmp_path: Path) -> Path:
+    """A copy of fixtures/gpt2/base whose transformer.h.0.attn.c_attn.weight holds a NaN and an inf (patched in the
+    safetensors bytes)."""
+    folder = tmp_path / "nan-base"
+    shutil.copytree(FIXTURES / "gpt2" / "base", folder)
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    (hlen,) = struct.unpack("<Q", data[:8])
+    entry = json.loads(data[8 : 8 + hlen])["transformer.h.0.attn.c_attn.weight"]
+    assert entry["dtype"] == "F32"
+    at = 8 + hlen + entry["data_offsets"][0]
+    data[at : at + 8] = struct.pack("<2f", float("nan"), float("inf"))
+    path.write_bytes(bytes(data))
+    return folder
+
+
+#: The one stderr line of a validation that fails on gpt2 with a NaN and an inf in its weights.
+NAN_ERROR = (
+    "error: validation: onnxruntime differs from PyTorch at batch 2, seq 7, past 0, left-padded: logits max abs diff "
+    "inf (atol 0.0001, rtol 0.001); nothing was published; pass --keep-failed to keep the attempt for inspection; see "
+    "docs/to-onnx.md (what a failure means)\n"
+)
+
+
+def test_failed_validation_has_one_line_on_stderr_and_the_report_on_stdout(tmp_path: Path) -> None:
+    """Weights holding NaN / inf: exit 1, stderr is the error line alone, the report (per-case lines included) on
+    stdout as for a success, --json written, nothing published, the input untouched."""
+    folder = nan_weights(tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    out, report = tmp_path / "onnx", tmp_path / "report.json"
+    result = invoke("to-onnx", "--model", folder, "--out", out, "--json", report)
+    assert (result.exit_code, result.stderr) == (1, NAN_ERROR)
+    assert result.stdout.splitlines() == [
+        "task: causal-lm-with-past (inferred from config.json: architectures[0] is GPT2LMHeadModel)",
+        "exported: opset 20, float32, 0.2 MB of weights, example shape batch 2, seq 6, past 4",
+        "validation in onnxruntime on CPUExecutionProvider vs PyTorch (atol 0.0001, rtol 0.001, unmasked positions): "
+        "FAILED",
+        "  batch 2, seq 7, past 0, left-padded: logits max abs inf rel inf, top-1 0%; present.* (4) max abs inf rel "
+        "inf: FAILED (logits, present.1.key, present.1.value)",
+        *[line for line in result.stdout.splitlines() if line.startswith("  batch 3, seq 1, past 6: ")],
+        "  batch 4, seq 3, past 5, left-padded: logits max abs inf rel inf, top-1 0%; present.* (4) max abs inf rel "
+        "inf: FAILED (logits, present.1.key, present.1.value)",
+        "nothing published",
+    ]
+    assert result.stdout.splitlines()[4].endswith(": ok")  # the case without the poisoned row passes
+    doc = json.loads(report.read_text())
+    assert (doc["passed"], doc["out"], [c["passed"] for c in doc["validation"]]) == (False, None, [False, True, False])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan-base", "report.json"]  # no out, no temporary folder
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    quiet = invoke("to-onnx", "--model", folder, "--out", out, "-q")
+    assert (quiet.exit_code, quiet.stdout, quiet.stderr) == (1, "", NAN_ERROR)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
+import onnxruntime as ort
+import onnxscript
 import pytest
 import torch
 from click.testing import CliRunner, Result
 from safetensors.torch import load_file
 
 import fourier_convert as fc
+import fourier_convert.onnx.pipeline as pipeline
 from fourier_convert.cli.main import cli
+from fourier_convert.onnx.exporter import MODEL_FILE, check_opset, opset_range
 from fourier_convert.onnx.models import CONFIG_FIX, config_from_dict, load_task_model, reported
 from tests.conftest import FIXTURES
 
@@ -49,17 +54,17 @@ def llama(tmp_path: Path, **changes: Any) -> Path:
     return root
 
 
-def fails(tmp_path: Path, args: list[object], message: str) -> None:
-    """``to-onnx ARGS --out tmp_path/onnx`` prints exactly ``error: MESSAGE`` on stderr, nothing on stdout, exits 1
-    within :data:`TIME_BOUND`, lets no Python warning out, and leaves ``tmp_path`` as it was."""
+def fails(tmp_path: Path, args: list[object], message: str, *, code: int = 1, bound: float = TIME_BOUND) -> None:
+    """``to-onnx ARGS --out tmp_path/onnx`` prints exactly ``error: MESSAGE`` on stderr, nothing on stdout, exits
+    ``code`` within ``bound`` seconds, lets no Python warning out, and leaves ``tmp_path`` as it was."""
     out = tmp_path / "onnx"
     before = snapshot(tmp_path)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = invoke("to-onnx", *args, "--out", out)
-    assert time.perf_counter() - start < TIME_BOUND
-    assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"error: {message}\n"), result.output
+    assert time.perf_counter() - start < bound
+    assert (result.exit_code, result.stdout, result.stderr) == (code, "", f"error: {message}\n"), result.output
     assert [str(w.message) for w in caught] == []
     assert not out.exists()
     assert snapshot(tmp_path) == before
@@ -218,3 +223,124 @@ def test_empty_folder_keeps_its_message(tmp_path: Path) -> None:
         f"{tmp_path / 'empty'}: no model.safetensors or model.safetensors.index.json found; pass a Hugging Face "
         "model folder",
     )
+
+
+# -- --opset outside what the installed exporter writes and onnxruntime loads ---------------------------------------
+#: Measured on every fixture with torch 2.13, onnxscript 0.7.2 and onnxruntime 1.32: 18 to 25 export, load and
+#: validate. Below 18 the exporter's fallback kept opset 18 (7 to 16; llama also 17) or wrote a graph onnxruntime
+#: rejects (gpt2 at 17: Split with num_outputs); from 26 on it declared opset 18 yet held opset-23 Attention nodes.
+TESTED = (18, 25)
+
+
+def opset_message(value: object) -> str:
+    usable = opset_range()
+    return (
+        f"--opset: {value} is outside {usable.low} to {usable.high}, the opsets this installation can export and "
+        f"onnxruntime can load (torch {torch.__version__}'s exporter writes opset {usable.low}, which onnxscript "
+        f"{onnxscript.__version__} converts up to {usable.high}); pass an --opset from {usable.low} to {usable.high}, "
+        f"or leave it out for the exporter's default ({usable.default})"
+    )
+
+
+def test_opset_range_comes_from_the_installed_packages() -> None:
+    usable = opset_range()
+    assert (usable.low, usable.default) == (18, 20)
+    if onnxscript.__version__ == "0.7.2" and ort.__version__ == "1.32.0":
+        assert (usable.low, usable.high) == TESTED
+    assert usable.high <= 25 or onnxscript.__version__ != "0.7.2"  # onnxscript 0.7.2's converter stops at 25
+    assert check_opset(None) == usable
+
+
+@pytest.mark.parametrize("value", [7, 17, 26, 29, 99, 99999999999999999999, 0, -1])
+@pytest.mark.parametrize("no_validate", [False, True], ids=["validate", "no-validate"])
+def test_opset_outside_the_range_is_refused_up_front(tmp_path: Path, value: int, no_validate: bool) -> None:
+    """Before any work (no merge, no export): exit 2 naming --opset, the value and the range."""
+    args: list[object] = ["--model", FIXTURES / "gpt2" / "base", "--opset", value]
+    fails(tmp_path, args + (["--no-validate"] if no_validate else []), opset_message(value), code=2, bound=3.0)
+
+
+def test_opset_that_is_not_an_integer_is_refused(tmp_path: Path) -> None:
+    usable = opset_range()
+    for value in ("20", 20.0, True):
+        with pytest.raises(fc.UsageError) as info:
+            fc.export_onnx(tmp_path / "onnx", model=FIXTURES / "gpt2" / "base", opset=value)  # type: ignore[arg-type]
+        assert str(info.value) == (
+            f"--opset: {value!r} is not an ONNX opset number; pass an --opset from {usable.low} to {usable.high}, "
+            f"or leave it out for the exporter's default ({usable.default})"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["low", "high"])
+def test_both_ends_of_the_range_export_and_validate(tmp_path: Path, which: str) -> None:
+    """The bounds are not guesses: the lowest and the highest accepted opset give a graph of that opset that
+    onnxruntime loads and that matches PyTorch."""
+    usable = opset_range()
+    opset = usable.low if which == "low" else usable.high
+    out = tmp_path / "onnx"
+    report = fc.export_onnx(out, model=FIXTURES / "gpt2" / "base", opset=opset, device="cpu")
+    assert report.passed and report.validated and report.opset == opset
+    proto = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    assert {i.domain: i.version for i in proto.opset_import}[""] == opset
+
+
+# -- a graph onnxruntime cannot load is never published ----------------------------------------------------------
+@pytest.fixture
+def unloadable(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The exporter writes a graph onnxruntime cannot load (its first node's op renamed to one nobody registers,
+    as the exporter's fallback did above opset 25 with Attention); returns the renamed node's name."""
+    real = pipeline.export_graph
+    renamed: list[str] = []
+
+    def export_graph(flat: Any, example: Any, folder: Path, **kwargs: Any) -> Any:
+        info = real(flat, example, folder, **kwargs)
+        proto = onnx.load(str(folder / MODEL_FILE))
+        proto.graph.node[0].op_type = "NoSuchOp"
+        renamed.append(proto.graph.node[0].name)
+        onnx.save(proto, str(folder / MODEL_FILE))
+        return info
+
+    monkeypatch.setattr(pipeline, "export_graph", export_graph)
+    return renamed
+
+
+def load_message(node: str, kept: Path | None = None) -> str:
+    usable = opset_range()
+    return (
+        f"model.onnx: onnxruntime {ort.__version__} cannot load the exported graph (opset {usable.default}): "
+        f"INVALID_GRAPH: This is an invalid model. node {node} (NoSuchOp): No Op registered for NoSuchOp with "
+        f"domain_version of {usable.default}; nothing was published; "
+        + (f"the failed export is kept at {kept}; " if kept else "")
+        + f"export with another --opset from {usable.low} to {usable.high}, or update onnxruntime; see "
+        "docs/to-onnx.md (opsets)"
+    )
+
+
+@pytest.mark.parametrize("no_validate", [True, False], ids=["no-validate", "validate"])
+def test_unloadable_graph_is_not_published(tmp_path: Path, unloadable: list[str], no_validate: bool) -> None:
+    """--no-validate still has onnxruntime load the graph: one line naming model.onnx (never the temporary folder),
+    onnxruntime's reason and the fix, exit 1, nothing at --out, no temporary folder left."""
+    root = tmp_path / "in"
+    shutil.copytree(FIXTURES / "gpt2" / "base", root)
+    args: list[object] = ["--model", root] + (["--no-validate"] if no_validate else [])
+    out = tmp_path / "onnx"
+    result = invoke("to-onnx", *args, "--out", out)
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"error: {load_message(unloadable[0])}\n")
+    assert ".partial-" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    assert snapshot(root) == snapshot(FIXTURES / "gpt2" / "base")
+
+
+def test_unloadable_graph_kept_aside_with_keep_failed(tmp_path: Path, unloadable: list[str]) -> None:
+    out = tmp_path / "onnx"
+    result = invoke("to-onnx", "--model", FIXTURES / "gpt2" / "base", "--no-validate", "--keep-failed", "--out", out)
+    kept = tmp_path / "onnx.failed"
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"error: {load_message(unloadable[0], kept)}\n")
+    assert not out.exists()
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "config.json", "generation_config.json", "model.onnx", "onnx_export.json", "tokenizer.json",
+        "tokenizer_config.json",
+    ]  # fmt: skip
+    saved = json.loads((kept / "onnx_export.json").read_text())
+    assert (saved["kept_failed"], saved["passed"]) == (str(kept), False)
+    assert saved["load_error"].startswith("INVALID_GRAPH: This is an invalid model. node ")

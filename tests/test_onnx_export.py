@@ -5,6 +5,7 @@ publishes nothing. The exported graphs are also run here directly and compared w
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -412,3 +413,52 @@ def test_cuda_provider_is_active(tmp_path: Path) -> None:
         optimize=True,
     )
     assert report.passed and report.providers[0] == "CUDAExecutionProvider"
+
+
+# -- extra files of the model folder are streamed, not read into memory -------------------------------------------
+#: Exports the fixture copy ``argv[1]`` to ``argv[2]``, then ``argv[3]`` (the same with a large extra file) to
+#: ``argv[4]``, in one process; prints the peak RSS (bytes) after each.
+_PEAKS = """
+import resource, sys
+import fourier_convert as fc
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+fc.export_onnx(sys.argv[2], model=sys.argv[1], validate=False)
+first = peak()
+fc.export_onnx(sys.argv[4], model=sys.argv[3], validate=False)
+print(first, peak())
+"""
+
+
+def test_large_extra_file_is_copied_without_reading_it_into_memory(tmp_path: Path) -> None:
+    """A 1 GiB sparse notes.txt beside the weights is copied byte for byte while the process's peak RSS grows far
+    less than its size (reading it whole grew it by the file's size: 4.7 GB for a 4 GB file)."""
+    import subprocess
+    import sys
+
+    size = 1 << 30
+    plain, extra = tmp_path / "plain", tmp_path / "extra"
+    shutil.copytree(FIXTURES / "gpt2" / "base", plain)
+    shutil.copytree(FIXTURES / "gpt2" / "base", extra)
+    notes = extra / "notes.txt"
+    with notes.open("wb") as f:  # sparse, with marks at both ends and in the middle so a copy can be told apart
+        f.write(b"start of the notes\n")
+        f.seek(size // 2)
+        f.write(b"middle\n")
+        f.truncate(size - 4)
+        f.seek(size - 4)
+        f.write(b"end\n")
+    assert notes.stat().st_size == size
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAKS, str(plain), str(tmp_path / "o1"), str(extra), str(tmp_path / "o2")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    first, second = (int(v) for v in run.stdout.split())
+    assert second - first < size // 4, f"peak RSS grew by {(second - first) / 2**20:.0f} MiB"
+    copy = tmp_path / "o2" / "notes.txt"
+    assert copy.stat().st_size == size
+    with notes.open("rb") as a, copy.open("rb") as b:
+        while chunk := a.read(16 << 20):
+            assert chunk == b.read(16 << 20)
+    assert (tmp_path / "o2" / "config.json").read_bytes() == (extra / "config.json").read_bytes()
+    assert "notes.txt" in json.loads((tmp_path / "o2" / "onnx_export.json").read_text())["files"]

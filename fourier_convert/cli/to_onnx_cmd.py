@@ -41,7 +41,13 @@ def _write_json(path: Path | None, report: OnnxReport) -> None:
     help="What to export; auto infers it from config.json's architectures and says what it chose.",
 )
 @click.option("--dtype", default="float32", show_default=True, help="float32 or float16 (bfloat16 is refused).")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
+@click.option(
+    "--opset",
+    type=int,
+    default=None,
+    help="ONNX opset, within what the installed exporter writes and onnxruntime loads (18 to 25 with torch 2.13) "
+    "[default: the exporter's, 20].",
+)
 @click.option("--optimize", is_flag=True, help="Run onnxruntime's transformer optimiser; validation covers its output.")
 @click.option(
     "--device",
@@ -113,9 +119,12 @@ def to_onnx_cmd(
             progress=sys.stderr.isatty() and not quiet,
         )
     except OnnxValidationError as exc:
+        # The report goes where a passing one goes (stdout, none with --quiet; its warnings among its lines);
+        # stderr holds only the error line.
         if isinstance(exc.report, OnnxReport):
-            for line in exc.report.summary():
-                say(line, err=True)
+            if not quiet:
+                for line in exc.report.summary():
+                    say(line)
             _write_json(json_path, exc.report)
         raise
     for w in report.warnings:

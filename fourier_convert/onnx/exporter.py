@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fourier_convert.errors import ExportError
+from fourier_convert.errors import ExportError, UsageError
 from fourier_convert.onnx.quiet import quiet
 from fourier_convert.onnx.signature import BATCH, PAST, SEQUENCE, TOTAL, FlatModel, Signature
 
@@ -30,6 +31,114 @@ DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 256 << 20
 #: Op types that would mean an unmerged FourierFT model was traced.
 FORBIDDEN_OPS = frozenset({"DFT", "STFT"})
+#: The opsets measured to export and load in onnxruntime on every fixture (torch 2.13, onnxscript 0.7.2,
+#: onnxruntime 1.32); :func:`opset_range` uses a bound from here when the installed packages do not state it.
+TESTED_OPSETS = (18, 25)
+#: torch's default opset for the dynamo exporter when its constant cannot be read.
+DEFAULT_OPSET = 20
+
+
+@dataclass(frozen=True)
+class OpsetRange:
+    """The ``--opset`` values this installation can export and onnxruntime can load.
+
+    Attributes:
+        low, high: The bounds (both included).
+        default: The opset the exporter uses when none is given.
+        why: Where the bounds come from, for messages.
+    """
+
+    low: int
+    high: int
+    default: int
+    why: str
+
+
+def opset_range() -> OpsetRange:
+    """Derive the usable opsets from the installed packages.
+
+    torch's dynamo exporter builds every graph at its torchlib opset (18 with torch 2.13) and then converts it
+    to the requested opset with onnxscript's version converter, which supports a fixed range (18 to 25 with
+    onnxscript 0.7.2). Outside that range torch falls back to the ONNX C API converter, which failed on every
+    fixture: ``--opset 7`` to ``16`` silently kept opset 18, ``17`` wrote a graph onnxruntime rejects, and ``26``
+    and above declared opset 18 yet held opset-23 ``Attention`` nodes. The upper bound is also capped at the
+    highest opset onnxruntime's operator schemas know. Bounds a package does not state come from
+    :data:`TESTED_OPSETS`.
+
+    Example:
+        >>> r = opset_range()
+        >>> r.low <= r.default <= r.high
+        True
+    """
+    from fourier_convert.onnx.runtime import onnxruntime_max_opset
+
+    built = _int_constant("torch.onnx._internal.exporter._constants", "TORCHLIB_OPSET")
+    conv_low = _int_constant("onnxscript.version_converter._version_converter", "SUPPORTED_MIN_ONNX_OPSET")
+    conv_high = _int_constant("onnxscript.version_converter._version_converter", "SUPPORTED_MAX_ONNX_OPSET")
+    default = _int_constant("torch.onnx._constants", "ONNX_DEFAULT_OPSET") or DEFAULT_OPSET
+    lows = [v for v in (built, conv_low) if v is not None]
+    low = max(lows) if lows else TESTED_OPSETS[0]
+    high = conv_high if conv_high is not None else TESTED_OPSETS[1]
+    why = (
+        f"torch {torch.__version__}'s exporter writes opset {low}"
+        if lows
+        else f"the lowest opset tested with this exporter is {low}"
+    )
+    why += (
+        f", which onnxscript {_version('onnxscript')} converts up to {high}"
+        if conv_high is not None
+        else f"; the highest tested is {high}"
+    )
+    loads = onnxruntime_max_opset()
+    if loads is not None and loads < high:
+        high = loads
+        why += f"; onnxruntime {_version('onnxruntime')} loads up to {loads}"
+    return OpsetRange(low, high, default, why)
+
+
+def check_opset(opset: object) -> OpsetRange:
+    """Refuse an ``--opset`` this installation cannot export or onnxruntime cannot load (None: the default).
+
+    Raises:
+        UsageError: Not an integer, or outside :func:`opset_range`.
+
+    Example:
+        >>> check_opset(30)  # doctest: +SKIP
+        Traceback (most recent call last):
+        fourier_convert.errors.UsageError: --opset: 30 is outside 18 to 25, ...
+    """
+    usable = opset_range()
+    fix = f"pass an --opset from {usable.low} to {usable.high}"
+    if usable.low <= usable.default <= usable.high:
+        fix += f", or leave it out for the exporter's default ({usable.default})"
+    if opset is None:
+        return usable
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise UsageError("--opset", f"{opset!r} is not an ONNX opset number", fix)
+    if not usable.low <= opset <= usable.high:
+        raise UsageError(
+            "--opset",
+            f"{opset} is outside {usable.low} to {usable.high}, the opsets this installation can export and "
+            f"onnxruntime can load ({usable.why})",
+            fix,
+        )
+    return usable
+
+
+def _int_constant(module: str, name: str) -> int | None:
+    """``module.name`` when it is an int (private constants of the installed exporter), else None."""
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _version(dist: str) -> str:
+    try:
+        return str(importlib.import_module(dist).__version__)
+    except (ImportError, AttributeError):
+        return "?"
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 
 from fourier_convert.errors import (
     DiskSpaceError,
+    ExportError,
     FourierConvertError,
     OnnxValidationError,
     OutputError,
@@ -48,12 +49,19 @@ from fourier_convert.merging.folder import PROVENANCE_NAME
 from fourier_convert.merging.memory import MergedState, merge_opened
 from fourier_convert.merging.specs import AdapterSpec, adapter_specs, config_json
 from fourier_convert.onnx.compare import TOLERANCES
-from fourier_convert.onnx.exporter import MODEL_FILE, export_graph, release_weights
+from fourier_convert.onnx.exporter import MODEL_FILE, OpsetRange, check_opset, export_graph, release_weights
 from fourier_convert.onnx.inputs import export_case, make_inputs
 from fourier_convert.onnx.models import check_config_fits, config_from_dict, load_checkpoint_model, load_task_model
 from fourier_convert.onnx.proof import apply_unmerged
 from fourier_convert.onnx.report import REPORT_FILE, OnnxReport
-from fourier_convert.onnx.runtime import check_device, check_providers, optimize_graph, require_packages
+from fourier_convert.onnx.runtime import (
+    GraphLoadError,
+    check_device,
+    check_loads,
+    check_providers,
+    optimize_graph,
+    require_packages,
+)
 from fourier_convert.onnx.signature import FlatModel, describe
 from fourier_convert.onnx.tasks import check_task, infer_task
 from fourier_convert.onnx.validate import (
@@ -99,14 +107,17 @@ def export_onnx(
         model: An already merged model folder or hub id (instead of ``base`` + ``adapter``).
         task: ``auto`` (from ``config.architectures``) or one of :data:`~fourier_convert.onnx.tasks.TASKS`.
         dtype: ``float32`` or ``float16`` (``bfloat16`` is refused: onnxruntime lacks most bfloat16 kernels).
-        opset: ONNX opset; None takes the exporter's default.
+        opset: ONNX opset; None takes the exporter's default. Only the opsets the installed exporter can write
+            and onnxruntime can load are accepted (18 to 25 with torch 2.13, onnxscript 0.7.2, onnxruntime 1.32).
         optimize: Run onnxruntime's transformer optimiser; validation then covers the optimised graph.
         device: onnxruntime device for validation: ``auto`` (CUDA when it really works, else CPU with a
             note), ``cpu``, ``cuda``, ``cuda:N`` (CUDA or an error).
-        validate: Compare onnxruntime with PyTorch (default True).
+        validate: Compare onnxruntime with PyTorch (default True). Without it onnxruntime still loads the graph
+            once before it is published.
         atol: Absolute tolerance (default 1e-4 for float32, 1e-2 for float16).
         rtol: Relative tolerance (default 1e-3).
-        keep_failed: On a failed validation, keep the attempt at ``<out>.failed`` instead of deleting it.
+        keep_failed: On a failed validation (or a graph onnxruntime cannot load), keep the attempt at
+            ``<out>.failed`` instead of deleting it.
         overwrite: Replace a non-empty ``out`` (only once the new export has passed).
         external_data: Force or forbid ``model.onnx.data``; None: when the weights exceed 256 MiB.
         allow_pickle: Accept an ``adapter_model.bin`` adapter.
@@ -118,9 +129,10 @@ def export_onnx(
         An :class:`~fourier_convert.onnx.report.OnnxReport`.
 
     Raises:
-        UsageError: Bad arguments (both or neither input kinds, bfloat16, unknown task / device, tolerances).
-        ExportError: A package is missing, the exporter failed, the model does not fit the task, or CUDA was
-            requested but is not active.
+        UsageError: Bad arguments (both or neither input kinds, bfloat16, unknown task / device, tolerances,
+            an opset outside the usable range).
+        ExportError: A package is missing, the exporter failed, onnxruntime cannot load the graph, the model does
+            not fit the task, or CUDA was requested but is not active.
         OnnxValidationError: The merge proof or the validation failed (``.report`` holds the details);
             nothing was published.
         FourierConvertError: Any input or output problem the merge reports.
@@ -134,7 +146,7 @@ def export_onnx(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    export_dtype, tol = _check_args(task, dtype, device, opset, atol, rtol, base, adapter, model)
+    export_dtype, tol, opsets = _check_args(task, dtype, device, opset, atol, rtol, base, adapter, model)
     versions = require_packages()
     if validate:
         check_providers(device)
@@ -145,7 +157,7 @@ def export_onnx(
     refuse_input_as_output(out, [ckpt.folder] + [a.folder for a in adapters])
     check_config_fits(ckpt, _known_task(task, ckpt.config))  # before the merge: a config unlike the weights
     onnx_bytes = _onnx_bytes(ckpt, export_dtype)
-    aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files)
+    aux_bytes = sum(p.stat().st_size for p in ckpt.aux_files if _is_aux(p.name))
     _check_disk(out, onnx_bytes * (2 if optimize else 1) + aux_bytes)  # the merge and dtype changes are in memory
     versions.update(torch=torch.__version__, transformers=_version("transformers"))
     report = OnnxReport(
@@ -161,7 +173,7 @@ def export_onnx(
         tolerances={"atol": tol[0], "rtol": tol[1]},
         versions=versions,
     )
-    options = _Options(opset, optimize, device, validate, tol, keep_failed, overwrite, external_data, progress)
+    options = _Options(opset, opsets, optimize, device, validate, tol, keep_failed, overwrite, external_data, progress)
     model_obj, refs, inputs, aux = _merge_and_prove(report, ckpt, specs, adapters, progress)
     _export_and_publish(report, out, model_obj, refs, inputs, aux, options, (onnx_bytes, t0))
     report.out = str(out)
@@ -174,6 +186,7 @@ class _Options:
     """The export options that matter after the inputs are read."""
 
     opset: int | None
+    opsets: OpsetRange
     optimize: bool
     device: str
     validate: bool
@@ -190,12 +203,13 @@ def _merge_and_prove(
     specs: list[AdapterSpec],
     adapters: list[FourierFTAdapter],
     progress: bool,
-) -> tuple[Any, list[list[np.ndarray]], ValidationInputs, dict[str, bytes]]:
+) -> tuple[Any, list[list[np.ndarray]], ValidationInputs, dict[str, Path | bytes]]:
     """Merge in memory (with adapters), choose the task, prove the merge, and return the model to export, its
-    reference outputs, the validation inputs and the small files to carry."""
+    reference outputs, the validation inputs and the files to carry: each input file's path (copied when the
+    output is written, never read whole into memory), or the bytes of a rewritten ``config.json``."""
     merged: MergedState | None = None
     config_dict = ckpt.config or {}
-    aux = {p.name: p.read_bytes() for p in ckpt.aux_files if _is_aux(p.name)}
+    aux: dict[str, Path | bytes] = {p.name: p for p in ckpt.aux_files if _is_aux(p.name)}
     if specs:
         t = time.perf_counter()
         phase(progress, "to-onnx", f"merging {len(adapters)} adapter(s) into {ckpt.folder} in memory")
@@ -236,7 +250,7 @@ def _export_and_publish(
     model: Any,
     refs: list[list[np.ndarray]],
     inputs: ValidationInputs,
-    aux: dict[str, bytes],
+    aux: dict[str, Path | bytes],
     options: _Options,
     sizes: tuple[int, float],
 ) -> None:
@@ -250,7 +264,7 @@ def _export_and_publish(
     example = make_inputs(sig, export_case(sig), seed=0)
     report.export_shape = export_case(sig).label(bool(sig.past_layers))
     hf_config = model.config
-    need = onnx_bytes * (2 if options.optimize else 1) + sum(len(b) for b in aux.values())
+    need = onnx_bytes * (2 if options.optimize else 1) + sum(_size(a) for a in aux.values())
     with CheckpointWriter(out, overwrite=options.overwrite) as writer:
         writer.begin([], extra_bytes=need)
         temp = writer.temp
@@ -272,21 +286,32 @@ def _export_and_publish(
             )
             report.timings["optimize"] = time.perf_counter() - t
         for name, data in aux.items():
-            writer.write_file(name, data)
-        if options.validate:
-            t = time.perf_counter()
-            phase(options.progress, "to-onnx", f"validating in onnxruntime against PyTorch ({len(refs)} input cases)")
-            report.validation, report.providers, notes = validate_graph(
-                temp / MODEL_FILE,
-                options.device,
-                inputs,
-                refs,
-                *options.tol,
-                _case_bar(inputs, "validate", options.progress),
-            )
-            report.notes += notes
-            report.validated = True
-            report.timings["validate"] = time.perf_counter() - t
+            if isinstance(data, bytes):
+                writer.write_file(name, data)
+            else:  # streamed by the file system: a large extra file is never held in memory
+                writer.copy_file(data, name)
+        try:
+            if options.validate:
+                t = time.perf_counter()
+                phase(
+                    options.progress, "to-onnx", f"validating in onnxruntime against PyTorch ({len(refs)} input cases)"
+                )
+                report.validation, report.providers, notes = validate_graph(
+                    temp / MODEL_FILE,
+                    options.device,
+                    inputs,
+                    refs,
+                    *options.tol,
+                    _case_bar(inputs, "validate", options.progress),
+                )
+                report.notes += notes
+                report.validated = True
+                report.timings["validate"] = time.perf_counter() - t
+            else:
+                phase(options.progress, "to-onnx", "checking that onnxruntime loads the graph (--no-validate)")
+                check_loads(temp / MODEL_FILE)
+        except GraphLoadError as exc:
+            raise _load_error(report, exc, options, temp, out) from exc
         report.files = sorted([p.name for p in temp.iterdir() if p.is_file()] + [REPORT_FILE])
         report.seconds = time.perf_counter() - started
         if not report.passed:
@@ -307,7 +332,7 @@ def _check_args(
     base: Any,
     adapter: Any,
     model: Any,
-) -> tuple[str, tuple[float, float]]:
+) -> tuple[str, tuple[float, float], OpsetRange]:
     check_task(task)
     check_device(device)
     name = dtype.lower()
@@ -321,8 +346,7 @@ def _check_args(
     if name not in _DTYPES:
         raise UsageError("--dtype", f"unknown dtype {dtype!r}", "use float32 or float16")
     export_dtype = _DTYPES[name]
-    if opset is not None and (not isinstance(opset, int) or opset < 7):
-        raise UsageError("--opset", f"{opset!r} is not an ONNX opset", "pass an integer such as 18 or 20")
+    opsets = check_opset(opset)
     default_atol, default_rtol = TOLERANCES[export_dtype]
     tol = (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
     for label, value in zip(("--atol", "--rtol"), tol, strict=True):
@@ -338,7 +362,7 @@ def _check_args(
             "an export needs --base with --adapter, or a merged --model",
             "pass --base and --adapter, or --model",
         )
-    return export_dtype, tol
+    return export_dtype, tol, opsets
 
 
 def _onnx_bytes(ckpt: BaseCheckpoint, dtype: str) -> int:
@@ -500,6 +524,30 @@ def _existing_ancestor(out: Path) -> Path:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return probe
+
+
+def _size(data: Path | bytes) -> int:
+    return len(data) if isinstance(data, bytes) else data.stat().st_size
+
+
+def _load_error(report: OnnxReport, exc: GraphLoadError, options: _Options, temp: Path, out: Path) -> ExportError:
+    """onnxruntime cannot load the exported graph: nothing is published (``--keep-failed`` keeps it aside)."""
+    import onnxruntime
+
+    graph = f"opset {report.opset}" + (", optimised" if options.optimize else "")
+    found = (
+        f"onnxruntime {onnxruntime.__version__} cannot load the exported graph ({graph}): {exc.cause}; "
+        "nothing was published"
+    )
+    report.load_error = exc.cause
+    usable = options.opsets
+    fix = f"export with another --opset from {usable.low} to {usable.high}"
+    fix += " or without --optimize" if options.optimize else ""
+    fix += ", or update onnxruntime; see docs/to-onnx.md (opsets)"
+    if options.keep_failed:
+        report.files = sorted([p.name for p in temp.iterdir() if p.is_file()] + [REPORT_FILE])
+        fix = f"the failed export is kept at {_keep_aside(temp, out, report)}; {fix}"
+    return ExportError(MODEL_FILE, found, fix)
 
 
 def _validation_error(report: OnnxReport) -> OnnxValidationError:

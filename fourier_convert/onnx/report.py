@@ -39,6 +39,7 @@ class OnnxReport:
         timings: Seconds per phase.
         seconds: Wall time.
         kept_failed: Where a failed export was kept (``--keep-failed``), else None.
+        load_error: Why onnxruntime could not load the exported graph (nothing was published), else None.
         versions: torch, transformers, onnx, onnxscript, onnxruntime versions used.
     """
 
@@ -71,6 +72,7 @@ class OnnxReport:
     seconds: float = 0.0
     kept_failed: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    load_error: str | None = None
 
     @property
     def proof_passed(self) -> bool:
@@ -82,8 +84,8 @@ class OnnxReport:
 
     @property
     def passed(self) -> bool:
-        """The merge proof (if any) and the validation (if run) passed."""
-        return self.proof_passed and self.validation_passed
+        """The merge proof (if any) and the validation (if run) passed, and onnxruntime loaded the graph."""
+        return self.proof_passed and self.validation_passed and self.load_error is None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (``--json`` and ``onnx_export.json``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,15 @@ OPTIMIZER_TYPES: dict[str, str] = {
     "vit": "vit",
     "deit": "vit",
 }
+
+
+class GraphLoadError(ExportError):
+    """onnxruntime cannot create a session for the graph. ``cause`` is onnxruntime's reason on one line, with the
+    graph's path left out (a temporary folder the user never sees)."""
+
+    def __init__(self, model_path: Path, cause: str) -> None:
+        super().__init__(model_path.name, f"onnxruntime cannot load the graph ({cause})")
+        self.cause = cause
 
 
 @dataclass
@@ -118,6 +128,7 @@ def open_session(model_path: Path, device: str, *, threads: int | None = None) -
         The session and its providers.
 
     Raises:
+        GraphLoadError: onnxruntime cannot create a session for the graph.
         ExportError: CUDA requested but not offered by this onnxruntime, or not active in the session.
 
     Example:
@@ -143,11 +154,7 @@ def open_session(model_path: Path, device: str, *, threads: int | None = None) -
     try:
         session = ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ExportError(
-            str(model_path),
-            f"onnxruntime cannot load the graph ({_first_line(exc)})",
-            "report this with the model's config.json",
-        ) from exc
+        raise GraphLoadError(model_path, load_failure(exc, model_path)) from exc
     active = list(session.get_providers())
     if use_cuda and CUDA not in active:
         if want_cuda:
@@ -159,6 +166,62 @@ def open_session(model_path: Path, device: str, *, threads: int | None = None) -
             )
         notes.append(f"onnxruntime lists {CUDA} but the session could not use it; validated on {active[0]}")
     return SessionInfo(session, device, active, notes)
+
+
+def check_loads(model_path: Path) -> None:
+    """Create (and drop) a CPU session for ``model_path``: a graph onnxruntime cannot load is never published, even
+    unvalidated. Cheap next to the export: onnxruntime reads the graph and its weights once.
+
+    Raises:
+        GraphLoadError: onnxruntime cannot load it.
+    """
+    info = open_session(model_path, "cpu")
+    del info
+
+
+def onnxruntime_max_opset() -> int | None:
+    """The highest default-domain opset among onnxruntime's operator schemas (None when this build does not list
+    them).
+
+    Example:
+        >>> onnxruntime_max_opset() >= 18  # doctest: +SKIP
+        True
+    """
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        schemas = _pybind_state.get_all_operator_schema()
+        versions = [int(s.since_version) for s in schemas if s.domain in ("", "ai.onnx")]
+    except Exception:  # an onnxruntime build without the schema table, or another layout
+        return None
+    return max(versions) if versions else None
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : (?:Load model from .*? failed:\s*)?")
+
+
+#: onnxruntime's "invalid model" text lists every input and output of the node: only its name, op and error are kept.
+_ORT_NODE = re.compile(
+    r'(This is an invalid model\. )In Node, \("([^"]*)", (\w+), "[^"]*", -?\d+\) : .*? , Error (.*)$'
+)
+
+
+def load_failure(exc: BaseException, model_path: Path) -> str:
+    """onnxruntime's reason for not loading ``model_path``, on one line, without the path.
+
+    Example:
+        >>> load_failure(RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model from /t/m.onnx failed:"
+        ...     'This is an invalid model. In Node, ("n_7", Split, "", -1) : ("x": tensor(float),) -> ("y",) , Error '
+        ...     "Unrecognized attribute: num_outputs"), Path("/t/m.onnx"))
+        'INVALID_GRAPH: This is an invalid model. node n_7 (Split): Unrecognized attribute: num_outputs'
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    line = _ORT_PREFIX.sub(lambda m: f"{m.group(1)}: ", line)
+    line = line.replace(str(model_path), model_path.name).replace(str(model_path.parent) + os.sep, "")
+    line = _ORT_NODE.sub(lambda m: f"{m.group(1)}node {m.group(2)} ({m.group(3)}): {m.group(4)}", line)
+    line = line.strip()
+    return line[:300] if line else type(exc).__name__
 
 
 def optimize_graph(folder: Path, config: Any, *, use_gpu: bool, external_data: bool) -> str:
