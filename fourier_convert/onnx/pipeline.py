@@ -175,10 +175,35 @@ def export_onnx(
     )
     options = _Options(opset, opsets, optimize, device, validate, tol, keep_failed, overwrite, external_data, progress)
     model_obj, refs, inputs, aux = _merge_and_prove(report, ckpt, specs, adapters, progress)
+    _refuse_non_finite_reference(refs, inputs, report.dtype, ckpt.folder)
     _export_and_publish(report, out, model_obj, refs, inputs, aux, options, (onnx_bytes, t0))
     report.out = str(out)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _refuse_non_finite_reference(
+    refs: list[list[np.ndarray]], inputs: ValidationInputs, dtype: str, folder: Path
+) -> None:
+    """Refuse, before the export, a model whose own PyTorch outputs hold inf or NaN where they are compared: no
+    export of it can be validated, and the failure would otherwise be blamed on onnxruntime.
+
+    Raises:
+        ExportError: A reference output is not finite at an unmasked position (the weights hold non-finite values,
+            or the model overflows ``dtype``).
+    """
+    for check in compare_cases(inputs, refs, refs, 0.0, 0.0):  # against itself: fails only where not finite
+        bad = next((o for o in check.outputs if not o.passed), None)
+        if bad is not None:
+            fix = "check the model's weights for inf / NaN values"
+            if dtype == "float16":
+                fix += ", or export with --dtype float32 (the model may overflow float16)"
+            raise ExportError(
+                str(folder),
+                f"PyTorch's own {dtype} outputs hold inf or NaN ({bad.name} at {check.case}), so no export of this "
+                "model can be validated; nothing was exported",
+                fix,
+            )
 
 
 @dataclass(frozen=True)
