@@ -8,9 +8,24 @@ narrowed by ``layers_to_transform`` / ``layers_pattern``.
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
-from fourier_convert.io.adapter import FourierFTSettings
 from fourier_convert.patterns import config_match
+
+
+class Selection(Protocol):
+    """The config fields that select modules, as FourierFT's and LoRA's configs both hold them."""
+
+    @property
+    def target_modules(self) -> list[str] | str | None: ...
+    @property
+    def exclude_modules(self) -> list[str] | str | None: ...
+    @property
+    def layers_to_transform(self) -> list[int] | int | None: ...
+    @property
+    def layers_pattern(self) -> list[str] | str | None: ...
+    @property
+    def modules_to_save(self) -> list[str]: ...
 
 
 def _suffix_match(key: str, names: list[str] | set[str]) -> bool:
@@ -31,11 +46,11 @@ def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None
     return int(match.group("idx")) if match else None
 
 
-def is_targeted(settings: FourierFTSettings, key: str) -> bool:
-    """Whether PEFT would put a FourierFT layer on module ``key``.
+def is_targeted(settings: Selection, key: str) -> bool:
+    """Whether PEFT would put an adapter layer (FourierFT or LoRA) on module ``key``.
 
     Args:
-        settings: The adapter's config.
+        settings: The adapter's config (its selection fields).
         key: Module path in the adapter's name space (e.g. ``model.layers.0.self_attn.q_proj``).
 
     Returns:

@@ -25,7 +25,6 @@ from fourier_convert.io.adapter import (
     KEY_PREFIX,
     PICKLE_NAME,
     WEIGHTS_NAME,
-    FourierFTSettings,
     StoredTensor,
     check_task_type,
     classify_tensors,
@@ -141,28 +140,6 @@ class LoraSettings:
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-
-    @cached_property
-    def selection(self) -> FourierFTSettings:
-        """The module selection fields, as the settings :func:`fourier_convert.targets.is_targeted` reads (it
-        decides as PEFT's ``check_target_module_exists`` decides, for LoRA as for FourierFT; it reads no other
-        field, so those are placeholders)."""
-        return FourierFTSettings(
-            n_frequency=1,
-            scaling=1.0,
-            random_loc_seed=0,
-            fan_in_fan_out=self.fan_in_fan_out,
-            bias=self.bias,
-            target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules,
-            layers_to_transform=self.layers_to_transform,
-            layers_pattern=self.layers_pattern,
-            n_frequency_pattern={},
-            modules_to_save=self.modules_to_save,
-            task_type=self.task_type,
-            base_model_name_or_path=self.base_model_name_or_path,
-            raw=self.raw,
-        )
 
     def alpha_for(self, module: str) -> float:
         """``alpha`` PEFT gives ``module`` (first ``alpha_pattern`` key matching its name's end).
@@ -568,14 +545,13 @@ def _check_selected(factors: dict[str, StoredTensor], settings: LoraSettings, wh
         AdapterError: Naming the first such factor (file order), the config field that leaves its module out, and
             the fix.
     """
-    selection = settings.selection
     for clean, t in factors.items():
         m = _FACTOR.match(clean)
         assert m is not None
         module = m.group(1)
-        if is_targeted(selection, module):
+        if is_targeted(settings, module):
             continue
-        found, fix = _why_not_selected(selection, module)
+        found, fix = _why_not_selected(settings, module)
         raise AdapterError(
             where,
             f"tensor {t.key!r} is a factor of {module!r}, {found}, so PEFT puts no LoRA layer there and ignores it",
@@ -583,7 +559,7 @@ def _check_selected(factors: dict[str, StoredTensor], settings: LoraSettings, wh
         )
 
 
-def _why_not_selected(selection: FourierFTSettings, module: str) -> tuple[str, str]:
+def _why_not_selected(selection: LoraSettings, module: str) -> tuple[str, str]:
     """Which config field leaves ``module`` out (for the message), decided by asking :func:`is_targeted` again
     without ``exclude_modules`` / ``modules_to_save``, then without ``layers_to_transform``."""
     unexcluded = replace(selection, exclude_modules=None, modules_to_save=[])
