@@ -51,6 +51,17 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a config value may be a huge number or map).
+
+    Example:
+        >>> short_repr("x" * 100, 10)
+        "'xxxxxx..."
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 class InputFileError(FourierConvertError):
     """A required input file is missing, unreadable, truncated or not in the expected format."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fourier_convert.errors import AdapterError, InputFileError, PickleRefusedError
+from fourier_convert.errors import AdapterError, InputFileError, PickleRefusedError, short_repr
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, TensorInfo, read_header, read_numpy_float64
 from fourier_convert.patterns import config_match
@@ -365,17 +365,6 @@ def check_task_type(cfg: dict[str, Any], where: str) -> None:
             f"{', '.join(TASK_TYPES)} or null",
             "fix the config",
         )
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a config value may be a huge number or map).
-
-    Example:
-        >>> short_repr("x" * 100, 10)
-        "'xxxxxx..."
-    """
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _names_or_regex(value: Any) -> bool:

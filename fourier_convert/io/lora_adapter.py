@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fourier_convert.errors import AdapterError, InputFileError
+from fourier_convert.errors import AdapterError, InputFileError, short_repr
 from fourier_convert.io.adapter import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -31,7 +31,6 @@ from fourier_convert.io.adapter import (
     load_json,
     load_pickle,
     not_an_adapter,
-    short_repr,
 )
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_header, read_numpy_float64

@@ -171,12 +171,6 @@ def show_path(path: Path) -> str:
     return _printable(str(path))
 
 
-def show(value: str, limit: int = 60) -> str:
-    """``repr(value)``, cut to about ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message (its type name when empty), at most 200 characters, escaped."""
     text = str(exc).strip()

@@ -11,14 +11,13 @@ from typing import Any
 
 import torch
 
-from fourier_convert.errors import InputFileError
+from fourier_convert.errors import InputFileError, short_repr
 from fourier_convert.io.calibration.common import (
     TEXT_KEYS,
     CalibrationData,
     finish,
     first_line,
     plural,
-    show,
     show_path,
     too_few,
 )
@@ -47,7 +46,7 @@ def read_tensors(
     header = _tensor_header(source)
     unknown = sorted(set(header) - TENSOR_KEYS)
     if unknown:
-        names = ", ".join(show(k, 40) for k in unknown[:5])
+        names = ", ".join(short_repr(k, 40) for k in unknown[:5])
         if len(unknown) > 5:
             names += f" and {len(unknown) - 5} more"
         raise InputFileError(

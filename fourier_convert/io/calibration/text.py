@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import torch
 
-from fourier_convert.errors import InputFileError, UsageError
+from fourier_convert.errors import InputFileError, UsageError, short_repr
 from fourier_convert.io.calibration.common import (
     TEXT_KEYS,
     CalibrationData,
@@ -22,7 +22,6 @@ from fourier_convert.io.calibration.common import (
     first_line,
     open_regular,
     plural,
-    show,
     show_path,
 )
 from fourier_convert.io.calibration.model import (
@@ -120,7 +119,7 @@ def _scan_lines(
             f"(up to line {number}), the rest was not read"
         )
     if empty:
-        notes.append(f"{plural(empty, 'line')} with an empty {show(text_field)} skipped")
+        notes.append(f"{plural(empty, 'line')} with an empty {short_repr(text_field)} skipped")
     return usable, notes
 
 
@@ -174,17 +173,17 @@ def _sample_text(text: str, source: Path, number: int, kind: str, text_field: st
     if not isinstance(data, dict):
         raise InputFileError(where, f"is a JSON {_json_type(data)}, expected an object", one_per_line)
     if text_field not in data:
-        keys = ", ".join(show(k, 30) for k in list(data)[:5]) + (", ..." if len(data) > 5 else "")
+        keys = ", ".join(short_repr(k, 30) for k in list(data)[:5]) + (", ..." if len(data) > 5 else "")
         raise InputFileError(
             where,
-            f"has no {show(text_field)} field (its keys: {keys or 'none'})",
+            f"has no {short_repr(text_field)} field (its keys: {keys or 'none'})",
             "pass --text-field with the key that holds the text",
         )
     value = data[text_field]
     if not isinstance(value, str):
         raise InputFileError(
             where,
-            f"field {show(text_field)} is a JSON {_json_type(value)}, expected a string",
+            f"field {short_repr(text_field)} is a JSON {_json_type(value)}, expected a string",
             "pass --text-field with the key that holds the text, or store the text as a string",
         )
     return value if value.strip() else None
