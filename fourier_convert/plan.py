@@ -340,7 +340,8 @@ def build_plan(
             layer = layers.setdefault(key, LayerPlan(module, key, info, []))
             layer.contributions.append(Contribution(i, spec, s.scaling * mult[i], s.random_loc_seed))
         _check_targets(adapter, universe)
-        _check_saved_heads(adapter, sorted(inverse[k] for k in ckpt.tensors if k in inverse))
+        if s.modules_to_save:
+            _check_saved_heads(adapter, [inverse[k] for k in ckpt.tensors if k in inverse])
         for clean, t in {**adapter.biases, **adapter.head_tensors}.items():
             key = names.find(clean)
             if key is None:
