@@ -51,6 +51,18 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name when empty), at most 200 characters, escaped.
+
+    Example:
+        >>> first_line(ValueError("bad\x1b[31m\nmore")), first_line(ZeroDivisionError())
+        ('bad\\x1b[31m', 'ZeroDivisionError')
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return printable(first[:200])
+
+
 def short_repr(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters (a config value may be a huge number or map).
 

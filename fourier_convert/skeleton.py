@@ -22,10 +22,12 @@ from __future__ import annotations
 import importlib.util
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fourier_convert.model_config import check_weights_fit
 
 LINEAR = "linear"
 CONV1D = "conv1d"
@@ -205,25 +207,64 @@ def _add_renaming(skeleton: Skeleton, model: Any, checkpoint_keys: Iterable[str]
             skeleton.model_keys[key] = renamed
 
 
-class SkeletonJob:
-    """Builds a :class:`Skeleton` in a background thread, so that importing transformers (seconds) overlaps
-    with other work; :meth:`result` waits for it.
+class BaseModelJob:
+    """transformers' modeling code (seconds to import) run in a background thread while other work goes on: the
+    model skeleton, when asked for, then the check that the ``config.json`` to be published fits the weights
+    published with it (:func:`~fourier_convert.model_config.check_weights_fit`). :meth:`result` waits for both.
+
+    Args:
+        config: The base's ``config.json`` (the skeleton is built from it).
+        checkpoint_keys: Tensor keys of the base checkpoint.
+        build: Build the skeleton (the source scan could not settle the module types).
+        fit: ``(config, shapes, source)``: the config to be published, the published tensors' shapes, and the
+            file named in messages; None skips the check (it passed before).
+        on_fit: Called (in the job's thread) when the check ran and passed.
 
     Example:
-        >>> job = SkeletonJob(config, keys)  # doctest: +SKIP
-        >>> skeleton, why = job.result()  # doctest: +SKIP
+        >>> job = BaseModelJob(config, keys, build=False, fit=(config, shapes, path))  # doctest: +SKIP
+        >>> skeleton, why, unchecked = job.result()  # doctest: +SKIP
     """
 
-    def __init__(self, config: dict[str, Any], checkpoint_keys: Iterable[str]) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        checkpoint_keys: Iterable[str],
+        *,
+        build: bool,
+        fit: tuple[Mapping[str, Any], Mapping[str, Sequence[int]], Path] | None,
+        on_fit: Callable[[], None] | None = None,
+    ) -> None:
+        self.build = build
         self._config = config
         self._keys = list(checkpoint_keys)
-        self._result: tuple[Skeleton | None, str] = (None, "the skeleton was not built")
-        self._thread = threading.Thread(target=self._run, name="fourier-convert-skeleton", daemon=True)
+        self._fit = fit
+        self._on_fit = on_fit
+        self._result: tuple[Skeleton | None, str, str] = (None, "the skeleton was not built", "")
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fourier-convert-base-model", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        self._result = build_skeleton(self._config, self._keys)
+        try:
+            skeleton, why = build_skeleton(self._config, self._keys) if self.build else (None, "")
+            unchecked = check_weights_fit(*self._fit) if self._fit is not None else ""
+            if self._fit is not None and not unchecked and self._on_fit is not None:
+                self._on_fit()
+            self._result = (skeleton, why, unchecked)
+        except BaseException as exc:  # raised in the caller's thread by result()
+            self._error = exc
 
-    def result(self) -> tuple[Skeleton | None, str]:
+    def result(self) -> tuple[Skeleton | None, str, str]:
+        """Wait for the job.
+
+        Returns:
+            ``(skeleton, why, unchecked)``: the skeleton (None when not asked for or not built) and why not;
+            ``unchecked`` is why the config could not be checked, ``""`` when it was (or was not asked for).
+
+        Raises:
+            InputFileError: The config does not fit the weights (see ``check_weights_fit``).
+        """
         self._thread.join()
+        if self._error is not None:
+            raise self._error
         return self._result

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# merge remembers passed config checks (fourier_convert.io.fit_cache): in a folder of this run's, not the user's
+os.environ.setdefault("FOURIER_CONVERT_CACHE", tempfile.mkdtemp(prefix="fourier-convert-test-cache-"))
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"

@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 import fourier_convert as fc
 import fourier_convert.onnx.pipeline as pipeline
 from fourier_convert.cli.main import cli
+from fourier_convert.model_config import CONFIG_FIX, config_from_dict, reported
 from fourier_convert.onnx.exporter import MODEL_FILE, check_opset, opset_range
-from fourier_convert.onnx.models import CONFIG_FIX, config_from_dict, load_task_model, reported
+from fourier_convert.onnx.models import load_task_model
 from tests.conftest import FIXTURES
 
 #: Seconds one failing run may take in-process (they take 1 to 3 s; a built model would take more).

@@ -337,7 +337,7 @@ def test_same_values_is_exact_and_bitwise() -> None:
 
 
 def test_config_errors_name_the_file(tmp_path: Path) -> None:
-    from fourier_convert.onnx.models import config_from_dict
+    from fourier_convert.model_config import config_from_dict
 
     source = tmp_path / "config.json"
     with pytest.raises(fc.ExportError) as e:

@@ -26,7 +26,8 @@ from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_torch
 from fourier_convert.maths.delta import delta_weights
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.merging.core import converted_value
-from fourier_convert.onnx.models import config_from_dict, load_task_model
+from fourier_convert.model_config import config_from_dict
+from fourier_convert.onnx.models import load_task_model
 from fourier_convert.onnx.tasks import CAUSAL_LM, CAUSAL_LM_WITH_PAST, TASKS, check_task, infer_task
 from fourier_convert.plan import LayerPlan, MergePlan
 

@@ -27,6 +27,7 @@ from fourier_convert.errors import UsageError
 from fourier_convert.io.adapter import FourierFTAdapter, read_adapter
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.dtypes import parse_user_dtype
+from fourier_convert.io.fit_cache import fit_key, known_fit, remember_fit
 from fourier_convert.io.progress import ByteProgress
 from fourier_convert.io.writer import (
     CheckpointWriter,
@@ -51,7 +52,7 @@ from fourier_convert.merging.specs import (
 )
 from fourier_convert.plan import LayerPlan, MergePlan, build_plan, guess_orientation, resolve_names, set_orientation
 from fourier_convert.report import LayerReport, MergeReport
-from fourier_convert.skeleton import Skeleton, SkeletonJob, build_skeleton, scan_linear_only
+from fourier_convert.skeleton import BaseModelJob, Skeleton, build_skeleton, scan_linear_only
 
 if TYPE_CHECKING:  # torch is imported once the byte copies run (see merge)
     import torch
@@ -171,18 +172,25 @@ def merge(
 
     names, missing = resolve_names(ckpt, adapters)
     skeleton, why = None, "the base has no config.json"
-    job: SkeletonJob | None = None
     if ckpt.config is not None and missing:  # transformers' key renaming is needed to plan
         skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
         names, missing = resolve_names(ckpt, adapters, skeleton)
     plan = build_plan(ckpt, adapters, names, weights=[s.weight for s in specs], out_dtype=out_dtype)
-    if skeleton is None and ckpt.config is not None:
-        # Needed only for orientation. A scan of the modeling source settles most models at once; otherwise
-        # the skeleton is built while the copies and deltas run. Started after build_plan, which may import
-        # transformers itself: two threads importing transformers at once can fail.
-        skeleton = scan_linear_only(ckpt.config)
+    job: BaseModelJob | None = None
+    if ckpt.config is not None:
+        # Orientation: a scan of the modeling source settles most models at once; otherwise the skeleton is built
+        # while the copies and deltas run, and so is the check that the published config.json fits the weights.
+        # Started after build_plan, which may import transformers itself: two threads importing it at once can fail.
+        build = False
         if skeleton is None:
-            job = SkeletonJob(ckpt.config, ckpt.tensors)
+            skeleton = scan_linear_only(ckpt.config)
+            build = skeleton is None
+        published = plan.config if plan.config is not None else ckpt.config  # the config.json the output holds
+        shapes = {o.name: o.shape for o in plan.outputs}
+        key = fit_key(published, shapes)
+        fit = None if known_fit(key) else (published, shapes, ckpt.folder / "config.json")  # passed before: skipped
+        if build or fit is not None:
+            job = BaseModelJob(ckpt.config, ckpt.tensors, build=build, fit=fit, on_fit=lambda: remember_fit(key))
     layouts = _layouts(ckpt, plan, shard_bytes)
     report = plan_report(
         plan,
@@ -196,7 +204,10 @@ def merge(
     )
     if dry_run:
         if job is not None:
-            skeleton, why = job.result()
+            built, built_why, unchecked = job.result()
+            if job.build:
+                skeleton, why = built, built_why
+            _note_unchecked(report, unchecked)
         set_orientation(plan, skeleton, adapters, why)
         report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
         report.layers = [layer_stub(layer) for layer in plan.layers]
@@ -232,7 +243,7 @@ def _write_output(
     adapters: list[FourierFTAdapter],
     plan: MergePlan,
     layouts: list[ShardLayout],
-    orientation: tuple[Skeleton | None, str, SkeletonJob | None],
+    orientation: tuple[Skeleton | None, str, BaseModelJob | None],
     device: str,
     threads: int | None,
     t0: float,
@@ -275,12 +286,12 @@ def _merge_tensors(
     adapters: list[FourierFTAdapter],
     plan: MergePlan,
     sink: Sink,
-    orientation: tuple[Skeleton | None, str, SkeletonJob | None],
+    orientation: tuple[Skeleton | None, str, BaseModelJob | None],
     merge_fn: Callable[[list[LayerPlan]], tuple[dict[str, LayerReport], list[str]]],
     t0: float,
 ) -> None:
     skeleton, why, job = orientation
-    if job is None:
+    if job is None or not job.build:
         set_orientation(plan, skeleton, adapters, why)
     else:
         guess_orientation(plan, adapters)
@@ -289,9 +300,11 @@ def _merge_tensors(
     report.timings["deltas_and_merge"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     if job is not None:
+        built, built_why, unchecked = job.result()  # raises when config.json does not fit the weights
+        _note_unchecked(report, unchecked)
+    if job is not None and job.build:
         # The skeleton decides; layers it flips are recomputed and rewritten before anything is published.
-        skeleton, why = job.result()
-        flipped = set_orientation(plan, skeleton, adapters, why)
+        flipped = set_orientation(plan, built, adapters, built_why)
         if flipped:
             redone, more = merge_fn(flipped)
             done.update(redone)
@@ -317,6 +330,11 @@ def _merge_tensors(
     t1 = time.perf_counter()
     writer.commit(index_metadata=ckpt.index_metadata)
     report.timings["fsync_and_publish"] = time.perf_counter() - t1
+
+
+def _note_unchecked(report: MergeReport, unchecked: str) -> None:
+    if unchecked:
+        report.notes.append(f"config.json was not checked against the weights: {unchecked}")
 
 
 def _layouts(ckpt: BaseCheckpoint, plan: MergePlan, shard_bytes: int | None) -> list[ShardLayout]:

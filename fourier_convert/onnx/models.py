@@ -6,112 +6,26 @@ are: no second copy.
 
 A ``config.json`` that disagrees with the weights (0 attention heads, a vocabulary size or head count the
 tensors do not have) is refused with one line naming the file, before transformers allocates anything: the
-model is first built on the meta device and its parameter shapes compared with the checkpoint's.
+task's model is first built on the meta device and its parameter shapes compared with the checkpoint's
+(:mod:`fourier_convert.model_config`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import re
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fourier_convert.errors import ExportError, InputFileError
-from fourier_convert.io.calibration.common import first_line
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_torch
+from fourier_convert.model_config import CONFIG_FIX, check_shapes, config_from_dict, quiet_transformers, reported
 from fourier_convert.onnx.tasks import AUTO_CLASSES
 
 #: torch dtype -> its safetensors name.
 _STORED = {torch.float32: "F32", torch.float16: "F16"}
-
-#: Top-level config counts that transformers divides by or sizes every layer with: 0 or less is refused here,
-#: as transformers' own messages say nothing useful (0 heads: "integer division or modulo by zero").
-POSITIVE_COUNTS = (
-    "hidden_size",
-    "n_embd",
-    "d_model",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "n_head",
-    "num_heads",
-)
-#: The fix of every error about a config.json that transformers cannot build, or that does not fit the weights.
-CONFIG_FIX = "the config does not match the weights: check config.json"
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' logging at ERROR, no progress bars, and Python warnings ignored (torch warns on stderr, in
-    two lines, when a config makes a zero-element tensor)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(logging.ERROR)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
-
-
-def config_from_dict(config: Mapping[str, Any], source: Path) -> Any:
-    """A transformers config from ``config.json``'s content (e.g. a merge's changed config); ``source`` names
-    the file in errors.
-
-    Raises:
-        ExportError: transformers does not know the ``model_type``.
-        InputFileError: A count of :data:`POSITIVE_COUNTS` is 0 or less, or transformers refuses the values.
-
-    Example:
-        >>> config_from_dict({"model_type": "bert", "hidden_size": 32}, Path("config.json")).hidden_size
-        32
-    """
-    from transformers import CONFIG_MAPPING
-
-    model_type = str(config.get("model_type", ""))
-    if not model_type:
-        raise ExportError(str(source), "is missing or has no model_type", "export a transformers model folder")
-    if model_type not in CONFIG_MAPPING:
-        raise ExportError(
-            str(source), f"model_type {model_type!r} is not known to this transformers", "upgrade transformers"
-        )
-    for key in POSITIVE_COUNTS:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise InputFileError(str(source), f"{key} is {value}, expected a positive integer", CONFIG_FIX)
-    try:
-        with _quiet_transformers():
-            return CONFIG_MAPPING[model_type].from_dict(dict(config))
-    except Exception as exc:  # the config class's own validation: ValueError, TypeError, strict-dataclass errors...
-        raise InputFileError(
-            str(source), f"transformers cannot build a {model_type} config from it ({reported(exc)})", CONFIG_FIX
-        ) from exc
-
-
-def reported(exc: BaseException) -> str:
-    """What transformers said: the first line of ``exc`` (escaped, as :func:`first_line`), or of its cause when
-    that line only announces the details (huggingface_hub's strict dataclass errors: ``Validation error for
-    field 'vocab_size':``, the reason on the next line and in the cause).
-
-    Example:
-        >>> reported(ValueError("The hidden size (64) is not a multiple of the number of attention heads (3)."))
-        'The hidden size (64) is not a multiple of the number of attention heads (3).'
-    """
-    said = first_line(exc)
-    if said.endswith(":") and exc.__cause__ is not None:
-        return first_line(exc.__cause__)
-    return said
 
 
 def _task_error(folder: Path, task: str, exc: BaseException) -> ExportError:
@@ -133,7 +47,7 @@ def build_on_meta(folder: Path, task: str, config: Any) -> Any:
 
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
-        with _quiet_transformers(), torch.device("meta"):
+        with quiet_transformers(), torch.device("meta"):
             return auto.from_config(config)
     except Exception as exc:  # whatever the modeling code raises on the config's values
         takes = getattr(auto, "_model_mapping", None)  # config class -> model class, of this auto class
@@ -144,55 +58,6 @@ def build_on_meta(folder: Path, task: str, config: Any) -> Any:
             f"transformers cannot build {AUTO_CLASSES[task]} from it ({reported(exc)})",
             CONFIG_FIX,
         ) from exc
-
-
-def check_shapes(model: Any, shapes: Mapping[str, Sequence[int]], config_path: Path) -> None:
-    """Refuse weights whose shapes differ from ``model``'s (built from ``config_path`` on the meta device).
-
-    Tensors are matched by name, with or without the model's ``base_model_prefix``; names only one side has
-    (heads of another task, renamed legacy keys) are left to transformers.
-
-    Raises:
-        InputFileError: A tensor's shape differs (the first one named, with how many others differ).
-
-    Example:
-        >>> check_shapes(build_on_meta(folder, "causal-lm", config), shapes, folder / "config.json")  # doctest: +SKIP
-    """
-    prefix = str(getattr(model, "base_model_prefix", "") or "")
-    n_built, n_held = _layer_count(model.state_dict()), _layer_count(shapes)
-    if n_built and n_held and n_built != n_held:  # extra layers would be "weights the checkpoint lacks", a task error
-        raise InputFileError(
-            str(config_path),
-            f"{type(model).__name__} built from it has {n_built} layers, the weights hold {n_held}",
-            CONFIG_FIX,
-        )
-    differ: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
-    for key, value in model.state_dict().items():
-        stored = shapes.get(key)
-        if stored is None and prefix:
-            other = key[len(prefix) + 1 :] if key.startswith(f"{prefix}.") else f"{prefix}.{key}"
-            stored = shapes.get(other)
-        if stored is not None and tuple(stored) != tuple(value.shape):
-            differ.append((key, tuple(value.shape), tuple(stored)))
-    if differ:
-        key, wanted, held = differ[0]
-        more = f" ({len(differ) - 1} more tensor(s) differ)" if len(differ) > 1 else ""
-        raise InputFileError(
-            str(config_path),
-            f"{type(model).__name__} built from it has {key} of shape {list(wanted)}, the weights hold "
-            f"{list(held)}{more}",
-            CONFIG_FIX,
-        )
-
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
-
-
-def _layer_count(names: Iterable[str]) -> int:
-    """How many numbered layers (``layers.N.``, ``layer.N.``, ``h.N.``, ``blocks.N.``) the names hold: 1 + the
-    largest N, or 0."""
-    found = [int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))]
-    return max(found) + 1 if found else 0
 
 
 def check_config_fits(ckpt: BaseCheckpoint, task: str | None) -> None:
@@ -268,7 +133,7 @@ def load_task_model(
         model_class = type(skeleton)
         del skeleton
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if model_class is None:
                 model, info = auto.from_pretrained(str(folder), config=config, dtype=dtype, output_loading_info=True)
             else:

@@ -48,10 +48,11 @@ from fourier_convert.io.writer import CheckpointWriter, check_output_target, ref
 from fourier_convert.merging.folder import PROVENANCE_NAME
 from fourier_convert.merging.memory import MergedState, merge_opened
 from fourier_convert.merging.specs import AdapterSpec, adapter_specs, config_json
+from fourier_convert.model_config import config_from_dict
 from fourier_convert.onnx.compare import TOLERANCES
 from fourier_convert.onnx.exporter import MODEL_FILE, OpsetRange, check_opset, export_graph, release_weights
 from fourier_convert.onnx.inputs import export_case, make_inputs
-from fourier_convert.onnx.models import check_config_fits, config_from_dict, load_checkpoint_model, load_task_model
+from fourier_convert.onnx.models import check_config_fits, load_checkpoint_model, load_task_model
 from fourier_convert.onnx.proof import apply_unmerged
 from fourier_convert.onnx.report import REPORT_FILE, OnnxReport
 from fourier_convert.onnx.runtime import (

@@ -32,9 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fourier_convert.errors import InputFileError, UsageError
+from fourier_convert.errors import InputFileError, UsageError, first_line
 from fourier_convert.io.calibration.batching import batches, collate, pad_token_id
-from fourier_convert.io.calibration.common import CalibrationData, first_line, not_regular, show_path
+from fourier_convert.io.calibration.common import CalibrationData, not_regular, show_path
 from fourier_convert.io.calibration.images import IMAGE_SUFFIXES, read_images
 from fourier_convert.io.calibration.tensors import read_tensors
 from fourier_convert.io.calibration.text import read_text

@@ -18,7 +18,7 @@ from typing import IO
 
 import torch
 
-from fourier_convert.errors import InputFileError
+from fourier_convert.errors import InputFileError, first_line, printable
 
 #: The keys of a text sample.
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -161,21 +161,9 @@ def _file_type(mode: int) -> str:
 # -- messages --------------------------------------------------------------------------------------------------
 
 
-def _printable(text: str) -> str:
-    """``text`` with every non-printable character escaped as Python's repr does (no raw control characters)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def show_path(path: Path) -> str:
     """``path`` as messages show it (non-printable characters escaped)."""
-    return _printable(str(path))
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (its type name when empty), at most 200 characters, escaped."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return _printable(first[:200])
+    return printable(str(path))
 
 
 def plural(n: int, noun: str) -> str:

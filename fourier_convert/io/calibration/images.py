@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from fourier_convert.errors import InputFileError
-from fourier_convert.io.calibration.common import CalibrationData, finish, first_line, plural, show_path
+from fourier_convert.errors import InputFileError, first_line
+from fourier_convert.io.calibration.common import CalibrationData, finish, plural, show_path
 from fourier_convert.io.calibration.model import PREPROCESSOR_NAME, config_value, model_takes, quiet_transformers
 
 #: File name suffixes (compared in lower case) read as images.

@@ -11,16 +11,8 @@ from typing import Any
 
 import torch
 
-from fourier_convert.errors import InputFileError, short_repr
-from fourier_convert.io.calibration.common import (
-    TEXT_KEYS,
-    CalibrationData,
-    finish,
-    first_line,
-    plural,
-    show_path,
-    too_few,
-)
+from fourier_convert.errors import InputFileError, first_line, short_repr
+from fourier_convert.io.calibration.common import TEXT_KEYS, CalibrationData, finish, plural, show_path, too_few
 from fourier_convert.io.calibration.model import config_value, model_takes, vocab_size_of
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES
 

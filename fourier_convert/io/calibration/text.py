@@ -14,16 +14,8 @@ from typing import IO, Any
 
 import torch
 
-from fourier_convert.errors import InputFileError, UsageError, short_repr
-from fourier_convert.io.calibration.common import (
-    TEXT_KEYS,
-    CalibrationData,
-    finish,
-    first_line,
-    open_regular,
-    plural,
-    show_path,
-)
+from fourier_convert.errors import InputFileError, UsageError, first_line, short_repr
+from fourier_convert.io.calibration.common import TEXT_KEYS, CalibrationData, finish, open_regular, plural, show_path
 from fourier_convert.io.calibration.model import (
     PREPROCESSOR_NAME,
     has_tokenizer,

@@ -1,0 +1,252 @@
+"""transformers' view of a model folder's ``config.json``: the config it builds, the model it describes on the meta
+device, and whether that model takes the folder's weights.
+
+``from_pretrained`` refuses a folder whose config disagrees with its weights (a hidden size, vocabulary or head
+count the tensors do not have; 0 attention heads; a value of the wrong type), and fills layers the weights lack
+with random values. This module finds both before any work: the model is built on the meta device (no memory,
+no initialisation) and its parameter shapes compared with the tensors'. ``merge`` runs :func:`check_weights_fit`
+on the folder it is about to publish; ``to-onnx`` checks the model of its task.
+
+torch and transformers are imported inside the functions: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fourier_convert.errors import ExportError, InputFileError, first_line, short_repr
+
+#: Top-level config counts that transformers divides by or sizes every layer with: 0 or less is refused here,
+#: as transformers' own messages say nothing useful (0 heads: "integer division or modulo by zero").
+POSITIVE_COUNTS = (
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_head",
+    "num_heads",
+)
+#: The fix of every error about a config.json that transformers cannot build, or that does not fit the weights.
+CONFIG_FIX = "the config does not match the weights: check config.json"
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging at ERROR, no progress bars, and Python warnings ignored (torch warns on stderr, in
+    two lines, when a config makes a zero-element tensor)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def config_from_dict(config: Mapping[str, Any], source: Path) -> Any:
+    """A transformers config from ``config.json``'s content (e.g. a merge's changed config); ``source`` names
+    the file in errors.
+
+    Raises:
+        ExportError: transformers does not know the ``model_type``.
+        InputFileError: A count of :data:`POSITIVE_COUNTS` is 0 or less, or transformers refuses the values.
+
+    Example:
+        >>> config_from_dict({"model_type": "bert", "hidden_size": 32}, Path("config.json")).hidden_size
+        32
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = str(config.get("model_type", ""))
+    if not model_type:
+        raise ExportError(str(source), "is missing or has no model_type", "export a transformers model folder")
+    if model_type not in CONFIG_MAPPING:
+        raise ExportError(
+            str(source), f"model_type {model_type!r} is not known to this transformers", "upgrade transformers"
+        )
+    for key in POSITIVE_COUNTS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise InputFileError(str(source), f"{key} is {value}, expected a positive integer", CONFIG_FIX)
+    try:
+        with quiet_transformers():
+            return CONFIG_MAPPING[model_type].from_dict(dict(config))
+    except Exception as exc:  # the config class's own validation: ValueError, TypeError, strict-dataclass errors...
+        raise InputFileError(
+            str(source), f"transformers cannot build a {model_type} config from it ({reported(exc)})", CONFIG_FIX
+        ) from exc
+
+
+def reported(exc: BaseException) -> str:
+    """What transformers said: the first line of ``exc`` (escaped, as :func:`first_line`), or of its cause when
+    that line only announces the details (huggingface_hub's strict dataclass errors: ``Validation error for
+    field 'vocab_size':``, the reason on the next line and in the cause).
+
+    Example:
+        >>> reported(ValueError("The hidden size (64) is not a multiple of the number of attention heads (3)."))
+        'The hidden size (64) is not a multiple of the number of attention heads (3).'
+    """
+    said = first_line(exc)
+    if said.endswith(":") and exc.__cause__ is not None:
+        return first_line(exc.__cause__)
+    return said
+
+
+def check_shapes(model: Any, shapes: Mapping[str, Sequence[int]], config_path: Path) -> None:
+    """Refuse weights whose shapes differ from ``model``'s (built from ``config_path`` on the meta device).
+
+    Tensors are matched by name, with or without the model's ``base_model_prefix``; names only one side has
+    (heads of another task, renamed legacy keys) are left to transformers.
+
+    Raises:
+        InputFileError: A tensor's shape differs (the first one named, with how many others differ).
+
+    Example:
+        >>> check_shapes(build_on_meta(folder, "causal-lm", config), shapes, folder / "config.json")  # doctest: +SKIP
+    """
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    n_built, n_held = _layer_count(model.state_dict()), _layer_count(shapes)
+    if n_built and n_held and n_built != n_held:  # extra layers would be "weights the checkpoint lacks", a task error
+        raise InputFileError(
+            str(config_path),
+            f"{type(model).__name__} built from it has {n_built} layers, the weights hold {n_held}",
+            CONFIG_FIX,
+        )
+    differ: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    for key, value in model.state_dict().items():
+        stored = shapes.get(key)
+        if stored is None and prefix:
+            other = key[len(prefix) + 1 :] if key.startswith(f"{prefix}.") else f"{prefix}.{key}"
+            stored = shapes.get(other)
+        if stored is not None and tuple(stored) != tuple(value.shape):
+            differ.append((key, tuple(value.shape), tuple(stored)))
+    if differ:
+        key, wanted, held = differ[0]
+        more = f" ({len(differ) - 1} more tensor(s) differ)" if len(differ) > 1 else ""
+        raise InputFileError(
+            str(config_path),
+            f"{type(model).__name__} built from it has {key} of shape {list(wanted)}, the weights hold "
+            f"{list(held)}{more}",
+            CONFIG_FIX,
+        )
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def _layer_count(names: Iterable[str]) -> int:
+    """How many numbered layers (``layers.N.``, ``layer.N.``, ``h.N.``, ``blocks.N.``) the names hold: 1 + the
+    largest N, or 0."""
+    found = [int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))]
+    return max(found) + 1 if found else 0
+
+
+def meta_model(config: Mapping[str, Any], source: Path) -> tuple[Any | None, str]:
+    """The model ``config`` describes, built on the meta device: the class ``architectures`` names (as pipelines
+    load it), or transformers' base ``AutoModel`` of the ``model_type`` when it names none that takes this config.
+
+    Args:
+        config: The content of ``config.json``.
+        source: That file, for messages.
+
+    Returns:
+        ``(model, "")``, or ``(None, why)`` when transformers cannot describe the model: custom code
+        (``auto_map``, never run here), no or an unknown ``model_type``, or modeling code that needs a package
+        that is not installed.
+
+    Raises:
+        InputFileError: transformers refuses the config's values or cannot build the model from them.
+
+    Example:
+        >>> import json
+        >>> model, why = meta_model(json.loads(Path("fixtures/llama/base/config.json").read_text()), Path("c.json"))
+        >>> type(model).__name__, why
+        ('LlamaForCausalLM', '')
+    """
+    if config.get("auto_map"):
+        return None, "it names custom code (auto_map), which fourier-convert does not run"
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return None, "it has no model_type"
+    import torch
+    import transformers
+
+    if model_type not in transformers.CONFIG_MAPPING:
+        return None, f"model_type {model_type!r} is not known to transformers {transformers.__version__}"
+    hf_config = config_from_dict(config, source)
+    archs = config.get("architectures")
+    named = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
+    cls = getattr(transformers, named, None) if named else None
+    takes = isinstance(cls, type) and isinstance(hf_config, getattr(cls, "config_class", ()))
+    try:
+        with quiet_transformers(), torch.device("meta"):
+            model = cls(hf_config) if takes and cls is not None else transformers.AutoModel.from_config(hf_config)  # type: ignore[no-untyped-call]
+    except ImportError as exc:  # modeling code that needs another package
+        return None, f"transformers cannot build it here ({reported(exc)})"
+    except Exception as exc:  # whatever the modeling code raises on the config's values
+        built = named if takes else f"the {model_type} model"
+        raise InputFileError(
+            str(source), f"transformers cannot build {built} from it ({reported(exc)})", CONFIG_FIX
+        ) from exc
+    return model, ""
+
+
+def check_weights_fit(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], source: Path) -> str:
+    """Refuse a ``config.json`` that transformers cannot load ``shapes`` (the folder's tensors) with.
+
+    The model of :func:`meta_model` must hold tensors of these names (with or without its
+    ``base_model_prefix``), the same number of layers, and the same shape wherever a name is shared.
+
+    Args:
+        config: The content of ``config.json``.
+        shapes: Tensor name -> shape, of the weights published with it.
+        source: That file, for messages.
+
+    Returns:
+        ``""`` when checked, or why transformers cannot tell (see :func:`meta_model`).
+
+    Raises:
+        InputFileError: The config is refused (:func:`meta_model`), or does not fit the weights.
+
+    Example:
+        >>> import json
+        >>> config = json.loads(Path("fixtures/llama/base/config.json").read_text())
+        >>> check_weights_fit({**config, "vocab_size": 300}, {"lm_head.weight": (256, 64)}, Path("config.json"))
+        Traceback (most recent call last):
+        fourier_convert.errors.InputFileError: config.json: LlamaForCausalLM built from it has lm_head.weight of \
+shape [300, 64], the weights hold [256, 64]; the config does not match the weights: check config.json
+    """
+    model, why = meta_model(config, source)
+    if model is None:
+        return why
+    check_shapes(model, shapes, source)
+    built = model.state_dict()
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    variants = set(built)
+    if prefix:  # a base model's weights under a head model's names, or the other way round
+        variants |= {f"{prefix}.{k}" for k in built} | {
+            k[len(prefix) + 1 :] for k in built if k.startswith(f"{prefix}.")
+        }
+    if built and shapes and not variants.intersection(shapes):
+        first = next(iter(shapes))
+        raise InputFileError(
+            str(source),
+            f"{type(model).__name__} built from it has none of the weights' {len(shapes)} tensor names "
+            f"(first: {short_repr(first, 80)})",
+            CONFIG_FIX,
+        )
+    return ""

