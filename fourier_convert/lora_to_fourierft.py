@@ -26,17 +26,24 @@ import torch
 
 from fourier_convert.calibrate.pipeline import POOR_AGREEMENT, CalibrationOptions
 from fourier_convert.calibrate.reverse import FromLoraCalibration, calibrate, calibration_base, calibration_options
-from fourier_convert.errors import AdapterError, BaseMismatchError, FourierConvertError, UsageError
+from fourier_convert.errors import AdapterError, BaseMismatchError, FourierConvertError, UsageError, short_repr
 from fourier_convert.host import check_position_draw
 from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, extra_tensor_keys, parse_settings
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
-from fourier_convert.io.lora_adapter import MAX_SCALE, LoraAdapterIn, LoraModule, read_lora_adapter
+from fourier_convert.io.lora_adapter import (
+    MAX_SCALE,
+    LoraAdapterIn,
+    LoraModule,
+    init_without_factors,
+    read_lora_adapter,
+)
 from fourier_convert.io.progress import StepProgress, phase
 from fourier_convert.maths.delta import delta_sq_norm
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.project import Projection, project_lowrank
 from fourier_convert.plan import MergePlan, plan_with_orientation
+from fourier_convert.targets import is_targeted
 
 #: A layer keeping less of the LoRA delta's energy than this is called out in the report.
 LOW_ENERGY = 0.5
@@ -203,7 +210,9 @@ def from_lora(
         BaseMismatchError: A module, or a ``lora_A`` / ``lora_B`` shape, that does not fit the base (checked from
             the headers, before any factor is read).
         AdapterError: Invalid or unsupported LoRA adapter (the message says what a model folder or an ONNX export
-            given as ``adapter`` is), a LoRA scale beyond float32, or coefficients that overflow float32.
+            given as ``adapter`` is), a LoRA scale beyond float32, coefficients that overflow float32, or a module of
+            the base that the config selects but the adapter holds no factors for, where PEFT's delta would not be
+            exactly zero (:func:`check_unfactored_modules`; where it is, a warning names such modules).
         FourierConvertError: Any other invalid input.
 
     Example:
@@ -242,6 +251,7 @@ def from_lora(
     if ckpt is not None:
         plan = plan_with_orientation(ckpt, [out_adapter])  # the output must fit the base as merge would use it
         check_factor_shapes(lora, plan)
+        warnings += check_unfactored_modules(lora, ckpt, plan)
     cache = IndexCache()
     for module, mod in lora.modules.items():
         m, n_in = mod.shape
@@ -396,6 +406,52 @@ def check_factor_shapes(lora: LoraAdapterIn, plan: MergePlan) -> None:
                 f"({kind} out x in = {out_dim}x{in_dim}) at rank {r}",
                 fix,
             )
+
+
+def check_unfactored_modules(lora: LoraAdapterIn, ckpt: BaseCheckpoint, plan: MergePlan) -> list[str]:
+    """Modules of the base that the LoRA config selects but the adapter holds no factors for (headers only).
+
+    PEFT puts a LoRA layer on every module the config selects, and one without factors in the file keeps the factors
+    it was initialised with (PEFT only warns of the missing keys): an exactly zero delta for most
+    ``init_lora_weights`` values, which the conversion reproduces by leaving the module out, but not for all
+    (:func:`~fourier_convert.io.lora_adapter.init_without_factors`).
+
+    Returns:
+        A warning naming such modules when PEFT's delta there is zero (else nothing).
+
+    Raises:
+        AdapterError: Such a module where PEFT's delta is not exactly zero (the message names the first).
+    """
+    s = lora.settings
+    inverse = {v: k for k, v in plan.names.to_ckpt.items()}
+    missing = sorted(
+        module
+        for k, t in ckpt.tensors.items()
+        if k.endswith(".weight") and len(t.shape) == 2 and k in inverse
+        for module in [inverse[k][: -len(".weight")]]
+        if module not in lora.modules and is_targeted(s, module)
+    )
+    if not missing:
+        return []
+    problem = init_without_factors(s.init_lora_weights)
+    if problem is not None:
+        others = len(missing) - 1
+        more = f" (nor for {others} other selected module{'s' if others > 1 else ''})" if others else ""
+        raise AdapterError(
+            str(lora.files[1]),
+            f"adapter_config.json selects {missing[0]!r} of the base, but the adapter holds no lora_A / lora_B for "
+            f"it{more}: {problem}",
+            "re-save the adapter with PEFT if the module was trained, or leave the module out of the selection in "
+            "adapter_config.json (e.g. list it in exclude_modules)",
+        )
+    few = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    one = len(missing) == 1
+    return [
+        f"{len(missing)} module{'' if one else 's'} that adapter_config.json selects in the base "
+        f"{'has' if one else 'have'} no lora_A / lora_B in the adapter ({few}): PEFT loads "
+        f"{'it' if one else 'them'} with a zero delta (init_lora_weights={short_repr(s.init_lora_weights)} starts "
+        f"one factor at zero), so the FourierFT adapter leaves {'it' if one else 'them'} unchanged too",
+    ]
 
 
 def _check_representable(

@@ -978,6 +978,127 @@ def test_fields_that_do_not_change_peft_delta_are_accepted(tmp_path: Path, confi
         torch.testing.assert_close(fft.tensors[key], value, rtol=0, atol=0)
 
 
+def _drop_factors(adapter: Path, *modules: str) -> None:
+    """Remove the lora_A / lora_B of ``modules`` from the adapter's safetensors file."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    path = adapter / "adapter_model.safetensors"
+    keys = {_factor_key(m, half) for m in modules for half in "AB"}
+    stored = load_torch(str(path))
+    assert keys <= set(stored)
+    save_file({k: v for k, v in stored.items() if k not in keys}, str(path), metadata={"format": "pt"})
+
+
+UNFACTORED_FIX = (
+    "re-save the adapter with PEFT if the module was trained, or leave the module out of the selection in "
+    "adapter_config.json (e.g. list it in exclude_modules)"
+)
+
+
+@pytest.mark.parametrize(
+    ("init", "dropped", "problem"),
+    [
+        (False, [V0], "PEFT would initialise it randomly when loading the adapter (init_lora_weights=False), so "
+         "PEFT's delta there is random"),
+        ("orthogonal", [V0, V1], "PEFT would initialise it randomly when loading the adapter "
+         "(init_lora_weights='orthogonal': random factors whose product is zero only up to rounding, different on "
+         "every load)"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_selected_module_without_factors_that_peft_initialises_randomly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, init: Any, dropped: list[str], problem: str
+) -> None:
+    """A module the config selects in the base but the file holds no factors for was taken as "no delta"; PEFT
+    loads the adapter (warning of the missing keys) with the LoRA layer it initialised there, which with these
+    init_lora_weights has random factors: refused from the headers, naming the first such module."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _drop_factors(src, *dropped)
+    _set_config(src, init_lora_weights=init)
+    more = " (nor for 1 other selected module)" if len(dropped) > 1 else ""
+    msg = (
+        f"{src / 'adapter_model.safetensors'}: adapter_config.json selects '{V0}' of the base, but the adapter holds "
+        f"no lora_A / lora_B for it{more}: {problem}; {UNFACTORED_FIX}"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, msg, src)
+    from peft import PeftModel
+
+    deltas = []
+    missing = f"Found missing adapter keys while loading the checkpoint: ['{_factor_key(V0)[: -len('weight')]}default"
+    for seed in (0, 1):  # PEFT loads it, warning only, with a non-zero delta at the module, different on every load
+        torch.manual_seed(seed)
+        with pytest.warns(UserWarning, match=re.escape(missing)):
+            model = PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(src))
+        deltas.append(model.base_model.model.get_submodule(V0).get_delta_weight("default").detach())
+    assert bool((deltas[0] != 0).any()) and not torch.equal(deltas[0], deltas[1])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"init_lora_weights": True},
+        {},
+        {"init_lora_weights": "gaussian"},
+        {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}},
+        {"init_lora_weights": "lora_ga", "lora_ga_config": {}},
+        {"init_lora_weights": "mica"},
+    ],
+)
+def test_cli_converts_a_selected_module_without_factors_as_the_zero_delta_peft_loads(
+    tmp_path: Path, config: dict[str, Any]
+) -> None:
+    """With init_lora_weights that start one factor at zero, PEFT loads a selected module without factors with a
+    zero delta: the conversion leaves it out, says so in one warning, and PEFT runs the output as it runs the LoRA."""
+    from click.testing import CliRunner
+    from peft import PeftModel
+
+    from fourier_convert.cli.main import cli
+
+    lora, _ = fc.to_lora(FIXTURES / "llama" / "adapter", base=LLAMA_BASE, rank=1.0)  # exact: the round trip is too
+    src = tmp_path / "lora"
+    lora.save(src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k != "init_lora_weights"}
+    cfg["rank_pattern"] = {**cfg["rank_pattern"], "k_proj": 8}  # MiCA needs r <= min(out, in) = 32
+    (src / "adapter_config.json").write_text(
+        json.dumps({**cfg, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], **config})
+    )
+    unfactored = sorted(f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("k_proj", "o_proj"))
+    peft_deltas = _peft_deltas("llama", src)
+    assert all(not peft_deltas[m].any() for m in unfactored)  # PEFT puts a LoRA layer there, with a zero delta
+    out = tmp_path / "fft"
+    args = [
+        "from-lora",
+        "--adapter",
+        src,
+        "--base",
+        LLAMA_BASE,
+        "--n-frequency",
+        50,
+        "--n-frequency-pattern",
+        "v_proj=30",
+    ]
+    res = CliRunner().invoke(cli, [str(a) for a in [*args, "--seed", 777, "--scaling", 150, "--out", out]])
+    assert res.exit_code == 0, res.output
+    init = repr(config.get("init_lora_weights", True))
+    warning = (
+        f"warning: 4 modules that adapter_config.json selects in the base have no lora_A / lora_B in the adapter "
+        f"({', '.join(unfactored[:3])}, ...): PEFT loads them with a zero delta (init_lora_weights={init} starts one "
+        "factor at zero), so the FourierFT adapter leaves them unchanged too"
+    )
+    assert warning in res.stderr.splitlines(), res.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    )
+    x = _inputs("llama")
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(src)).eval()(**x).logits
+        got = PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(out)).eval()(**x).logits
+        plain = load_task_model("llama", LLAMA_BASE)(**x).logits
+    assert not torch.allclose(plain, want, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("config", "state"), [({"velora_config": {}}, "lora_velora_embed"), ({"monteclora_config": {}}, "lora_monteclora")]
 )

@@ -161,11 +161,50 @@ class LoraSettings:
         alpha = self.alpha_for(module)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
+    @property
+    def init_lora_weights(self) -> Any:
+        """The config's ``init_lora_weights`` (PEFT's default, True, when the field is absent)."""
+        return self.raw.get("init_lora_weights", True)
+
     def alpha_field(self, module: str) -> str:
         """The config field that gives ``module`` its alpha (``lora_alpha`` or ``alpha_pattern['KEY']``), for
         messages."""
         key = _pattern_key(self.alpha_pattern, module)
         return f"alpha_pattern[{key!r}]" if key is not None else "lora_alpha"
+
+
+def init_without_factors(init: Any) -> str | None:
+    """What PEFT does, under ``init_lora_weights=init``, to a module it selects but finds no factors for, when that is
+    not "an exactly zero delta" (None then). PEFT loads such an adapter (it only warns of the missing keys) and keeps
+    the LoRA layer it initialised there.
+
+    As PEFT 0.21.2's ``LoraLayer.update_layer`` initialises a Linear / Conv1D layer on loading (measured on the llama
+    fixture): True, ``"gaussian"``, ``"eva"`` and ``"lora_ga"`` (no gradients when loading) start ``lora_B`` at zero,
+    ``"mica"`` ``lora_A``: the delta is exactly 0. A false value keeps both factors' random ``nn.Linear`` start (a
+    delta of about 0.3 at r=2); ``"orthogonal"`` draws both at random, their product zero only up to rounding (about
+    1e-8, different on every load). PEFT fails on any other value. (PiSSA, OLoRA, CorDA and LoftQ are refused before:
+    :data:`_BASE_CHANGING_INITS`.)
+
+    Returns:
+        None for an exactly zero delta, else a clause about the module (``it``) for a message.
+
+    Example:
+        >>> init_without_factors(True) is None, init_without_factors("Gaussian") is None
+        (True, True)
+        >>> init_without_factors(False)[:60]
+        'PEFT would initialise it randomly when loading the adapter ('
+    """
+    if init is True or (isinstance(init, str) and (init.lower() in ("gaussian", "mica") or init in ("eva", "lora_ga"))):
+        return None
+    value = f"init_lora_weights={short_repr(init)}"
+    if not init:
+        return f"PEFT would initialise it randomly when loading the adapter ({value}), so PEFT's delta there is random"
+    if init == "orthogonal":
+        return (
+            f"PEFT would initialise it randomly when loading the adapter ({value}: random factors whose product is "
+            "zero only up to rounding, different on every load)"
+        )
+    return f"PEFT would fail to initialise it when loading the adapter ({value} is no initialisation PEFT knows)"
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
