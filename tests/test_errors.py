@@ -24,7 +24,7 @@ import fourier_convert.io.writer as writer_module
 from fourier_convert.cli.main import cli
 from fourier_convert.maths.closed_form import DeltaCheck, DeltaSample
 from tests.conftest import FIXTURES, replace_with_special_file
-from tests.reference import peft_indices
+from tests.reference import load_model_tensors, peft_indices
 
 SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
 Q0 = SPECTRUM.format(i=0, m="q_proj")
@@ -1280,6 +1280,74 @@ def test_modules_to_save_copies_without_modules_to_save_are_refused(llama: tuple
         "is [], so PEFT would ignore it; list the module in modules_to_save, or remove the tensor"
     )
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
+
+
+#: modules_to_save copies as PEFT names them: fixture, plain key (the one PEFT reads), copy (never read).
+COPIES = {
+    "default": ("llama", "lm_head.weight", "lm_head.modules_to_save.default.weight"),
+    "other-name": ("llama", "lm_head.weight", "lm_head.modules_to_save.other.weight"),
+    "no-name": ("bert_head", "classifier.bias", "classifier.modules_to_save.bias"),  # bias="all" on a Linear head
+    "bias-all": ("roberta", "classifier.dense.bias", "classifier.modules_to_save.default.dense.bias"),  # as saved
+}
+
+
+def _with_copy(fixture_copy: Any, case: str, *, plain_too: bool) -> tuple[str, Path, Path, str, str, torch.Tensor]:
+    """A copy of the case's fixture whose file holds the copy (values unlike the plain key's) and, with
+    ``plain_too``, the plain key: the fixture, base, adapter, plain key, copy key and the plain key's values."""
+    name, plain, copy = COPIES[case]
+    plain, copy = f"base_model.model.{plain}", f"base_model.model.{copy}"
+    d = fixture_copy(name)
+    weights = d / "adapter" / "adapter_model.safetensors"
+    tensors = read_tensors(weights)
+    if name == "llama":  # the fixture has no head: train lm_head
+        edit_config(d / "adapter", modules_to_save=["lm_head"])
+        tensors[plain] = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    value = tensors.pop(plain)
+    tensors[copy] = value + 1.0
+    if plain_too:
+        tensors[plain] = value
+    write_tensors(weights, tensors)
+    return name, d / "base", d / "adapter", plain, copy, value
+
+
+@pytest.mark.parametrize("case", list(COPIES))
+def test_a_modules_to_save_copy_without_its_plain_key_is_refused(case: str, fixture_copy: Any, tmp_path: Path) -> None:
+    """PEFT 0.21.2 reads a modules_to_save module only from its plain keys and never reads the wrapper copies:
+    without the plain key it fails (KeyError), whatever the copy's name. merge took a lone copy as the head and
+    exited 0 (a comment said bias="all" saved head biases only as copies: PEFT saves the plain key too)."""
+    from peft import PeftModel
+
+    from tests.test_forward import load_task_model
+
+    name, base, adapter, plain, copy, _ = _with_copy(fixture_copy, case, plain_too=False)
+    msg = (
+        f"{adapter / 'adapter_model.safetensors'}: tensor {copy!r} is a modules_to_save copy, which PEFT never reads: "
+        f"it reads {plain!r}, which the file lacks, and fails to load the adapter (KeyError); store the tensor as "
+        f"{plain!r}, or re-save the adapter with PEFT"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+    with pytest.raises(KeyError, match=re.escape(plain)):
+        PeftModel.from_pretrained(load_task_model(name, base), str(adapter))
+
+
+@pytest.mark.parametrize("case", list(COPIES))
+def test_a_modules_to_save_copy_beside_its_plain_key_is_ignored_as_peft_ignores_it(
+    case: str, fixture_copy: Any, tmp_path: Path
+) -> None:
+    """The copy's values differ from the plain key's: PEFT loads the plain key, and so does merge."""
+    from peft import PeftModel
+
+    from tests.test_forward import _inputs, load_task_model
+
+    name, base, adapter, plain, _, value = _with_copy(fixture_copy, case, plain_too=True)
+    out = tmp_path / "merged"
+    fc.merge(base, adapter, out, device="cpu")
+    assert torch.equal(load_model_tensors(out)[plain.removeprefix("base_model.model.")], value)
+    x = _inputs(name)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(load_task_model(name, base), str(adapter)).eval()(**x).logits
+        got = load_task_model(name, out)(**x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("both", [False, True])

@@ -604,7 +604,10 @@ def classify_tensors(
     """Sort a PEFT adapter's tensors into the method's own, trained biases and ``modules_to_save`` heads.
 
     Keys lose the ``base_model.model.`` prefix; ``<module>.base_layer.bias`` becomes ``<module>.bias``;
-    stale ``original_module`` copies are skipped and ``modules_to_save.<adapter>.`` wrappers unwrapped.
+    stale ``original_module`` copies are skipped. A ``modules_to_save`` module's tensors are read from their
+    plain keys ``<module>.<param>`` only, as PEFT 0.21.2 loads them: it fails (``KeyError``) without one, and
+    ignores wrapper copies ``<module>.modules_to_save[.<adapter>].<param>`` (``bias="all"`` saves them for the
+    module's biases). So a copy is never read, and is refused without its plain key.
 
     Args:
         tensors: Stored key -> tensor.
@@ -619,14 +622,14 @@ def classify_tensors(
         The groups.
 
     Raises:
-        AdapterError: A tensor that fits none of the roles, PEFT would ignore, or that is stored twice; or a
-            non-float bias / head.
+        AdapterError: A tensor that fits none of the roles, PEFT would ignore, or that is stored twice; a
+            wrapper copy without its plain key; or a non-float bias / head.
     """
     method: dict[str, StoredTensor] = {}
     seen: dict[str, str] = {}
     biases: dict[str, StoredTensor] = {}
     heads: dict[str, StoredTensor] = {}
-    wrapped: dict[str, StoredTensor] = {}
+    copies: list[tuple[str, list[str]]] = []  # stored key of a modules_to_save copy, its possible plain keys
     for key, t in tensors.items():
         if require_prefix and not key.startswith(KEY_PREFIX):
             raise AdapterError(
@@ -642,9 +645,10 @@ def classify_tensors(
         seen[clean] = key
         if ".original_module." in f".{clean}":
             continue  # stale copy of a modules_to_save module, never used
-        m = re.match(r"^(.*?)\.?modules_to_save\.[^.]+\.(.*)$", clean)
-        if m:
-            wrapped[f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)] = t
+        m = re.match(r"^(?:(.*?)\.)?modules_to_save\.(.+)$", clean)
+        if m:  # <module>.modules_to_save.<adapter>.<param>, or .<param> where PEFT's saving cut off the adapter name
+            module, rest = f"{m.group(1)}." if m.group(1) else "", m.group(2)
+            copies.append((key, [module + rest.split(".", 1)[-1], module + rest]))
             continue
         if is_method(clean):
             method[clean] = t
@@ -670,7 +674,11 @@ def classify_tensors(
                 f"bias={bias!r}, not in modules_to_save {modules_to_save})",
                 "check that adapter_config.json belongs to these weights",
             )
-    for clean, t in wrapped.items():
+    # PEFT 0.21.2 saves every tensor of a modules_to_save module under its plain key; bias="all" adds wrapper
+    # copies of the module's biases, equal to the plain ones. On loading, PEFT reads each plain key (KeyError if it
+    # is missing) into the wrapper and ignores every copy. So copies are never read, and one needs its plain key.
+    for key, plains in copies:
+        clean = plains[0]
         if not _is_head(clean, modules_to_save):  # no ModulesToSaveWrapper there: PEFT would ignore the tensor
             raise AdapterError(
                 where,
@@ -678,9 +686,14 @@ def classify_tensors(
                 "so PEFT would ignore it",
                 "list the module in modules_to_save, or remove the tensor",
             )
-        # PEFT saves some modules_to_save tensors only under the wrapper's path (bias="all" heads).
-        if clean not in heads and clean not in biases:
-            (heads if _is_head(clean, modules_to_save) else biases)[clean] = t
+        if not any(p in heads for p in plains):
+            plain = (KEY_PREFIX if key.startswith(KEY_PREFIX) else "") + clean
+            raise AdapterError(
+                where,
+                f"tensor {key!r} is a modules_to_save copy, which PEFT never reads: it reads {plain!r}, which the "
+                "file lacks, and fails to load the adapter (KeyError)",
+                f"store the tensor as {plain!r}, or re-save the adapter with PEFT",
+            )
     for key, t in {**biases, **heads}.items():
         if t.dtype not in FLOAT_DTYPES:
             raise AdapterError(where, f"tensor {key!r} has dtype {t.dtype}, expected a float dtype", "re-save it")
