@@ -14,7 +14,9 @@ What it does, in one run:
 3. Times each stage as a separate subprocess: wall time, CPU time and peak RSS from ``os.wait4`` (exact for
    the child and its reaped descendants), with a ``psutil`` poll of the process tree every 20 ms as a cross
    check. Stages: ``copy`` (``cp -r``), ``copy+sync`` (``cp -r`` then ``sync``, for reference: the merge
-   fsyncs its output, ``cp`` does not), ``merge-cpu`` (and ``merge-cuda`` with ``--device cuda``) and
+   fsyncs its output, ``cp`` does not), ``merge-cpu`` (and ``merge-cuda`` with ``--device cuda``; both check
+   config.json against the weights on every run, as a first merge into a base does), ``known-cpu`` (a base
+   whose check passed before and is remembered, as in a pipeline; warmed by one untimed merge) and
    ``peft-<device>`` (load, ``PeftModel.from_pretrained``, ``merge_and_unload``, ``save_pretrained``). Each
    output is deleted and ``sync`` run between stages. Also recorded: the CPU time all other processes used
    during each stage (from ``/proc/stat``; the machine may be shared) and a hash of the measured
@@ -588,6 +590,7 @@ class Stage:
 
     name: str
     make_cmd: Callable[[Path], list[str]]
+    env: dict[str, str] = field(default_factory=dict)
     runs: list[Measurement] = field(default_factory=list)
     failed: bool = False
 
@@ -754,13 +757,17 @@ def build_stages(base: Path, adapter: Path, args: argparse.Namespace) -> list[St
             "--quiet",
         ]
 
+    # merge-*: the config check runs every time (FOURIER_CONVERT_CACHE="" remembers nothing), as on the first merge
+    # into a base; known-cpu: the check passed before (the pipeline case), its cache warmed by an untimed merge
+    every_time = {"FOURIER_CONVERT_CACHE": ""}
     stages = [
         Stage("copy", lambda out: ["cp", "-r", str(base), str(out)]),
         Stage("copy+sync", lambda out: ["sh", "-c", 'cp -r "$0" "$1" && sync', str(base), str(out)]),
-        Stage("merge-cpu", merge_cmd("cpu")),
+        Stage("merge-cpu", merge_cmd("cpu"), every_time),
+        Stage("known-cpu", merge_cmd("cpu"), {"FOURIER_CONVERT_CACHE": str(args.work.resolve() / "fit-cache")}),
     ]
     if args.device == "cuda":
-        stages.append(Stage("merge-cuda", merge_cmd("cuda")))
+        stages.append(Stage("merge-cuda", merge_cmd("cuda"), every_time))
     if not args.skip_peft:
         stages.append(
             Stage(
@@ -846,6 +853,8 @@ def evaluate(stages: list[Stage], device: str) -> tuple[dict[str, float], list[d
                 "passed": rss <= TARGET_RSS_MIB,
             }
         )
+    if "known-cpu" in wall and "copy+sync" in wall:
+        ratios["known-cpu/copy+sync"] = wall["known-cpu"] / wall["copy+sync"]
     if "merge-cuda" in wall and "merge-cpu" in wall:
         ratios["merge-cuda/merge-cpu"] = wall["merge-cuda"] / wall["merge-cpu"]
         targets.append(
@@ -1008,6 +1017,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "each output is deleted and `sync` run before the next stage"
     )
 
+    for stage in stages:
+        if stage.name == "known-cpu":  # untimed: the config check passes once and is remembered
+            _remove(runs / "warmup")
+            measure(stage.make_cmd(runs / "warmup"), logs / "known-warmup.log", {**env, **stage.env})
+            _remove(runs / "warmup")
+            os.sync()
+
     ok = True
     for rep in range(args.repeat):
         last = rep == args.repeat - 1
@@ -1015,7 +1031,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             out = runs / stage.name
             _remove(out)
             os.sync()
-            m = measure(stage.make_cmd(out), logs / f"{stage.name}-{rep + 1}.log", env)
+            m = measure(stage.make_cmd(out), logs / f"{stage.name}-{rep + 1}.log", {**env, **stage.env})
             print(
                 f"  run {rep + 1}/{args.repeat} {stage.name:<11} {m.wall_s:7.2f} s  cpu {m.cpu_s:6.2f} s  "
                 f"other cpu {_fmt(m.other_cpu_s, '6.2f')} s  {m.maxrss_mib:6.0f} MiB"

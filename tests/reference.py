@@ -51,11 +51,8 @@ def reference_merge(
     out: dict[str, np.ndarray] = {}
     for key, value in sd.items():
         clean = key[len(PREFIX) :]
-        if ".original_module." in clean:
-            continue
-        if ".modules_to_save." in clean:
-            head, _, rest = clean.partition(".modules_to_save.")
-            clean = head + "." + rest.split(".", 1)[1]
+        if ".original_module." in clean or ".modules_to_save." in clean:
+            continue  # PEFT reads a modules_to_save module's plain keys only; its wrapper copies are never used
         if clean.endswith(".fourierft_spectrum"):
             module = clean[: -len(".fourierft_spectrum")]
             wkey = key_map.get(module + ".weight", module + ".weight")
