@@ -32,9 +32,11 @@ from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, e
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.lora_adapter import (
+    INIT_FIX,
     MAX_SCALE,
     LoraAdapterIn,
     LoraModule,
+    init_peft_cannot_load,
     init_without_factors,
     read_lora_adapter,
 )
@@ -424,15 +426,20 @@ def check_unfactored_modules(lora: LoraAdapterIn, ckpt: BaseCheckpoint, plan: Me
     """
     s = lora.settings
     inverse = {v: k for k, v in plan.names.to_ckpt.items()}
-    missing = sorted(
-        module
+    shapes = {
+        module: (t.shape[0], t.shape[1])
         for k, t in ckpt.tensors.items()
         if k.endswith(".weight") and len(t.shape) == 2 and k in inverse
         for module in [inverse[k][: -len(".weight")]]
         if module not in lora.modules and is_targeted(s, module)
-    )
+    }
+    missing = sorted(shapes)
     if not missing:
         return []
+    for module in missing:  # PEFT initialises these too, and fails at a rank its initialisation cannot take
+        cannot = init_peft_cannot_load(s.init_lora_weights, (module, s.rank_for(module), shapes[module]))
+        if cannot is not None:
+            raise AdapterError(str(lora.files[0]), cannot, INIT_FIX)
     problem = init_without_factors(s.init_lora_weights)
     if problem is not None:
         others = len(missing) - 1

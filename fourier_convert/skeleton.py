@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fourier_convert.model_config import check_weights_fit
+from fourier_convert.model_config import check_weights_fit, check_weights_fit_in_child
 
 LINEAR = "linear"
 CONV1D = "conv1d"
@@ -210,7 +211,8 @@ def _add_renaming(skeleton: Skeleton, model: Any, checkpoint_keys: Iterable[str]
 class BaseModelJob:
     """transformers' modeling code (seconds to import) run in a background thread while other work goes on: the
     model skeleton, when asked for, then the check that the ``config.json`` to be published fits the weights
-    published with it (:func:`~fourier_convert.model_config.check_weights_fit`). :meth:`result` waits for both.
+    published with it (:func:`~fourier_convert.model_config.check_weights_fit`; in a child process when this one
+    has not imported transformers and needs no skeleton). :meth:`result` waits for both.
 
     Args:
         config: The base's ``config.json`` (the skeleton is built from it).
@@ -247,7 +249,12 @@ class BaseModelJob:
     def _run(self) -> None:
         try:
             skeleton, why = build_skeleton(self._config, self._keys) if self.build else (None, "")
-            unchecked = check_weights_fit(*self._fit) if self._fit is not None else ""
+            unchecked = ""
+            if self._fit is not None:
+                # transformers not yet imported and no skeleton to build: a child process imports it, so that this
+                # process (the merge) keeps its GIL
+                in_child = not self.build and "transformers" not in sys.modules
+                unchecked = (check_weights_fit_in_child if in_child else check_weights_fit)(*self._fit)
             if self._fit is not None and not unchecked and self._on_fit is not None:
                 self._on_fit()
             self._result = (skeleton, why, unchecked)

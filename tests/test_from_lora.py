@@ -951,10 +951,51 @@ def test_cli_refuses_an_initialisation_peft_reruns_on_the_base(
     _cli_fails(tmp_path, monkeypatch, fc.AdapterError, f"{src / 'adapter_config.json'}: {message}", src)
 
 
+INIT_FIX = "set init_lora_weights to true (it only sets the factors PEFT starts from, which the saved ones replace)"
+UNKNOWN_INIT = "PEFT fails to load the adapter with it (an initialisation it does not know)"
+
+
+@pytest.mark.parametrize(
+    ("init", "lora", "found", "peft_error"),
+    [
+        ("bogus", {}, f"init_lora_weights is 'bogus': {UNKNOWN_INIT}", "Unknown initialization"),
+        ("EVA", {}, f"init_lora_weights is 'EVA': {UNKNOWN_INIT}", "Unknown initialization"),
+        ("pissa_x", {}, f"init_lora_weights is 'pissa_x': {UNKNOWN_INIT}", "should be 'pissa' or"),
+        (1, {}, f"init_lora_weights is 1: {UNKNOWN_INIT}", "no attribute 'lower'"),
+        ([1], {}, f"init_lora_weights is [1]: {UNKNOWN_INIT}", "no attribute 'lower'"),
+        ("orthogonal", {"r": 3}, f"init_lora_weights is 'orthogonal' and '{Q0}' has rank 3: PEFT fails to load the "
+         "adapter (its orthogonal initialisation needs an even rank)", "requires the LoRA rank to be even"),
+        ("orthogonal", {"rank_pattern": {"v_proj": 3}}, f"init_lora_weights is 'orthogonal' and '{V0}' has rank 3: "
+         "PEFT fails to load the adapter (its orthogonal initialisation needs an even rank)",
+         "requires the LoRA rank to be even"),
+        ("MICA", {"r": 40}, f"init_lora_weights is 'MICA' and '{V0}' has rank 40, more than min(out, in) = 32: PEFT "
+         "fails to load the adapter (MiCA takes lora_B from r of the base weight's singular vectors)",
+         "MiCA requires `r` <= min"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_an_initialisation_peft_cannot_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, init: Any, lora: dict[str, Any], found: str, peft_error: str
+) -> None:
+    """init_lora_weights PEFT fails on even with every factor present (a string it does not know, in any other case
+    than it matches, a true non-string, orthogonal at an odd rank of r or rank_pattern, MiCA at a rank above
+    min(out, in)) were converted; refused from the config and the factor headers."""
+    from peft import PeftModel
+
+    src = _peft_lora(tmp_path, "llama", **{"r": 2, "target_modules": ["q_proj", "v_proj"], **lora})
+    _set_config(src, init_lora_weights=init)
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, f"{src / 'adapter_config.json'}: {found}; {INIT_FIX}", src)
+    with pytest.raises((ValueError, AttributeError), match=re.escape(peft_error)):
+        PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(src))
+
+
 @pytest.mark.parametrize(
     "config",
     [
         {"init_lora_weights": "mica"},
+        {"init_lora_weights": "MICA"},
+        {"init_lora_weights": "Gaussian"},
+        {"init_lora_weights": None},
+        {"init_lora_weights": 0},
         {"init_lora_weights": "orthogonal"},
         {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}},
         {"init_lora_weights": "lora_ga", "lora_ga_config": {}},
@@ -1145,3 +1186,30 @@ def test_a_training_state_tensor_without_its_variant_is_still_refused(tmp_path: 
     _set_tensors(src2, **{"model.layers.0.mlp.up_proj.lora_velora_embed": torch.zeros(2)})
     with pytest.raises(fc.AdapterError, match=re.escape("'base_model.model.model.layers.0.mlp.up_proj.lora_velora")):
         from_lora(src2, base=LLAMA_BASE, n_frequency=100)
+
+
+@pytest.mark.parametrize(
+    ("init", "rank", "found", "peft_error"),
+    [
+        ("orthogonal", 3, "has rank 3: PEFT fails to load the adapter (its orthogonal initialisation needs an even "
+         "rank)", "requires the LoRA rank to be even"),
+        ("mica", 40, "has rank 40, more than min(out, in) = 32: PEFT fails to load the adapter (MiCA takes lora_B "
+         "from r of the base weight's singular vectors)", "MiCA requires `r` <= min(in_features, out_features)"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_selected_module_without_factors_at_a_rank_peft_cannot_initialise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, init: str, rank: int, found: str, peft_error: str
+) -> None:
+    """PEFT initialises a selected module without factors too, at the rank the config gives it: where its
+    initialisation cannot take that rank, PEFT fails to load the adapter at all."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(
+        src, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=init, rank_pattern={"k_proj": rank}
+    )
+    k0 = "model.layers.0.self_attn.k_proj"
+    message = f"{src / 'adapter_config.json'}: init_lora_weights is {init!r} and {k0!r} {found}; {INIT_FIX}"
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, message, src)
+    from peft import PeftModel
+
+    with pytest.raises(Exception, match=re.escape(peft_error)):
+        PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(src))

@@ -4,6 +4,7 @@ config that from_pretrained would refuse, or that would leave layers random), an
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from fourier_convert.io.checkpoint import open_checkpoint
 from fourier_convert.io.fit_cache import CACHE_ENV, cache_folder, fit_key, known_fit, remember_fit
 from fourier_convert.model_config import CONFIG_FIX, check_weights_fit
 from tests.conftest import FIXTURE_NAMES, FIXTURES
-from tests.test_errors import fails
+from tests.test_errors import fails, snapshot
 
 LLAMA = FIXTURES / "llama" / "base"
 
@@ -207,3 +208,43 @@ def test_an_unusable_cache_only_means_the_check_runs(tmp_path: Path, monkeypatch
     remember_fit("b" * 64)  # no error
     assert not known_fit("b" * 64)
     assert blocker.read_text() == "not a folder"
+
+
+# -- the child process --------------------------------------------------------------------------
+def test_the_child_says_what_it_could_not_check() -> None:
+    """(Its refusals are checked through the command line below; each child costs seconds of imports.)"""
+    from fourier_convert.model_config import check_weights_fit_in_child
+
+    why = check_weights_fit_in_child({**_config(), "model_type": "no_such_model"}, _shapes(LLAMA), Path("c.json"))
+    assert why.startswith("model_type 'no_such_model' is not known to transformers ")
+
+
+def test_a_child_that_gives_no_verdict_is_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fourier_convert.model_config import check_weights_fit_in_child
+
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # the child cannot start: checked in-process
+    with pytest.raises(fc.InputFileError, match="3 layers, the weights hold 2"):
+        check_weights_fit_in_child({**_config(), "num_hidden_layers": 3}, _shapes(LLAMA), Path("config.json"))
+
+
+def test_the_command_line_checks_in_a_child_and_prints_one_line(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    """A fresh process (no transformers imported, a model the source scan settles) checks in a child process."""
+    import subprocess
+    import sys
+
+    base, adapter = llama
+    _edit(base, vocab_size=300)
+    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, CACHE_ENV: ""}
+    cmd = [sys.executable, "-m", "fourier_convert", "merge", "--base", str(base), "--adapter", str(adapter)]
+    res = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, check=False)
+    found = REFUSED["vocab_size"][1]
+    assert (res.returncode, res.stdout, res.stderr) == (
+        1,
+        "",
+        f"error: {base / 'config.json'}: {found}; {CONFIG_FIX}\n",
+    )
+    assert snapshot(tmp_path) == before

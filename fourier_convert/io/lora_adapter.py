@@ -182,8 +182,9 @@ def init_without_factors(init: Any) -> str | None:
     fixture): True, ``"gaussian"``, ``"eva"`` and ``"lora_ga"`` (no gradients when loading) start ``lora_B`` at zero,
     ``"mica"`` ``lora_A``: the delta is exactly 0. A false value keeps both factors' random ``nn.Linear`` start (a
     delta of about 0.3 at r=2); ``"orthogonal"`` draws both at random, their product zero only up to rounding (about
-    1e-8, different on every load). PEFT fails on any other value. (PiSSA, OLoRA, CorDA and LoftQ are refused before:
-    :data:`_BASE_CHANGING_INITS`.)
+    1e-8, different on every load). ``init`` is a value :func:`parse_lora_settings` accepts: those PEFT cannot load
+    (:func:`init_peft_cannot_load`) and PiSSA, OLoRA, CorDA and LoftQ (:data:`_BASE_CHANGING_INITS`) are refused
+    before.
 
     Returns:
         None for an exactly zero delta, else a clause about the module (``it``) for a message.
@@ -194,17 +195,68 @@ def init_without_factors(init: Any) -> str | None:
         >>> init_without_factors(False)[:60]
         'PEFT would initialise it randomly when loading the adapter ('
     """
-    if init is True or (isinstance(init, str) and (init.lower() in ("gaussian", "mica") or init in ("eva", "lora_ga"))):
-        return None
     value = f"init_lora_weights={short_repr(init)}"
-    if not init:
-        return f"PEFT would initialise it randomly when loading the adapter ({value}), so PEFT's delta there is random"
     if init == "orthogonal":
         return (
             f"PEFT would initialise it randomly when loading the adapter ({value}: random factors whose product is "
             "zero only up to rounding, different on every load)"
         )
-    return f"PEFT would fail to initialise it when loading the adapter ({value} is no initialisation PEFT knows)"
+    if not init:
+        return f"PEFT would initialise it randomly when loading the adapter ({value}), so PEFT's delta there is random"
+    return None
+
+
+def init_peft_cannot_load(init: Any, at: tuple[str, int, tuple[int, int]] | None = None) -> str | None:
+    """What is wrong, as the start of a message, when PEFT 0.21.2 fails to load an adapter with
+    ``init_lora_weights=init`` (with ``at``, ``(module, rank, weight shape)``, at that module: the checks that need
+    its rank and shape), else None. It fails whether or not the file holds the module's factors.
+
+    Measured with ``PeftModel.from_pretrained`` on the llama fixture: PEFT loads True, any false value (false, null,
+    0, "", [], {}: no initialisation), ``"gaussian"`` and ``"mica"`` in any case, ``"eva"``, ``"lora_ga"`` and
+    ``"orthogonal"``. It runs the PiSSA, OLoRA, CorDA and LoftQ values on the base weights (or fails: ``"corda"``
+    wants ``preprocess_corda``, ``"loftq"`` a full ``loftq_config``); they pass here, to be refused after
+    (:data:`_BASE_CHANGING_INITS`): ``"olora"`` in any case, ``"loftq"``, ``"pissa"``, ``"pissa_niter_N"`` (N read by
+    ``int()``, even -1), strings starting with ``"corda"``. Any other string ("bogus", "EVA", "true", "pissa_x")
+    fails with a ValueError ("Unknown initialization ..."), any other true value (1, 1.5, [1], {"a": 1}) with an
+    AttributeError (no ``.lower()``). ``"orthogonal"`` also fails at a module of odd rank, be it ``r`` or its
+    ``rank_pattern`` value (an odd ``r`` that ``rank_pattern`` overrides everywhere loads), and ``"mica"`` at a
+    module whose rank exceeds min(out, in).
+
+    Example:
+        >>> init_peft_cannot_load("Gaussian") is None, init_peft_cannot_load(None) is None
+        (True, True)
+        >>> init_peft_cannot_load("EVA")
+        "init_lora_weights is 'EVA': PEFT fails to load the adapter with it (an initialisation it does not know)"
+    """
+    found = f"init_lora_weights is {short_repr(init)}"
+    if isinstance(init, str):
+        _, sep, niter = init.partition("_niter_")
+        known = (
+            init.lower() in ("gaussian", "mica", "olora")
+            or init in ("eva", "lora_ga", "orthogonal", "loftq", "pissa")
+            or init.startswith("corda")
+            or (init.startswith("pissa") and bool(sep) and re.fullmatch(r"\s*[-+]?\d+(_\d+)*\s*", niter) is not None)
+        )
+    else:
+        known = init is True or not init
+    if not known:
+        return f"{found}: PEFT fails to load the adapter with it (an initialisation it does not know)"
+    if at is None:
+        return None
+    module, rank, shape = at
+    where = f"{found} and {module!r} has rank {rank}"
+    if init == "orthogonal" and rank % 2:
+        return f"{where}: PEFT fails to load the adapter (its orthogonal initialisation needs an even rank)"
+    if isinstance(init, str) and init.lower() == "mica" and rank > min(shape):
+        return (
+            f"{where}, more than min(out, in) = {min(shape)}: PEFT fails to load the adapter (MiCA takes lora_B "
+            "from r of the base weight's singular vectors)"
+        )
+    return None
+
+
+#: The fix for an ``init_lora_weights`` PEFT cannot load.
+INIT_FIX = "set init_lora_weights to true (it only sets the factors PEFT starts from, which the saved ones replace)"
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
@@ -304,9 +356,9 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
     """Validate a LoRA adapter config dict.
 
     Raises:
-        AdapterError: Not LoRA, a variant that changes the maths, a sub-config or selection PEFT refuses on loading,
-            ``target_modules`` unset or ``all-linear`` (only the base model resolves them), or an invalid field (named
-            in the message).
+        AdapterError: Not LoRA, a variant that changes the maths, a sub-config, selection or ``init_lora_weights``
+            PEFT refuses or fails on in loading, ``target_modules`` unset or ``all-linear`` (only the base model
+            resolves them), or an invalid field (named in the message).
 
     Example:
         >>> cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
@@ -335,6 +387,9 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
         if value is not None and not isinstance(value, dict) and (value or name != "monteclora_config"):
             raise AdapterError(where, _not_a_map(name, value), "fix the config")
     init = cfg.get("init_lora_weights")
+    problem = init_peft_cannot_load(init)
+    if problem is not None:
+        raise AdapterError(where, problem, INIT_FIX)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterError(
             where,
@@ -693,6 +748,9 @@ def _pair_factors(
                 f"set {field_name} to the value the adapter was trained with",
             )
         modules[module] = LoraModule(module, ta, tb, scale, where)
+        problem = init_peft_cannot_load(settings.init_lora_weights, (module, r, modules[module].shape))
+        if problem is not None:
+            raise AdapterError(config_where, problem, INIT_FIX)
     if not modules:
         raise AdapterError(where, "holds no lora_A / lora_B tensors", "check that this is a LoRA adapter")
     return modules
