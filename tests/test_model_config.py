@@ -211,12 +211,29 @@ def test_an_unusable_cache_only_means_the_check_runs(tmp_path: Path, monkeypatch
 
 
 # -- the child process --------------------------------------------------------------------------
-def test_the_child_says_what_it_could_not_check() -> None:
+@pytest.fixture
+def hides(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The ``hide`` flag of every check child started (subprocess.run recorded)."""
+    import subprocess
+
+    seen: list[bool] = []
+    run = subprocess.run
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        seen.append(json.loads(kwargs["input"])["hide"])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", recorded)
+    return seen
+
+
+def test_the_child_says_what_it_could_not_check(hides: list[bool]) -> None:
     """(Its refusals are checked through the command line below; each child costs seconds of imports.)"""
     from fourier_convert.model_config import check_weights_fit_in_child
 
     why = check_weights_fit_in_child({**_config(), "model_type": "no_such_model"}, _shapes(LLAMA), Path("c.json"))
     assert why.startswith("model_type 'no_such_model' is not known to transformers ")
+    assert hides == [True]  # one child, optional packages hidden
 
 
 def test_a_child_that_gives_no_verdict_is_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,3 +265,18 @@ def test_the_command_line_checks_in_a_child_and_prints_one_line(llama: tuple[Pat
         f"error: {base / 'config.json'}: {found}; {CONFIG_FIX}\n",
     )
     assert snapshot(tmp_path) == before
+
+
+def test_a_model_that_needs_a_hidden_package_is_checked_again_without_hiding(hides: list[bool]) -> None:
+    """The child hides optional packages from transformers; a model it then cannot build (DETR with a timm
+    backbone needs timm, hidden or absent) gets a second child that hides nothing, whose verdict stands."""
+    from fourier_convert.model_config import check_weights_fit_in_child
+
+    why = check_weights_fit_in_child({"model_type": "detr", "use_timm_backbone": True}, {}, Path("c.json"))
+    assert why.startswith("transformers cannot build it here (TimmBackbone requires the timm library"), why
+    assert hides == [True, False]
+
+
+def test_a_config_class_that_needs_a_missing_package_is_not_checked() -> None:
+    why = check_weights_fit({"model_type": "timm_wrapper", "architecture": "resnet18"}, {}, Path("c.json"))
+    assert why.startswith("transformers cannot build it here (TimmWrapperConfig requires the timm library"), why
