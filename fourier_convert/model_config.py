@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import subprocess
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -257,6 +259,11 @@ shape [300, 64], the weights hold [256, 64]; the config does not match the weigh
     return ""
 
 
+class CheckCancelled(Exception):
+    """:func:`check_weights_fit_in_child` was told to stop: its verdict is not wanted (the merge failed or was
+    interrupted)."""
+
+
 #: Packages transformers imports whenever they are installed (image, video and audio processing, scikit-learn's
 #: metrics, scipy's optimisers) that no model needs to be built on the meta device. The check's child hides them
 #: from transformers: with torchvision and scikit-learn installed, importing transformers' Llama code took 16.5 s
@@ -266,7 +273,14 @@ OPTIONAL_PACKAGES = ("torchvision", "torchaudio", "sklearn", "scipy", "timm", "a
 _NEEDS_PACKAGE = "transformers cannot build it here"
 
 
-def check_weights_fit_in_child(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], source: Path) -> str:
+def check_weights_fit_in_child(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, Sequence[int]],
+    source: Path,
+    *,
+    children: list[subprocess.Popen[bytes]] | None = None,
+    stop: threading.Event | None = None,
+) -> str:
     """:func:`check_weights_fit` in a child Python process: importing torch and transformers' modeling code takes
     seconds of CPU, which a thread of this process would hold the GIL for (measured on a 2-core machine: a 1.1B
     merge took 5.9 s with the check in a thread, 1.9 s beside a child importing them). Call it from a
@@ -281,19 +295,21 @@ def check_weights_fit_in_child(config: Mapping[str, Any], shapes: Mapping[str, S
         config: The content of ``config.json``.
         shapes: Tensor name -> shape, of the weights published with it.
         source: That file, for messages.
+        children: Each child is added here once started (so that the caller can kill it, see ``stop``).
+        stop: Set by the caller (who then kills the children) when the verdict is no longer wanted.
 
     Returns:
         As :func:`check_weights_fit`.
 
     Raises:
         InputFileError: As :func:`check_weights_fit`.
+        CheckCancelled: ``stop`` was set.
 
     Example:
         >>> check_weights_fit_in_child(config, shapes, Path("base/config.json"))  # doctest: +SKIP
         ''
     """
     import json
-    import subprocess
     import sys
 
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -307,12 +323,27 @@ def check_weights_fit_in_child(config: Mapping[str, Any], shapes: Mapping[str, S
     }
     for hide in (True, False):
         request["hide"] = hide
+        if stop is not None and stop.is_set():
+            raise CheckCancelled()
         try:
-            child = subprocess.run(
-                [sys.executable, "-c", code], input=json.dumps(request).encode(), capture_output=True, check=False
+            child = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
-            verdict = json.loads(child.stdout) if child.returncode == 0 else None
-        except (OSError, ValueError):
+        except OSError:
+            break
+        if children is not None:
+            children.append(child)
+        if stop is not None and stop.is_set():  # stopped while it started: the caller's kill may have missed it
+            child.kill()
+        out, _ = child.communicate(json.dumps(request).encode())
+        if stop is not None and stop.is_set():
+            raise CheckCancelled()
+        try:
+            verdict = json.loads(out) if child.returncode == 0 else None
+        except ValueError:
             verdict = None
         if isinstance(verdict, dict) and verdict.get("retry") is True and hide:
             continue  # the model needs a hidden package

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -241,6 +242,8 @@ class BaseModelJob:
         self._keys = list(checkpoint_keys)
         self._fit = fit
         self._on_fit = on_fit
+        self._children: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
         self._result: tuple[Skeleton | None, str, str] = (None, "the skeleton was not built", "")
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fourier-convert-base-model", daemon=True)
@@ -254,12 +257,27 @@ class BaseModelJob:
                 # transformers not yet imported and no skeleton to build: a child process imports it, so that this
                 # process (the merge) keeps its GIL
                 in_child = not self.build and "transformers" not in sys.modules
-                unchecked = (check_weights_fit_in_child if in_child else check_weights_fit)(*self._fit)
+                if in_child:
+                    unchecked = check_weights_fit_in_child(*self._fit, children=self._children, stop=self._stop)
+                else:
+                    unchecked = check_weights_fit(*self._fit)
             if self._fit is not None and not unchecked and self._on_fit is not None:
                 self._on_fit()
             self._result = (skeleton, why, unchecked)
         except BaseException as exc:  # raised in the caller's thread by result()
             self._error = exc
+
+    def cancel(self) -> None:
+        """Stop waiting for the job: a check's child process still running is killed (nothing is remembered). The
+        thread itself, a daemon, ends with the process. Harmless once the job has finished.
+
+        Example:
+            >>> job.cancel()  # doctest: +SKIP
+        """
+        self._stop.set()
+        for child in list(self._children):
+            if child.poll() is None:
+                child.kill()
 
     def result(self) -> tuple[Skeleton | None, str, str]:
         """Wait for the job.

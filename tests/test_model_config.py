@@ -213,17 +213,17 @@ def test_an_unusable_cache_only_means_the_check_runs(tmp_path: Path, monkeypatch
 # -- the child process --------------------------------------------------------------------------
 @pytest.fixture
 def hides(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """The ``hide`` flag of every check child started (subprocess.run recorded)."""
+    """The ``hide`` flag of every check child started (the request each is sent, recorded)."""
     import subprocess
 
     seen: list[bool] = []
-    run = subprocess.run
 
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        seen.append(json.loads(kwargs["input"])["hide"])
-        return run(*args, **kwargs)
+    class Recorded(subprocess.Popen[bytes]):
+        def communicate(self, input: Any = None, timeout: float | None = None) -> Any:
+            seen.append(json.loads(input)["hide"])
+            return super().communicate(input, timeout)
 
-    monkeypatch.setattr(subprocess, "run", recorded)
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
     return seen
 
 
@@ -280,3 +280,39 @@ def test_a_model_that_needs_a_hidden_package_is_checked_again_without_hiding(hid
 def test_a_config_class_that_needs_a_missing_package_is_not_checked() -> None:
     why = check_weights_fit({"model_type": "timm_wrapper", "architecture": "resnet18"}, {}, Path("c.json"))
     assert why.startswith("transformers cannot build it here (TimmWrapperConfig requires the timm library"), why
+
+
+def test_a_stopped_check_kills_its_child_and_gives_no_verdict() -> None:
+    """A merge that fails or is interrupted stops its check: the child is killed at once, and nothing is
+    returned (so nothing can be remembered as passed)."""
+    import subprocess
+    import threading
+    import time
+
+    from fourier_convert.model_config import CheckCancelled, check_weights_fit_in_child
+
+    children: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(
+                check_weights_fit_in_child(_config(), _shapes(LLAMA), Path("c"), children=children, stop=stop)
+            )
+        except CheckCancelled as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not children and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.monotonic()
+    stop.set()
+    for child in children:
+        child.kill()
+    worker.join(10)
+    assert time.monotonic() - start < 2
+    assert len(children) == 1 and children[0].returncode is not None and children[0].returncode < 0
+    assert len(outcome) == 1 and isinstance(outcome[0], CheckCancelled)

@@ -191,40 +191,44 @@ def merge(
         fit = None if known_fit(key) else (published, shapes, ckpt.folder / "config.json")  # passed before: skipped
         if build or fit is not None:
             job = BaseModelJob(ckpt.config, ckpt.tensors, build=build, fit=fit, on_fit=lambda: remember_fit(key))
-    layouts = _layouts(ckpt, plan, shard_bytes)
-    report = plan_report(
-        plan,
-        adapters,
-        str(base),
-        dev_name,
-        precision,
-        out=None if dry_run else str(out),
-        dry_run=dry_run,
-        shards=[lay.filename for lay in layouts],
-    )
-    if dry_run:
-        if job is not None:
-            built, built_why, unchecked = job.result()
-            if job.build:
-                skeleton, why = built, built_why
-            _note_unchecked(report, unchecked)
-        set_orientation(plan, skeleton, adapters, why)
-        report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
-        report.layers = [layer_stub(layer) for layer in plan.layers]
+    try:
+        layouts = _layouts(ckpt, plan, shard_bytes)
+        report = plan_report(
+            plan,
+            adapters,
+            str(base),
+            dev_name,
+            precision,
+            out=None if dry_run else str(out),
+            dry_run=dry_run,
+            shards=[lay.filename for lay in layouts],
+        )
+        if dry_run:
+            if job is not None:
+                built, built_why, unchecked = job.result()
+                if job.build:
+                    skeleton, why = built, built_why
+                _note_unchecked(report, unchecked)
+            set_orientation(plan, skeleton, adapters, why)
+            report.changes = [change_row(o, adapters) for o in plan.outputs if o.kind != "copy"]
+            report.layers = [layer_stub(layer) for layer in plan.layers]
+            report.seconds = time.perf_counter() - t0
+            return report
+
+        if device == "auto" and _gpu_driver_present():
+            report.notes.append(AUTO_DEVICE_NOTE)
+        _warn_leftovers(Path(out), report)
+        report.timings["validate_and_plan"] = time.perf_counter() - t0
+        bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
+        with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar, durable=durable) as writer:
+            orientation = (skeleton, why, job)
+            _write_output(writer, report, ckpt, adapters, plan, layouts, orientation, dev_name, threads, t0)
+        bar.close()
         report.seconds = time.perf_counter() - t0
         return report
-
-    if device == "auto" and _gpu_driver_present():
-        report.notes.append(AUTO_DEVICE_NOTE)
-    _warn_leftovers(Path(out), report)
-    report.timings["validate_and_plan"] = time.perf_counter() - t0
-    bar = ByteProgress(plan.bytes_total, "merge", enabled=progress)
-    with CheckpointWriter(Path(out), overwrite=overwrite, progress=bar, durable=durable) as writer:
-        orientation = (skeleton, why, job)
-        _write_output(writer, report, ckpt, adapters, plan, layouts, orientation, dev_name, threads, t0)
-    bar.close()
-    report.seconds = time.perf_counter() - t0
-    return report
+    finally:
+        if job is not None:
+            job.cancel()  # a failed or interrupted merge leaves no check running
 
 
 def _warn_leftovers(out: Path, report: MergeReport) -> None:
