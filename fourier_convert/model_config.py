@@ -326,8 +326,8 @@ def check_weights_fit_in_child(
         if stop is not None and stop.is_set():
             raise CheckCancelled()
         try:
-            child = subprocess.Popen(
-                [sys.executable, "-c", code],
+            child = subprocess.Popen(  # -P: the working folder (perhaps the base, --base .) is not on its path
+                [sys.executable, "-P", "-c", code],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -208,6 +208,9 @@ def test_an_unusable_cache_only_means_the_check_runs(tmp_path: Path, monkeypatch
     remember_fit("b" * 64)  # no error
     assert not known_fit("b" * 64)
     assert blocker.read_text() == "not a folder"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / ("a" * 300)))  # a name the file system refuses (ENAMETOOLONG)
+    remember_fit("b" * 64)
+    assert not known_fit("b" * 64)
 
 
 # -- the child process --------------------------------------------------------------------------
@@ -265,6 +268,25 @@ def test_the_command_line_checks_in_a_child_and_prints_one_line(llama: tuple[Pat
         f"error: {base / 'config.json'}: {found}; {CONFIG_FIX}\n",
     )
     assert snapshot(tmp_path) == before
+
+
+def test_the_child_imports_nothing_from_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hides: list[bool]
+) -> None:
+    """``cd base && fourier-convert merge --base .``: a model folder holding ``transformers.py`` (or ``torch.py``)
+    must not run it. ``python -c`` puts the working folder on the child's path; ``-P`` keeps it off."""
+    from fourier_convert.model_config import check_weights_fit_in_child
+
+    marker = tmp_path / "ran"
+    for name in ("transformers", "torch"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('{name}')\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        fc.InputFileError, match=r"embed_tokens.weight of shape \[300, 64\], the weights hold \[256, 64\]"
+    ):
+        check_weights_fit_in_child({**_config(), "vocab_size": 300}, _shapes(LLAMA), Path("config.json"))
+    assert hides == [True]
+    assert not marker.exists()
 
 
 def test_a_model_that_needs_a_hidden_package_is_checked_again_without_hiding(hides: list[bool]) -> None:

@@ -74,7 +74,12 @@ def known_fit(key: str) -> bool:
         False
     """
     folder = cache_folder()
-    return folder is not None and (folder / key).is_file()
+    if folder is None:
+        return False
+    try:
+        return (folder / key).is_file()
+    except OSError:  # a name too long, a folder that cannot be searched: not known, so the check runs
+        return False
 
 
 def remember_fit(key: str) -> None:
