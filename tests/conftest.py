@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -12,7 +13,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # merge remembers passed config checks (fourier_convert.io.fit_cache): in a folder of this run's, not the user's
-os.environ.setdefault("FOURIER_CONVERT_CACHE", tempfile.mkdtemp(prefix="fourier-convert-test-cache-"))
+if "FOURIER_CONVERT_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="fourier-convert-test-cache-")
+    os.environ["FOURIER_CONVERT_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # leaves nothing in the temp folder
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
