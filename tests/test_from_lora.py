@@ -1042,6 +1042,8 @@ UNFACTORED_FIX = (
     [
         (False, [V0], "PEFT would initialise it randomly when loading the adapter (init_lora_weights=False), so "
          "PEFT's delta there is random"),
+        ("", [V0], "PEFT would initialise it randomly when loading the adapter (init_lora_weights=''), so PEFT's "
+         "delta there is random"),  # a false value PEFT loads, as false
         ("orthogonal", [V0, V1], "PEFT would initialise it randomly when loading the adapter "
          "(init_lora_weights='orthogonal': random factors whose product is zero only up to rounding, different on "
          "every load)"),
@@ -1072,6 +1074,33 @@ def test_cli_refuses_a_selected_module_without_factors_that_peft_initialises_ran
             model = PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(src))
         deltas.append(model.base_model.model.get_submodule(V0).get_delta_weight("default").detach())
     assert bool((deltas[0] != 0).any()) and not torch.equal(deltas[0], deltas[1])
+
+
+@pytest.mark.parametrize(
+    ("targets", "found"),
+    [
+        (["q_proj", "v_proj", "input_layernorm"],
+         "'model.layers.0.input_layernorm' of the base, whose weight is 1-D (a norm or scale, not a linear layer)"),
+        (".*", "'model' of the base, a container of 20 tensor(s) in modules below it, with no weight of its own"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_selection_of_modules_lora_cannot_adapt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, targets: Any, found: str
+) -> None:
+    """target_modules that pick a norm, or a regex that also picks the containers: PEFT fails to load the adapter
+    (the factors in the file are only q_proj / v_proj's); it was converted with exit 0."""
+    from peft import PeftModel
+
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, target_modules=targets)
+    msg = (
+        f"{src / 'adapter_config.json'}: target_modules selects {found}: PEFT's LoRA cannot adapt it and fails to "
+        "load the adapter (Target module ... is not supported); narrow target_modules to the adapted linear layers "
+        "(the modules of the adapter's lora_A keys), or list the module in exclude_modules"
+    )
+    _cli_fails(tmp_path, monkeypatch, fc.AdapterError, msg, src)
+    with pytest.raises(ValueError, match=r"(?s)Target module .* is not supported"):
+        PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(src))
 
 
 @pytest.mark.parametrize(

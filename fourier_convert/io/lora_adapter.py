@@ -225,11 +225,13 @@ def init_peft_cannot_load(init: Any, at: tuple[str, int, tuple[int, int]] | None
     Example:
         >>> init_peft_cannot_load("Gaussian") is None, init_peft_cannot_load(None) is None
         (True, True)
+        >>> init_peft_cannot_load("") is None  # false: PEFT loads it
+        True
         >>> init_peft_cannot_load("EVA")
         "init_lora_weights is 'EVA': PEFT fails to load the adapter with it (an initialisation it does not know)"
     """
     found = f"init_lora_weights is {short_repr(init)}"
-    if isinstance(init, str):
+    if isinstance(init, str) and init:  # "" is a false value: no initialisation, as false
         _, sep, niter = init.partition("_niter_")
         known = (
             init.lower() in ("gaussian", "mica", "olora")
