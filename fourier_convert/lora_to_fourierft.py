@@ -45,7 +45,7 @@ from fourier_convert.maths.delta import delta_sq_norm
 from fourier_convert.maths.indices import IndexCache
 from fourier_convert.maths.project import Projection, project_lowrank
 from fourier_convert.plan import MergePlan, plan_with_orientation
-from fourier_convert.targets import is_targeted
+from fourier_convert.targets import first_unadaptable, is_targeted
 
 #: A layer keeping less of the LoRA delta's energy than this is called out in the report.
 LOW_ENERGY = 0.5
@@ -422,11 +422,20 @@ def check_unfactored_modules(lora: LoraAdapterIn, ckpt: BaseCheckpoint, plan: Me
         A warning naming such modules when PEFT's delta there is zero (else nothing).
 
     Raises:
-        AdapterError: Such a module where PEFT's delta is not exactly zero (the message names the first).
+        AdapterError: Such a module where PEFT's delta is not exactly zero (the message names the first); or the
+            selection picks a module PEFT's LoRA cannot adapt (:func:`~fourier_convert.targets.first_unadaptable`).
     """
     s = lora.settings
     inverse = {v: k for k, v in plan.names.to_ckpt.items()}
-    _check_selected_kinds(lora, {inverse[k]: t.shape for k, t in ckpt.tensors.items() if k in inverse})
+    unadaptable = first_unadaptable(s, {inverse[k]: t.shape for k, t in ckpt.tensors.items() if k in inverse})
+    if unadaptable is not None:
+        raise AdapterError(
+            str(lora.files[0]),
+            f"target_modules selects {unadaptable[0]!r} of the base, {unadaptable[1]}: PEFT's LoRA cannot adapt it "
+            "and fails to load the adapter (Target module ... is not supported)",
+            "narrow target_modules to the adapted linear layers (the modules of the adapter's lora_A keys), or list "
+            "the module in exclude_modules",
+        )
     shapes = {
         module: (t.shape[0], t.shape[1])
         for k, t in ckpt.tensors.items()
@@ -460,43 +469,6 @@ def check_unfactored_modules(lora: LoraAdapterIn, ckpt: BaseCheckpoint, plan: Me
         f"{'it' if one else 'them'} with a zero delta (init_lora_weights={short_repr(s.init_lora_weights)} starts "
         f"one factor at zero), so the FourierFT adapter leaves {'it' if one else 'them'} unchanged too",
     ]
-
-
-def _check_selected_kinds(lora: LoraAdapterIn, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a selection that picks a module of the base PEFT's LoRA cannot adapt: PEFT fails to load the adapter
-    (``ValueError: Target module ... is not supported``) whether or not the file holds factors for it.
-
-    A module is seen through the base's tensors (``shapes``: module path + ``.`` + parameter name -> shape). One that
-    owns a ``weight`` of two or more dimensions (Linear, GPT-2's Conv1D, Embedding, convolutions) or an
-    ``in_proj_weight`` (MultiheadAttention) can be adapted; a norm (its ``weight`` is 1-D) or a container (it owns
-    no weight, only modules below it, e.g. ``model`` for ``target_modules: ".*"``) cannot.
-
-    Raises:
-        AdapterError: The first such module, in the base's order.
-    """
-    owned: dict[str, dict[str, int]] = {}  # module -> its own parameters' ndim
-    for name, shape in shapes.items():
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            owned.setdefault(".".join(parts[:i]), {})
-        owned[".".join(parts[:-1])][parts[-1]] = len(shape)
-    for module, params in owned.items():
-        if not module or params.get("weight", 0) >= 2 or "in_proj_weight" in params:
-            continue
-        if not is_targeted(lora.settings, module):
-            continue
-        if "weight" in params:
-            what = f"whose weight is {params['weight']}-D (a norm or scale, not a linear layer)"
-        else:
-            below = sum(1 for name in shapes if name.startswith(f"{module}."))
-            what = f"a container of {below} tensor(s) in modules below it, with no weight of its own"
-        raise AdapterError(
-            str(lora.files[0]),
-            f"target_modules selects {module!r} of the base, {what}: PEFT's LoRA cannot adapt it and fails to load "
-            "the adapter (Target module ... is not supported)",
-            "narrow target_modules to the adapted linear layers (the modules of the adapter's lora_A keys), or list "
-            "the module in exclude_modules",
-        )
 
 
 def _check_representable(

@@ -26,7 +26,7 @@ from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from fourier_convert.maths.indices import RANDPERM_THRESHOLD
 from fourier_convert.skeleton import CONV1D, LINEAR, Skeleton, build_skeleton, scan_linear_only
-from fourier_convert.targets import is_targeted
+from fourier_convert.targets import first_unadaptable, is_targeted
 
 
 # -- names ----------------------------------------------------------------------------------------
@@ -260,6 +260,7 @@ def build_plan(
         for k, t in ckpt.tensors.items()
         if k.endswith(".weight") and len(t.shape) == 2 and k in inverse
     )
+    shapes = {inverse[k]: t.shape for k, t in ckpt.tensors.items() if k in inverse}
     for i, adapter in enumerate(adapters):
         s = adapter.settings
         where = adapter.label
@@ -339,7 +340,7 @@ def build_plan(
                 )
             layer = layers.setdefault(key, LayerPlan(module, key, info, []))
             layer.contributions.append(Contribution(i, spec, s.scaling * mult[i], s.random_loc_seed))
-        _check_targets(adapter, universe)
+        _check_targets(adapter, universe, shapes)
         if s.modules_to_save:
             _check_saved_heads(adapter, [inverse[k] for k in ckpt.tensors if k in inverse])
         for clean, t in {**adapter.biases, **adapter.head_tensors}.items():
@@ -421,8 +422,17 @@ def _check_saved_heads(adapter: FourierFTAdapter, base_keys: list[str]) -> None:
                 )
 
 
-def _check_targets(adapter: FourierFTAdapter, universe: list[str]) -> None:
+def _check_targets(adapter: FourierFTAdapter, universe: list[str], shapes: dict[str, tuple[int, ...]]) -> None:
     s = adapter.settings
+    unadaptable = first_unadaptable(s, shapes)
+    if unadaptable is not None:
+        raise AdapterError(
+            adapter.label,
+            f"target_modules selects {unadaptable[0]!r} of the base, {unadaptable[1]}: PEFT's FourierFT cannot adapt "
+            "it and fails to load the adapter (Target module ... is not supported)",
+            "narrow target_modules in adapter_config.json to the adapted linear layers (the modules of the "
+            "adapter's spectra), or list the module in exclude_modules",
+        )
     expected = {m for m in universe if is_targeted(s, m)}
     have = set(adapter.spectra)
     missing = sorted(expected - have)

@@ -8,6 +8,7 @@ narrowed by ``layers_to_transform`` / ``layers_pattern``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from fourier_convert.patterns import config_match
@@ -89,3 +90,45 @@ def is_targeted(settings: Selection, key: str) -> bool:
     if index is None:
         return False
     return index == layers if isinstance(layers, int) else index in layers
+
+
+def first_unadaptable(settings: Selection, shapes: Mapping[str, Sequence[int]]) -> tuple[str, str] | None:
+    """The first module the config selects that no PEFT adapter layer can wrap: PEFT fails to load such an adapter
+    (``ValueError: Target module ... is not supported``), whatever the file holds.
+
+    Modules are seen through the base's tensors (``shapes``: module path + ``.`` + parameter name -> shape, in the
+    adapter's name space). One that owns a ``weight`` of two or more dimensions (Linear, GPT-2's Conv1D,
+    Embedding, convolutions) or an ``in_proj_weight`` (MultiheadAttention) may be adaptable, as the method decides;
+    a norm or scale (its ``weight`` is 1-D) and a container (no weight of its own, only modules below it, e.g.
+    ``model`` under ``target_modules: ".*"``) never are.
+
+    Args:
+        settings: The adapter's config (its selection fields).
+        shapes: The base's tensor names and shapes.
+
+    Returns:
+        ``(module, what it is)`` for the first such module in the base's order, else None.
+
+    Example:
+        >>> from fourier_convert.io.adapter import parse_settings
+        >>> from pathlib import Path
+        >>> s = parse_settings({"peft_type": "FOURIERFT", "target_modules": ".*"}, Path("adapter_config.json"))
+        >>> first_unadaptable(s, {"model.norm.weight": (64,), "lm_head.weight": (256, 64)})
+        ('model', 'a container of 1 tensor(s) in modules below it, with no weight of its own')
+    """
+    owned: dict[str, dict[str, int]] = {}  # module -> its own parameters' dimensions
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            owned.setdefault(".".join(parts[:i]), {})
+        owned[".".join(parts[:-1])][parts[-1]] = len(shape)
+    for module, params in owned.items():
+        if not module or params.get("weight", 0) >= 2 or "in_proj_weight" in params:
+            continue
+        if not is_targeted(settings, module):
+            continue
+        if "weight" in params:
+            return module, f"whose weight is {params['weight']}-D (a norm or scale, not a linear layer)"
+        below = sum(1 for name in shapes if name.startswith(f"{module}."))
+        return module, f"a container of {below} tensor(s) in modules below it, with no weight of its own"
+    return None

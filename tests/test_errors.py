@@ -456,6 +456,34 @@ def test_missing_spectrum_is_an_error_not_a_skip(llama: tuple[Path, Path], tmp_p
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
 
 
+@pytest.mark.parametrize(
+    ("targets", "found"),
+    [
+        (["q_proj", "v_proj", "input_layernorm"],
+         "'model.layers.0.input_layernorm' of the base, whose weight is 1-D (a norm or scale, not a linear layer)"),
+        (".*", "'model' of the base, a container of 20 tensor(s) in modules below it, with no weight of its own"),
+    ],
+)  # fmt: skip
+def test_a_selection_of_modules_fourierft_cannot_adapt(
+    llama: tuple[Path, Path], tmp_path: Path, targets: Any, found: str
+) -> None:
+    """A norm in target_modules, or a regex that picks the containers too: PEFT fails to load the adapter
+    (TypeError / ValueError: Target module ... is not supported); the norm case merged with exit 0."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = llama
+    edit_config(adapter, target_modules=targets)
+    msg = (
+        f"{adapter}: target_modules selects {found}: PEFT's FourierFT cannot adapt it and fails to load the adapter "
+        "(Target module ... is not supported); narrow target_modules in adapter_config.json to the adapted linear "
+        "layers (the modules of the adapter's spectra), or list the module in exclude_modules"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+    with pytest.raises((TypeError, ValueError), match=r"(?s)Target module .* is not supported"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+
+
 def test_extra_spectrum_for_an_untargeted_module(llama: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = llama
     st = adapter / "adapter_model.safetensors"
@@ -1611,13 +1639,13 @@ NESTED_FIX = "simplify the pattern in adapter_config.json (for example list the 
     [
         (
             {"target_modules": r"(\w+\.?)+z"},
-            r"target_modules: pattern '(\\w+\\.?)+z' did not finish matching 'model.layers.0.self_attn.k_proj' "
+            r"target_modules: pattern '(\\w+\\.?)+z' did not finish matching 'model.layers.0.input_layernorm' "
             "within 0.1 s (a repeated repetition backtracks exponentially in Python's re, as PEFT uses it); "
             + NESTED_FIX,
         ),
         (
             {"target_modules": ".*" * 12 + "z"},  # polynomial: hung for more than 30 s
-            "target_modules: pattern '" + ".*" * 12 + "z' did not finish matching 'model.embed_tokens' "
+            "target_modules: pattern '" + ".*" * 12 + "z' did not finish matching 'model.layers.0.mlp' "
             "within 0.1 s (12 repetitions backtrack polynomially in Python's re, as PEFT uses it); " + NESTED_FIX,
         ),
         (
