@@ -32,7 +32,14 @@ from threadpoolctl import threadpool_limits
 
 from fourier_convert.calibrate.pipeline import CalibrationOptions, CalibrationReport, CalibrationSession, open_session
 from fourier_convert.errors import AdapterError, UsageError, printable
-from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, extra_tensor_keys, read_adapter
+from fourier_convert.io.adapter import (
+    KEY_PREFIX,
+    TASK_HEADS,
+    FourierFTAdapter,
+    extra_tensor_keys,
+    listed_modules,
+    read_adapter,
+)
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import open_adapter_base
 from fourier_convert.io.gguf_lora import GGUFLoraLayout, gguf_layout
@@ -546,7 +553,8 @@ def _lora_config(
     pattern = {k: r for k, r in ranks.items() if r != common}
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": s.task_type,
+        # without the heads, a task type whose heads PEFT adds on loading would make it look for them (KeyError)
+        "task_type": s.task_type if carry_extras or s.task_type not in TASK_HEADS else None,
         "base_model_name_or_path": s.base_model_name_or_path,
         "r": common,
         "lora_alpha": common,
@@ -556,7 +564,7 @@ def _lora_config(
         "lora_dropout": 0.0,
         "bias": _BIAS[s.bias] if carry_extras else "none",
         "fan_in_fan_out": any(layer.conv1d for layer in layers if layer.module in ranks),
-        "modules_to_save": (s.modules_to_save or None) if carry_extras else None,
+        "modules_to_save": listed_modules(s.raw) if carry_extras else None,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

@@ -28,7 +28,14 @@ from fourier_convert.calibrate.pipeline import POOR_AGREEMENT, CalibrationOption
 from fourier_convert.calibrate.reverse import FromLoraCalibration, calibrate, calibration_base, calibration_options
 from fourier_convert.errors import AdapterError, BaseMismatchError, FourierConvertError, UsageError, short_repr
 from fourier_convert.host import check_position_draw
-from fourier_convert.io.adapter import KEY_PREFIX, FourierFTAdapter, Spectrum, extra_tensor_keys, parse_settings
+from fourier_convert.io.adapter import (
+    KEY_PREFIX,
+    FourierFTAdapter,
+    Spectrum,
+    extra_tensor_keys,
+    listed_modules,
+    parse_settings,
+)
 from fourier_convert.io.adapter_writer import AdapterFiles
 from fourier_convert.io.checkpoint import BaseCheckpoint, open_checkpoint
 from fourier_convert.io.lora_adapter import (
@@ -526,7 +533,7 @@ def _fourier_config(
         "target_modules": sorted(lora.modules),
         "exclude_modules": None,
         "bias": _BIAS[s.bias],
-        "modules_to_save": s.modules_to_save or None,
+        "modules_to_save": listed_modules(s.raw),  # PEFT adds the task_type's heads to it, as to the LoRA's
         "layers_to_transform": None,
         "layers_pattern": None,
         "init_weights": False,

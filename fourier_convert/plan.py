@@ -408,17 +408,34 @@ def build_plan(
 
 def _check_saved_heads(adapter: FourierFTAdapter, base_keys: list[str]) -> None:
     """Refuse a ``modules_to_save`` entry that names a module of the base whose tensors the adapter lacks: PEFT wraps
-    that module and fails to load the adapter (``KeyError``). An entry matching no module is fine (PEFT's task
-    types list heads, such as ``classifier`` and ``score``, that a model may not have)."""
+    that module and fails to load the adapter (``KeyError``). Every tensor under the module counts (RoBERTa's
+    ``classifier`` holds ``classifier.dense`` and ``classifier.out_proj``). An entry matching no module is fine
+    (PEFT's task types add heads, such as ``classifier`` and ``score``, that a model may not have)."""
+    listed = adapter.settings.raw.get("modules_to_save") or []
     for entry in adapter.settings.modules_to_save:
         for key in base_keys:
-            module = key.rsplit(".", 1)[0]
-            if (module == entry or module.endswith(f".{entry}")) and key not in adapter.head_tensors:
+            if key in adapter.head_tensors:
+                continue
+            parts = key.split(".")
+            module = next(
+                (m for i in range(1, len(parts)) if (m := ".".join(parts[:i])) == entry or m.endswith(f".{entry}")),
+                None,
+            )
+            if module is not None:
+                task = adapter.settings.task_type
+                source = (
+                    f"modules_to_save lists {entry!r}"
+                    if entry in listed
+                    else f"task_type {task} adds {entry!r} to modules_to_save (PEFT does on loading)"
+                )
                 raise AdapterError(
                     adapter.label,
-                    f"modules_to_save lists {entry!r}, the base's module {module!r}, but the adapter holds no {key!r}; "
-                    "PEFT fails to load such an adapter (KeyError)",
-                    "remove the entry from modules_to_save in adapter_config.json, or re-save the adapter with PEFT",
+                    f"{source}, the base's module {module!r}, but the adapter holds no {key!r}; PEFT fails to load "
+                    "such an adapter (KeyError)",
+                    "remove the entry from modules_to_save in adapter_config.json, or re-save the adapter with PEFT"
+                    if entry in listed
+                    else "save the head's tensors in the adapter (PEFT's save_pretrained does), or set task_type to "
+                    "match the model",
                 )
 
 

@@ -1212,6 +1212,45 @@ def test_modules_to_save_naming_a_base_module_the_adapter_lacks_is_refused(
     fails(tmp_path, fc.AdapterError, msg, base, adapter)
 
 
+def test_the_heads_a_task_type_adds_are_read_as_peft_reads_them(fixture_copy: Any, tmp_path: Path) -> None:
+    """PEFT's SEQ_CLS / TOKEN_CLS models add classifier and score to modules_to_save on loading (QUESTION_ANS:
+    qa_outputs). With modules_to_save null the saved head was refused ("no role PEFT would load it in"), though PEFT
+    loads it; now it merges as with the list. Without the head's tensors PEFT fails (KeyError), and so do we: every
+    tensor under the module counts (RoBERTa's classifier holds dense and out_proj; only leaf modules were checked)."""
+    d = fixture_copy("roberta")
+    base, adapter = d / "base", d / "adapter"
+    listed = tmp_path / "listed"
+    fc.merge(base, adapter, listed, device="cpu")
+    edit_config(adapter, modules_to_save=None)
+    implied = tmp_path / "implied"
+    fc.merge(base, adapter, implied, device="cpu")
+    for shard in sorted(listed.glob("*.safetensors")):
+        assert (implied / shard.name).read_bytes() == shard.read_bytes()
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), str(adapter))
+    assert loaded.peft_config["default"].modules_to_save == ["classifier", "score"]  # PEFT's own addition
+    st = adapter / "adapter_model.safetensors"
+    write_tensors(st, {k: v for k, v in read_tensors(st).items() if ".classifier." not in k})
+    msg = (
+        f"{adapter}: task_type SEQ_CLS adds 'classifier' to modules_to_save (PEFT does on loading), the base's module "
+        "'classifier', but the adapter holds no 'classifier.dense.bias'; PEFT fails to load such an adapter "
+        "(KeyError); save the head's tensors in the adapter (PEFT's save_pretrained does), or set task_type to match "
+        "the model"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)
+    edit_config(adapter, modules_to_save=["classifier"])
+    listed_msg = msg.replace(
+        "task_type SEQ_CLS adds 'classifier' to modules_to_save (PEFT does on loading)",
+        "modules_to_save lists 'classifier'",
+    ).replace(
+        "save the head's tensors in the adapter (PEFT's save_pretrained does), or set task_type to match the model",
+        "remove the entry from modules_to_save in adapter_config.json, or re-save the adapter with PEFT",
+    )
+    fails(tmp_path, fc.AdapterError, listed_msg, base, adapter)
+
+
 @pytest.mark.parametrize(
     ("weight", "found"),
     [

@@ -1242,3 +1242,26 @@ def test_cli_refuses_a_selected_module_without_factors_at_a_rank_peft_cannot_ini
 
     with pytest.raises(Exception, match=re.escape(peft_error)):
         PeftModel.from_pretrained(load_task_model("llama", LLAMA_BASE), str(src))
+
+
+def test_a_seq_cls_lora_with_modules_to_save_null_carries_the_heads_peft_adds(tmp_path: Path) -> None:
+    """PEFT's SEQ_CLS model adds classifier / score to modules_to_save on loading, so it loads the saved classifier
+    of a LoRA whose config says null; from-lora refused it ("no role PEFT would load it in"). Converted now: the
+    output keeps modules_to_save null and task_type SEQ_CLS, PEFT adds the heads to it the same way, and its
+    classifier is the LoRA's."""
+    from peft import PeftModel
+
+    src = _peft_lora(tmp_path, "roberta", r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    _set_config(src, modules_to_save=None)
+    out = tmp_path / "fft"
+    fft, _ = from_lora(src, base=FIXTURES / "roberta" / "base")
+    fft.save(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["modules_to_save"]) == ("SEQ_CLS", None)
+    heads = []
+    for folder in (src, out):
+        model = PeftModel.from_pretrained(load_task_model("roberta", FIXTURES / "roberta" / "base"), str(folder))
+        heads.append({k: v.detach().clone() for k, v in model.base_model.model.classifier.state_dict().items()})
+    assert heads[0].keys() == heads[1].keys() and len(heads[0]) > 0
+    for key, value in heads[0].items():
+        assert torch.equal(heads[1][key], value), key

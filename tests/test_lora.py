@@ -358,3 +358,22 @@ def test_a_missing_base_named_by_the_adapter_says_so_and_suggests_base(tmp_path:
         f"{tmp_path / 'nowhere'}: base model folder not found (the base named by the adapter's "
         "base_model_name_or_path; no --base was given); pass --base with the base model's folder or hub id"
     )
+
+
+def test_dropping_the_heads_of_a_task_type_peft_adds_them_for_clears_it(tmp_path: Path) -> None:
+    """roberta's adapter is SEQ_CLS, whose classifier / score PEFT adds to modules_to_save on loading. A vLLM LoRA
+    without the heads (--drop-extras) kept task_type SEQ_CLS, so PEFT looked for the classifier and failed
+    (KeyError); it now has no task type, and PEFT loads it. With the heads (--target peft) the config keeps the
+    adapter's own list and task type, and PEFT adds the heads to it as it does to the FourierFT adapter's."""
+    src, base = FIXTURES / "roberta" / "adapter", FIXTURES / "roberta" / "base"
+    dropped, _ = to_lora(src, base=base, rank=1.0, target="vllm", drop_extras=True)
+    dropped.save(tmp_path / "vllm")
+    cfg = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["modules_to_save"]) == (None, None)
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(load_task_model("roberta", base), str(tmp_path / "vllm"))  # no KeyError
+    kept, _ = to_lora(src, base=base, rank=1.0)
+    kept.save(tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["modules_to_save"]) == ("SEQ_CLS", ["classifier", "score"])

@@ -41,8 +41,9 @@ BIAS_MODES = ("none", "all", "fourier_only")
 class FourierFTSettings:
     """The fields of a FourierFT ``adapter_config.json`` that decide the merge.
 
-    Attributes mirror PEFT's ``FourierFTConfig``; ``modules_to_save`` is de-duplicated (PEFT may list a
-    head twice) and ``raw`` keeps the whole JSON for provenance.
+    Attributes mirror PEFT's ``FourierFTConfig``; ``modules_to_save`` is the list PEFT loads with (the config's,
+    de-duplicated, as PEFT may list a head twice, and the heads of the ``task_type``: :func:`saved_modules`) and
+    ``raw`` keeps the whole JSON for provenance.
     """
 
     n_frequency: int
@@ -367,6 +368,40 @@ def check_task_type(cfg: dict[str, Any], where: str) -> None:
         )
 
 
+#: The heads PEFT adds to ``modules_to_save`` when it loads an adapter of these task types (``PeftModelFor*``'s
+#: ``__init__`` extends the config's list, or sets it when null), so that it wraps them and loads their tensors.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def saved_modules(cfg: dict[str, Any], where: str) -> list[str]:
+    """The ``modules_to_save`` PEFT loads an adapter with: the config's list (de-duplicated) and the heads its
+    ``task_type`` adds (:data:`TASK_HEADS`). ``task_type`` is checked before (:func:`check_task_type`).
+
+    Raises:
+        AdapterError: ``modules_to_save`` is not a list of names (or null).
+
+    Example:
+        >>> saved_modules({"task_type": "SEQ_CLS", "modules_to_save": ["pooler"]}, "adapter_config.json")
+        ['pooler', 'classifier', 'score']
+    """
+    mts = cfg.get("modules_to_save") or []
+    if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
+        raise AdapterError(where, f"modules_to_save is {mts!r}, expected a list of names", "fix the config")
+    return list(dict.fromkeys([*mts, *TASK_HEADS.get(str(cfg.get("task_type")), ())]))
+
+
+def listed_modules(cfg: dict[str, Any]) -> list[str] | None:
+    """The config's own ``modules_to_save`` (de-duplicated; None when empty), without the heads PEFT adds for the
+    ``task_type``: what a converted adapter's config carries, so that PEFT adds them to it the same way. ``cfg``
+    has passed :func:`saved_modules`.
+
+    Example:
+        >>> listed_modules({"task_type": "SEQ_CLS", "modules_to_save": ["pooler", "pooler"]})
+        ['pooler']
+    """
+    return list(dict.fromkeys(cfg.get("modules_to_save") or [])) or None
+
+
 def _names_or_regex(value: Any) -> bool:
     """A module selector as PEFT takes it: a regex string, or a list of name strings."""
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
@@ -428,9 +463,7 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
         or (isinstance(layers, list) and all(isinstance(x, int) for x in layers))
     ):
         raise AdapterError(where, f"layers_to_transform is {layers!r}, expected an int or list", "fix the config")
-    mts = cfg.get("modules_to_save") or []
-    if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
-        raise AdapterError(where, f"modules_to_save is {mts!r}, expected a list of names", "fix the config")
+    mts = saved_modules(cfg, where)
     return FourierFTSettings(
         n_frequency=n_frequency,
         scaling=float(scaling),
@@ -442,7 +475,7 @@ def parse_settings(cfg: dict[str, Any], path: Path) -> FourierFTSettings:
         layers_to_transform=layers,
         layers_pattern=cfg.get("layers_pattern"),
         n_frequency_pattern={str(k): int(v) for k, v in pattern.items()},
-        modules_to_save=list(dict.fromkeys(mts)),
+        modules_to_save=mts,
         task_type=cfg.get("task_type"),
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         raw=cfg,

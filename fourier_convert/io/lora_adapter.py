@@ -31,6 +31,7 @@ from fourier_convert.io.adapter import (
     load_json,
     load_pickle,
     not_an_adapter,
+    saved_modules,
 )
 from fourier_convert.io.resolve import resolve_folder
 from fourier_convert.io.safetensors_file import FLOAT_DTYPES, read_header, read_numpy_float64
@@ -114,7 +115,7 @@ class LoraSettings:
         use_rslora: Scale ``alpha / sqrt(r)`` instead of ``alpha / r``.
         fan_in_fan_out: The config's flag (True for GPT-2 style Conv1D targets).
         bias: ``"none"``, ``"all"`` or ``"lora_only"``.
-        modules_to_save: De-duplicated head names.
+        modules_to_save: Head names, as PEFT loads them (with the ``task_type``'s heads; ``saved_modules``).
         task_type: PEFT task type.
         base_model_name_or_path: The base the adapter was trained on.
         raw: The whole JSON.
@@ -432,9 +433,7 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
     if not isinstance(bias, str) or bias not in LORA_BIAS_MODES:
         raise AdapterError(where, f"bias is {bias!r}, expected one of {', '.join(LORA_BIAS_MODES)}", "fix the config")
     check_task_type(cfg, where)
-    mts = cfg.get("modules_to_save") or []
-    if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
-        raise AdapterError(where, f"modules_to_save is {mts!r}, expected a list of names", "fix the config")
+    mts = saved_modules(cfg, where)
     return LoraSettings(
         r=r,
         lora_alpha=float(alpha),
@@ -443,7 +442,7 @@ def parse_lora_settings(cfg: dict[str, Any], path: Path) -> LoraSettings:
         use_rslora=bool(cfg.get("use_rslora", False)),
         fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         bias=bias,
-        modules_to_save=list(dict.fromkeys(mts)),
+        modules_to_save=mts,
         task_type=cfg.get("task_type"),
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         raw=cfg,
