@@ -509,12 +509,19 @@ def _open_base(base: str | Path | None, lora: LoraAdapterIn, warnings: list[str]
     implicit = lora.settings.base_model_name_or_path
     if not implicit:
         warnings.append("no --base given and the adapter names no base: the output was not checked against a base")
-        return None
-    try:
-        return open_checkpoint(implicit)
-    except FourierConvertError as exc:
-        warnings.append(f"the adapter's base {implicit!r} could not be opened ({exc.found}): output not checked")
-        return None
+    else:
+        try:
+            return open_checkpoint(implicit)
+        except FourierConvertError as exc:
+            warnings.append(f"the adapter's base {implicit!r} could not be opened ({exc.found}): output not checked")
+    random = init_without_factors(lora.settings.init_lora_weights)
+    if random is not None:  # check_unfactored_modules needs the base's modules
+        warnings.append(
+            f"with init_lora_weights={short_repr(lora.settings.init_lora_weights)}, a module the config selects but "
+            "the adapter holds no factors for gets random ones in PEFT; only a base shows whether there is one: "
+            "pass --base"
+        )
+    return None
 
 
 def _fourier_config(

@@ -139,14 +139,12 @@ def test_calibrated_ranks_and_budgets_use_output_space_energy(tmp_path: Path) ->
     plan = plan_with_orientation(ckpt, [fourier])
     exact = {r.module: r.exact_rank for r in report.layers}
     session = open_session(ckpt, fourier, plan, CalibrationOptions(path=calib), exact)
-    assert [choose_rank(session.output_values(r.module), 0.9) for r in report.layers] == [
-        r.rank for r in report.layers
-    ]
+    assert [choose_rank(session.output_values(r.module), 0.9) for r in report.layers] == [r.rank for r in report.layers]
     _, budget = to_lora(adapter, base=base, param_budget=1000, calibration=calib)
     assert budget.parameters <= 1000 and budget.budget_bound is not None
-    kept = sum(
-        (r.output_kept or 0) * float(np.sum(session.output_values(r.module) ** 2)) for r in budget.layers
-    ) / sum(float(np.sum(session.output_values(r.module) ** 2)) for r in budget.layers)
+    kept = sum((r.output_kept or 0) * float(np.sum(session.output_values(r.module) ** 2)) for r in budget.layers) / sum(
+        float(np.sum(session.output_values(r.module) ** 2)) for r in budget.layers
+    )
     assert kept <= budget.budget_bound + 1e-9
 
 

@@ -213,8 +213,9 @@ def test_image_folder(tmp_path: Path) -> None:
     assert data.kind == "images"
     processor = processor_of(VIT)
     names = ["a.PNG", "b.png", "c.JPG", "d.bmp"]
-    expected = [processor(images=Image.open(folder / n).convert("RGB"), return_tensors="pt")["pixel_values"][0]
-                for n in names]
+    expected = [
+        processor(images=Image.open(folder / n).convert("RGB"), return_tensors="pt")["pixel_values"][0] for n in names
+    ]
     assert len(data.train) == 4
     for sample, want in zip(data.train, expected, strict=True):
         assert list(sample) == ["pixel_values"] and sample["pixel_values"].shape == (3, 32, 32)
@@ -283,8 +284,10 @@ def test_images_selected(tmp_path: Path) -> None:
         make_png(folder / f"{i}.png", (4 + i, 4), (i * 30, 0, 0))
     data = read(folder, VIT, samples=4, held_out=0.25, seed=2)
     assert (len(data.train), len(data.held_out)) == (3, 1)
-    assert data.notes == ["used 4 of the 6 samples, picked with seed 2 (--calibration-samples)",
-                          "4 samples: 3 to fit, 1 held out for the report"]
+    assert data.notes == [
+        "used 4 of the 6 samples, picked with seed 2 (--calibration-samples)",
+        "4 samples: 3 to fit, 1 held out for the report",
+    ]
 
 
 def test_safetensors_rows_selected_and_split(tmp_path: Path) -> None:
@@ -342,8 +345,11 @@ def test_exact_max_length_is_not_counted_as_cut(tmp_path: Path) -> None:
 
 
 def test_collate_pads_right_and_masks_padding() -> None:
-    a = {"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.tensor([1, 1, 1]),
-         "token_type_ids": torch.tensor([1, 1, 1])}
+    a = {
+        "input_ids": torch.tensor([5, 6, 7]),
+        "attention_mask": torch.tensor([1, 1, 1]),
+        "token_type_ids": torch.tensor([1, 1, 1]),
+    }
     b = {"input_ids": torch.tensor([8]), "attention_mask": torch.tensor([1]), "token_type_ids": torch.tensor([1])}
     batch = collate([a, b], pad_token_id=9)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
@@ -359,7 +365,7 @@ def test_collate_of_read_samples(tmp_path: Path) -> None:
     lengths = [len(ids(s)) for s in data.train]
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
-    assert batch["input_ids"][0, lengths[0]:].tolist() == [pad] * (max(lengths) - lengths[0])
+    assert batch["input_ids"][0, lengths[0] :].tolist() == [pad] * (max(lengths) - lengths[0])
 
 
 def test_collate_stacks_images_and_refuses_mixed_samples() -> None:
@@ -374,8 +380,10 @@ def test_collate_stacks_images_and_refuses_mixed_samples() -> None:
 
 
 def test_batches_in_order() -> None:
-    samples = [{"input_ids": torch.tensor([i] * (i + 1)), "attention_mask": torch.ones(i + 1, dtype=torch.long)}
-               for i in range(5)]
+    samples = [
+        {"input_ids": torch.tensor([i] * (i + 1)), "attention_mask": torch.ones(i + 1, dtype=torch.long)}
+        for i in range(5)
+    ]
     out = list(batches(samples, 2, pad_token_id=0))
     assert [b["input_ids"].shape for b in out] == [(2, 2), (2, 4), (1, 5)]
     assert [row[0] for b in out for row in b["input_ids"].tolist()] == [0, 1, 2, 3, 4]
@@ -404,14 +412,23 @@ def test_pad_token_id(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"samples": 1}, "--calibration-samples: is 1, needs at least 2 samples: one to fit, one to report on; "
-                         "raise it, or leave it out to use every sample"),
-        ({"held_out": 0.95}, "--held-out: is 0.95, expected a share from 0 to 0.9; "
-                             "pass e.g. --held-out 0.2 (0: no held-out samples)"),
-        ({"held_out": -0.1}, "--held-out: is -0.1, expected a share from 0 to 0.9; "
-                             "pass e.g. --held-out 0.2 (0: no held-out samples)"),
-        ({"held_out": math.nan}, "--held-out: is nan, expected a share from 0 to 0.9; "
-                                 "pass e.g. --held-out 0.2 (0: no held-out samples)"),
+        (
+            {"samples": 1},
+            "--calibration-samples: is 1, needs at least 2 samples: one to fit, one to report on; "
+            "raise it, or leave it out to use every sample",
+        ),
+        (
+            {"held_out": 0.95},
+            "--held-out: is 0.95, expected a share from 0 to 0.9; pass e.g. --held-out 0.2 (0: no held-out samples)",
+        ),
+        (
+            {"held_out": -0.1},
+            "--held-out: is -0.1, expected a share from 0 to 0.9; pass e.g. --held-out 0.2 (0: no held-out samples)",
+        ),
+        (
+            {"held_out": math.nan},
+            "--held-out: is nan, expected a share from 0 to 0.9; pass e.g. --held-out 0.2 (0: no held-out samples)",
+        ),
         ({"max_length": 0}, "--max-length: is 0, expected at least 1 token; pass e.g. --max-length 512"),
     ],
 )
@@ -547,15 +564,26 @@ JSON_FIX = 'write one JSON object per line, e.g. {"text": "..."}'
         ("{not json", f"is not valid JSON (Expecting property name enclosed in double quotes at column 2); {JSON_FIX}"),
         ('["a list"]', f"is a JSON array, expected an object; {JSON_FIX}"),
         ('"a string"', f"is a JSON string, expected an object; {JSON_FIX}"),
-        ('{"prompt": "x", "id": 1}', "has no 'text' field (its keys: 'prompt', 'id'); "
-                                     "pass --text-field with the key that holds the text"),
+        (
+            '{"prompt": "x", "id": 1}',
+            "has no 'text' field (its keys: 'prompt', 'id'); pass --text-field with the key that holds the text",
+        ),
         ("{}", "has no 'text' field (its keys: none); pass --text-field with the key that holds the text"),
-        ('{"text": 12}', "field 'text' is a JSON number, expected a string; "
-                         "pass --text-field with the key that holds the text, or store the text as a string"),
-        ('{"text": null}', "field 'text' is a JSON null, expected a string; "
-                           "pass --text-field with the key that holds the text, or store the text as a string"),
-        ('{"text": ["a"]}', "field 'text' is a JSON array, expected a string; "
-                            "pass --text-field with the key that holds the text, or store the text as a string"),
+        (
+            '{"text": 12}',
+            "field 'text' is a JSON number, expected a string; "
+            "pass --text-field with the key that holds the text, or store the text as a string",
+        ),
+        (
+            '{"text": null}',
+            "field 'text' is a JSON null, expected a string; "
+            "pass --text-field with the key that holds the text, or store the text as a string",
+        ),
+        (
+            '{"text": ["a"]}',
+            "field 'text' is a JSON array, expected a string; "
+            "pass --text-field with the key that holds the text, or store the text as a string",
+        ),
     ],
 )
 def test_jsonl_errors(tmp_path: Path, line: str, message: str) -> None:
@@ -567,8 +595,7 @@ def test_json_suffix_hint(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=None))
     assert error_of(path) == (
-        f"{path}, line 1: is a JSON array, expected an object; "
-        f"{JSON_FIX} (a .json file is read as JSON lines)"
+        f"{path}, line 1: is a JSON array, expected an object; {JSON_FIX} (a .json file is read as JSON lines)"
     )
 
 
@@ -703,51 +730,82 @@ def tensors_error(tmp_path: Path, tensors: dict[str, torch.Tensor], model: Path 
 GOOD_IDS = torch.arange(12).reshape(3, 4)
 
 TENSOR_CASES: list[tuple[dict[str, torch.Tensor], str]] = [
-    ({"input_ids": GOOD_IDS, "labels": GOOD_IDS, "\x1bx": GOOD_IDS},
-     "holds tensors calibration does not use: '\\x1bx', 'labels'; "
-     "keep only input_ids (with attention_mask, token_type_ids) or pixel_values"),
-    ({"input_ids": GOOD_IDS, "pixel_values": torch.zeros(3, 3, 2, 2)},
-     "holds both input_ids and pixel_values; keep one kind of input per file"),
-    ({"attention_mask": GOOD_IDS},
-     "holds no input_ids or pixel_values tensor (found: attention_mask); "
-     "save input_ids (samples x tokens) or pixel_values (samples x channels x height x width)"),
+    (
+        {"input_ids": GOOD_IDS, "labels": GOOD_IDS, "\x1bx": GOOD_IDS},
+        "holds tensors calibration does not use: '\\x1bx', 'labels'; "
+        "keep only input_ids (with attention_mask, token_type_ids) or pixel_values",
+    ),
+    (
+        {"input_ids": GOOD_IDS, "pixel_values": torch.zeros(3, 3, 2, 2)},
+        "holds both input_ids and pixel_values; keep one kind of input per file",
+    ),
+    (
+        {"attention_mask": GOOD_IDS},
+        "holds no input_ids or pixel_values tensor (found: attention_mask); "
+        "save input_ids (samples x tokens) or pixel_values (samples x channels x height x width)",
+    ),
     ({"input_ids": GOOD_IDS.float()}, "input_ids has dtype F32, expected an integer dtype; save it as int64"),
-    ({"input_ids": torch.arange(4)},
-     "input_ids has shape [4], expected (samples, tokens); "
-     "save one sample per row (pad rows to one length and mark padding in attention_mask)"),
-    ({"input_ids": torch.zeros(3, 0, dtype=torch.int64)},
-     "input_ids has shape [3, 0], expected (samples, tokens); "
-     "save one sample per row (pad rows to one length and mark padding in attention_mask)"),
-    ({"input_ids": torch.zeros(3, 9, dtype=torch.int64)},
-     "input_ids rows are 9 tokens long: too long for --max-length 8; "
-     "re-make the file with sequences of at most 8 tokens, or raise --max-length to 9"),
-    ({"input_ids": GOOD_IDS, "attention_mask": torch.ones(3, 5, dtype=torch.int64)},
-     "attention_mask has shape [3, 5], but input_ids has [3, 4]; "
-     "save one attention_mask row per input_ids row, of the same length"),
-    ({"input_ids": GOOD_IDS, "attention_mask": torch.ones(3, 4)},
-     "attention_mask has dtype F32, expected an integer dtype; save it as int64"),
-    ({"input_ids": GOOD_IDS, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 2, 0, 0], [1, 0, 0, 0]])},
-     "attention_mask holds 2 at row 1, column 1, expected only 0 and 1; mark tokens with 1 and padding with 0"),
-    ({"input_ids": GOOD_IDS, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])},
-     "attention_mask row 2 is all 0 (a sample without tokens); remove the row or mark its tokens with 1"),
-    ({"input_ids": GOOD_IDS - 5},
-     "input_ids holds negative ids (first at row 0, column 0: -5); re-tokenise"),
-    ({"input_ids": GOOD_IDS + 250},
-     "input_ids holds id 256 at row 1, column 2, but the model's vocab_size is 256; "
-     "tokenise with the model's own tokenizer"),
-    ({"input_ids": torch.full((3, 4), 2**63 - 1, dtype=torch.int64)},
-     "input_ids holds id 9223372036854775807 at row 0, column 0, but the model's vocab_size is 256; "
-     "tokenise with the model's own tokenizer"),
-    ({"input_ids": torch.tensor([[2**64 - 1] * 4] * 3, dtype=torch.uint64)},
-     "input_ids holds id 18446744073709551615 at row 0, column 0, too large for any vocabulary; "
-     "tokenise with the model's own tokenizer"),
-    ({"input_ids": GOOD_IDS, "token_type_ids": torch.full((3, 4), -1)},
-     "token_type_ids holds -1 at row 0, column 0, expected 0 to the type_vocab_size; "
-     "re-tokenise with the model's own tokenizer"),
-    ({"input_ids": GOOD_IDS[:1]},
-     "holds 1 usable sample; needs at least 2 samples: one to fit, one to report on; add more rows"),
-    ({"pixel_values": torch.zeros(3, 3, 4, 4)},
-     f"holds pixel_values, but the model in {LLAMA} takes text; give input_ids or text"),
+    (
+        {"input_ids": torch.arange(4)},
+        "input_ids has shape [4], expected (samples, tokens); "
+        "save one sample per row (pad rows to one length and mark padding in attention_mask)",
+    ),
+    (
+        {"input_ids": torch.zeros(3, 0, dtype=torch.int64)},
+        "input_ids has shape [3, 0], expected (samples, tokens); "
+        "save one sample per row (pad rows to one length and mark padding in attention_mask)",
+    ),
+    (
+        {"input_ids": torch.zeros(3, 9, dtype=torch.int64)},
+        "input_ids rows are 9 tokens long: too long for --max-length 8; "
+        "re-make the file with sequences of at most 8 tokens, or raise --max-length to 9",
+    ),
+    (
+        {"input_ids": GOOD_IDS, "attention_mask": torch.ones(3, 5, dtype=torch.int64)},
+        "attention_mask has shape [3, 5], but input_ids has [3, 4]; "
+        "save one attention_mask row per input_ids row, of the same length",
+    ),
+    (
+        {"input_ids": GOOD_IDS, "attention_mask": torch.ones(3, 4)},
+        "attention_mask has dtype F32, expected an integer dtype; save it as int64",
+    ),
+    (
+        {"input_ids": GOOD_IDS, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 2, 0, 0], [1, 0, 0, 0]])},
+        "attention_mask holds 2 at row 1, column 1, expected only 0 and 1; mark tokens with 1 and padding with 0",
+    ),
+    (
+        {"input_ids": GOOD_IDS, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])},
+        "attention_mask row 2 is all 0 (a sample without tokens); remove the row or mark its tokens with 1",
+    ),
+    ({"input_ids": GOOD_IDS - 5}, "input_ids holds negative ids (first at row 0, column 0: -5); re-tokenise"),
+    (
+        {"input_ids": GOOD_IDS + 250},
+        "input_ids holds id 256 at row 1, column 2, but the model's vocab_size is 256; "
+        "tokenise with the model's own tokenizer",
+    ),
+    (
+        {"input_ids": torch.full((3, 4), 2**63 - 1, dtype=torch.int64)},
+        "input_ids holds id 9223372036854775807 at row 0, column 0, but the model's vocab_size is 256; "
+        "tokenise with the model's own tokenizer",
+    ),
+    (
+        {"input_ids": torch.tensor([[2**64 - 1] * 4] * 3, dtype=torch.uint64)},
+        "input_ids holds id 18446744073709551615 at row 0, column 0, too large for any vocabulary; "
+        "tokenise with the model's own tokenizer",
+    ),
+    (
+        {"input_ids": GOOD_IDS, "token_type_ids": torch.full((3, 4), -1)},
+        "token_type_ids holds -1 at row 0, column 0, expected 0 to the type_vocab_size; "
+        "re-tokenise with the model's own tokenizer",
+    ),
+    (
+        {"input_ids": GOOD_IDS[:1]},
+        "holds 1 usable sample; needs at least 2 samples: one to fit, one to report on; add more rows",
+    ),
+    (
+        {"pixel_values": torch.zeros(3, 3, 4, 4)},
+        f"holds pixel_values, but the model in {LLAMA} takes text; give input_ids or text",
+    ),
 ]
 
 
@@ -757,20 +815,32 @@ def test_safetensors_errors(tmp_path: Path, tensors: dict[str, torch.Tensor], me
 
 
 PIXEL_CASES: list[tuple[dict[str, torch.Tensor], str]] = [
-    ({"pixel_values": torch.zeros(3, 3, 4, 4, dtype=torch.uint8)},
-     "pixel_values has dtype U8, expected a float dtype; save it as float32"),
-    ({"pixel_values": torch.zeros(3, 4, 4)},
-     "pixel_values has shape [3, 4, 4], expected (samples, channels, height, width); "
-     "save one image per row, as the image processor gives them"),
-    ({"pixel_values": torch.zeros(3, 1, 4, 4)},
-     "pixel_values has 1 channels, but the model takes 3 (config.json num_channels); "
-     "prepare the images with the model's image processor"),
-    ({"pixel_values": torch.zeros(3, 3, 4, 4).index_put_((torch.tensor(2),), torch.tensor(math.inf))},
-     "pixel_values holds non-finite values (first in row 2); re-make the file"),
-    ({"pixel_values": torch.zeros(3, 3, 4, 4), "attention_mask": torch.ones(3, 4, dtype=torch.int64)},
-     "holds attention_mask beside pixel_values; keep only pixel_values for an image model"),
-    ({"input_ids": GOOD_IDS},
-     f"holds input_ids, but the model in {VIT} takes images; give pixel_values or a folder of images"),
+    (
+        {"pixel_values": torch.zeros(3, 3, 4, 4, dtype=torch.uint8)},
+        "pixel_values has dtype U8, expected a float dtype; save it as float32",
+    ),
+    (
+        {"pixel_values": torch.zeros(3, 4, 4)},
+        "pixel_values has shape [3, 4, 4], expected (samples, channels, height, width); "
+        "save one image per row, as the image processor gives them",
+    ),
+    (
+        {"pixel_values": torch.zeros(3, 1, 4, 4)},
+        "pixel_values has 1 channels, but the model takes 3 (config.json num_channels); "
+        "prepare the images with the model's image processor",
+    ),
+    (
+        {"pixel_values": torch.zeros(3, 3, 4, 4).index_put_((torch.tensor(2),), torch.tensor(math.inf))},
+        "pixel_values holds non-finite values (first in row 2); re-make the file",
+    ),
+    (
+        {"pixel_values": torch.zeros(3, 3, 4, 4), "attention_mask": torch.ones(3, 4, dtype=torch.int64)},
+        "holds attention_mask beside pixel_values; keep only pixel_values for an image model",
+    ),
+    (
+        {"input_ids": GOOD_IDS},
+        f"holds input_ids, but the model in {VIT} takes images; give pixel_values or a folder of images",
+    ),
 ]
 
 
@@ -804,8 +874,7 @@ def test_safetensors_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     read_torch = calibration_tensors._load_tensors
     monkeypatch.setattr(calibration_tensors, "_load_tensors", lambda *a: pytest.fail("tensors read"))  # refused before
     assert error_of(path) == (
-        f"{path}: holds 1.56 KiB of tensors, more than the 1 KiB limit; "
-        "use fewer samples (a few hundred are enough)"
+        f"{path}: holds 1.56 KiB of tensors, more than the 1 KiB limit; use fewer samples (a few hundred are enough)"
     )
     monkeypatch.setattr(calibration_tensors, "_load_tensors", read_torch)
 

@@ -1925,3 +1925,19 @@ def test_a_delta_larger_than_its_weight_is_merged_with_a_warning(llama: tuple[Pa
         f"{worst['delta_norm']:.3g} = {worst['delta_norm'] / worst['base_norm']:.3g} x the base weight's); "
         "check the adapter's scaling and --weight\n"
     )
+
+
+def test_a_head_tensor_of_an_integer_dtype_is_refused_by_its_stored_key(fixture_copy: Any, tmp_path: Path) -> None:
+    """The message named the key with PEFT's prefix cut off, which is not in the file."""
+    d = fixture_copy("roberta")
+    base, adapter = d / "base", d / "adapter"
+    st = adapter / "adapter_model.safetensors"
+    tensors = read_tensors(st)
+    key = "base_model.model.classifier.out_proj.weight"
+    tensors[key] = (tensors[key] * 10).to(torch.int32)
+    write_tensors(st, tensors)
+    msg = (
+        f"{st}: tensor {key!r} has dtype I32, expected a float dtype (a trained bias or a head's weights); re-save "
+        "the adapter with PEFT"
+    )
+    fails(tmp_path, fc.AdapterError, msg, base, adapter)

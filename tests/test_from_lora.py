@@ -1265,3 +1265,21 @@ def test_a_seq_cls_lora_with_modules_to_save_null_carries_the_heads_peft_adds(tm
     assert heads[0].keys() == heads[1].keys() and len(heads[0]) > 0
     for key, value in heads[0].items():
         assert torch.equal(heads[1][key], value), key
+
+
+def test_without_a_base_a_random_initialisation_is_named_in_a_warning(tmp_path: Path) -> None:
+    """With init_lora_weights false, PEFT gives a selected module without factors random ones (refused with a base:
+    test_cli_refuses_a_selected_module_without_factors_that_peft_initialises_randomly); without a base nobody can
+    tell which modules the config selects, and the warning said only that the output was not checked."""
+    src = _peft_lora(tmp_path, "llama", r=2, target_modules=["q_proj", "v_proj"])
+    _set_config(src, base_model_name_or_path=None)
+    _, report = from_lora(src, n_frequency=50)
+    no_base = "no --base given and the adapter names no base: the output was not checked against a base"
+    random = (
+        "with init_lora_weights=False, a module the config selects but the adapter holds no factors for gets random "
+        "ones in PEFT; only a base shows whether there is one: pass --base"
+    )
+    assert report.warnings.index(random) == report.warnings.index(no_base) + 1
+    _set_config(src, init_lora_weights=True)
+    _, report = from_lora(src, n_frequency=50)
+    assert not any("init_lora_weights" in w for w in report.warnings)

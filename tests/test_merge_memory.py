@@ -29,9 +29,7 @@ def test_equals_merge_on_disk(name: str, dtype: str | None, tmp_path: Path) -> N
         got = state.tensors[key]
         assert got.dtype == value.dtype and got.device.type == "cpu" and torch.equal(got, value), key
     assert state.report.tensors == on_disk.tensors and state.report.out is None and not state.report.dry_run
-    assert [(r.key, r.max_abs_error) for r in state.report.layers] == [
-        (r.key, r.max_abs_error) for r in on_disk.layers
-    ]
+    assert [(r.key, r.max_abs_error) for r in state.report.layers] == [(r.key, r.max_abs_error) for r in on_disk.layers]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert state.config == config
     assert state.config_changed == (config != json.loads((base / "config.json").read_text()))

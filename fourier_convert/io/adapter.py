@@ -727,9 +727,13 @@ def classify_tensors(
                 "file lacks, and fails to load the adapter (KeyError)",
                 f"store the tensor as {plain!r}, or re-save the adapter with PEFT",
             )
-    for key, t in {**biases, **heads}.items():
-        if t.dtype not in FLOAT_DTYPES:
-            raise AdapterError(where, f"tensor {key!r} has dtype {t.dtype}, expected a float dtype", "re-save it")
+    for t in [*biases.values(), *heads.values()]:
+        if t.dtype not in FLOAT_DTYPES:  # PEFT would cast it into the float parameter: a corrupt save, not a head
+            raise AdapterError(
+                where,
+                f"tensor {t.key!r} has dtype {t.dtype}, expected a float dtype (a trained bias or a head's weights)",
+                "re-save the adapter with PEFT",
+            )
     return TensorGroups(method, biases, heads)
 
 
