@@ -417,10 +417,9 @@ def _check_saved_heads(adapter: FourierFTAdapter, base_keys: list[str]) -> None:
             if key in adapter.head_tensors:
                 continue
             parts = key.split(".")
-            module = next(
-                (m for i in range(1, len(parts)) if (m := ".".join(parts[:i])) == entry or m.endswith(f".{entry}")),
-                None,
-            )
+            # PEFT's _set_trainable wraps every module whose name ends with the entry (no dot needed: 'score' wraps
+            # 'xscore' too), and then wants each of its tensors from the file
+            module = next((m for i in range(1, len(parts)) if (m := ".".join(parts[:i])).endswith(entry)), None)
             if module is not None:
                 task = adapter.settings.task_type
                 source = (
