@@ -157,6 +157,10 @@ def _layer_count(names: Iterable[str]) -> int:
     return max(found) + 1 if found else 0
 
 
+#: config.json fields that choose kernels, not shapes: left out of the model :func:`meta_model` builds.
+_KERNEL_FIELDS = ("attn_implementation", "_attn_implementation", "experts_implementation", "_experts_implementation")
+
+
 def meta_model(config: Mapping[str, Any], source: Path) -> tuple[Any | None, str]:
     """The model ``config`` describes, built on the meta device: the class ``architectures`` names (as pipelines
     load it), or transformers' base ``AutoModel`` of the ``model_type`` when it names none that takes this config.
@@ -189,6 +193,9 @@ def meta_model(config: Mapping[str, Any], source: Path) -> tuple[Any | None, str
 
     if model_type not in transformers.CONFIG_MAPPING:
         return None, f"model_type {model_type!r} is not known to transformers {transformers.__version__}"
+    # the attention kernel changes no tensor's shape, and one that is not installed here (flash_attention_2) made
+    # transformers refuse to build the model: the check was skipped
+    config = {k: v for k, v in config.items() if k not in _KERNEL_FIELDS}
     try:
         hf_config = config_from_dict(config, source)
     except InputFileError as exc:
@@ -198,7 +205,8 @@ def meta_model(config: Mapping[str, Any], source: Path) -> tuple[Any | None, str
     archs = config.get("architectures")
     named = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
     cls = getattr(transformers, named, None) if named else None
-    takes = isinstance(cls, type) and isinstance(hf_config, getattr(cls, "config_class", ()))
+    config_class = getattr(cls, "config_class", None)  # transformers' base classes hold None there
+    takes = isinstance(cls, type) and isinstance(config_class, type) and isinstance(hf_config, config_class)
     try:
         with quiet_transformers(), torch.device("meta"):
             model = cls(hf_config) if takes and cls is not None else transformers.AutoModel.from_config(hf_config)  # type: ignore[no-untyped-call]

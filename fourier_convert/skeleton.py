@@ -99,6 +99,8 @@ def scan_linear_only(config: dict[str, Any]) -> Skeleton | None:
     archs = config.get("architectures") or []
     if config.get("auto_map") or not isinstance(model_type, str) or not archs:
         return None
+    if re.fullmatch(r"[A-Za-z0-9_-]+", model_type) is None:  # a name, never a path ('..', '/', surrogates)
+        return None
     spec = importlib.util.find_spec("transformers")  # locates the package without importing it
     if spec is None or spec.origin is None:
         return None

@@ -72,6 +72,14 @@ REFUSED = {
         f"{_BUILT} model.layers.0.self_attn.k_proj.weight of shape [64, 64], the weights hold [32, 64] "
         "(3 more tensor(s) differ)",
     ),
+    "attention_kernel": (  # flash_attention_2 is not installed: transformers refused to build, the check was skipped
+        {"vocab_size": 300, "_attn_implementation": "flash_attention_2", "attn_implementation": "flash_attention_3"},
+        f"{_BUILT} model.embed_tokens.weight of shape [300, 64], the weights hold [256, 64] (1 more tensor(s) differ)",
+    ),
+    "base_class": (  # transformers' base class has config_class None: an unexpected TypeError in isinstance()
+        {"vocab_size": 300, "architectures": ["PreTrainedModel"]},
+        "LlamaModel built from it has embed_tokens.weight of shape [300, 64], the weights hold [256, 64]",
+    ),
     "other_model": (
         {"model_type": "bert", "architectures": ["BertModel"]},
         "BertModel built from it has none of the weights' 21 tensor names (first: 'model.embed_tokens.weight')",

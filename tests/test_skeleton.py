@@ -66,3 +66,10 @@ def test_scan_imports_nothing_and_is_fast() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "modeling_llama.py: no Conv1D" in out and " False " in out, out
     assert time.perf_counter() - t < 30
+
+
+@pytest.mark.parametrize("model_type", ["\ud800", "../llama", "llama/../llama", "ll ama"])
+def test_the_source_scan_takes_only_a_plain_name_as_model_type(model_type: str) -> None:
+    """A lone surrogate was an unexpected UnicodeEncodeError in merge, inspect and to-lora (it went into a file
+    path); '..' and '/' reached other folders of transformers."""
+    assert scan_linear_only({"model_type": model_type, "architectures": ["LlamaForCausalLM"]}) is None
