@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fourier_convert.errors import ExportError, InputFileError, first_line, short_repr
+from fourier_convert.errors import ExportError, InputFileError, first_line, printable, short_repr
 
 #: Top-level config counts that transformers divides by or sizes every layer with: 0 or less is refused here,
 #: as transformers' own messages say nothing useful (0 heads: "integer division or modulo by zero").
@@ -188,9 +188,11 @@ def meta_model(config: Mapping[str, Any], source: Path) -> tuple[Any | None, str
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         return None, "it has no model_type"
-    import torch
-    import transformers
-
+    try:
+        import torch
+        import transformers
+    except Exception as exc:  # a broken installation
+        return None, f"transformers cannot be imported here ({reported(exc)})"
     if model_type not in transformers.CONFIG_MAPPING:
         return None, f"model_type {model_type!r} is not known to transformers {transformers.__version__}"
     # the attention kernel changes no tensor's shape, and one that is not installed here (flash_attention_2) made
@@ -207,6 +209,14 @@ def meta_model(config: Mapping[str, Any], source: Path) -> tuple[Any | None, str
     cls = getattr(transformers, named, None) if named else None
     config_class = getattr(cls, "config_class", None)  # transformers' base classes hold None there
     takes = isinstance(cls, type) and isinstance(config_class, type) and isinstance(hf_config, config_class)
+    try:  # import the modeling code first: failing there is this Python's problem, not the config's
+        _ = cls if takes else transformers.MODEL_MAPPING[type(hf_config)]
+    except KeyError:  # no base model for this config class: AutoModel says so below
+        pass
+    except ImportError as exc:  # modeling code that needs another package
+        return None, f"{_NEEDS_PACKAGE} ({reported(exc)})"
+    except Exception as exc:  # e.g. Python's -OO, whose stripped docstrings transformers' modeling code rejects
+        return None, f"transformers cannot import its {model_type} modeling code here ({reported(exc)})"
     try:
         with quiet_transformers(), torch.device("meta"):
             model = cls(hf_config) if takes and cls is not None else transformers.AutoModel.from_config(hf_config)  # type: ignore[no-untyped-call]
@@ -296,8 +306,11 @@ def check_weights_fit_in_child(
 
     The child reads the inputs as JSON on stdin and writes its verdict as JSON on stdout. It hides
     :data:`OPTIONAL_PACKAGES` from transformers; where transformers then cannot build the config or the model
-    (the modeling code may need one of them), a second child that hides nothing checks again. A child that fails
-    to give a verdict (killed, or an error of its own) is not trusted: the check then runs in this process.
+    (the modeling code may need one of them), a second child that hides nothing checks again. The child ends
+    with this process (even one killed outright), and is stopped past :data:`CHECK_SECONDS` or
+    :data:`CHECK_BYTES`: the config is then left unchecked, and the result says why. So is it when the child
+    ends without a verdict (killed from outside, or a Python that cannot import transformers, as under ``-OO``);
+    only when no child can start does the check run in this process.
 
     Args:
         config: The content of ``config.json``.
@@ -307,7 +320,7 @@ def check_weights_fit_in_child(
         stop: Set by the caller (who then kills the children) when the verdict is no longer wanted.
 
     Returns:
-        As :func:`check_weights_fit`.
+        As :func:`check_weights_fit`, or why the child gave no verdict.
 
     Raises:
         InputFileError: As :func:`check_weights_fit`.
@@ -341,14 +354,16 @@ def check_weights_fit_in_child(
                 stderr=subprocess.PIPE,
             )
         except OSError:
-            break
+            return check_weights_fit(config, shapes, source)  # no child can start: checked here
         if children is not None:
             children.append(child)
         if stop is not None and stop.is_set():  # stopped while it started: the caller's kill may have missed it
             child.kill()
-        out, _ = child.communicate(json.dumps(request).encode())
+        out, err, over = _wait_bounded(child, json.dumps(request).encode(), stop)
         if stop is not None and stop.is_set():
             raise CheckCancelled()
+        if over:
+            return over
         try:
             verdict = json.loads(out) if child.returncode == 0 else None
         except ValueError:
@@ -359,18 +374,77 @@ def check_weights_fit_in_child(
             return str(verdict["unchecked"])
         if isinstance(verdict, dict) and isinstance(verdict.get("refused"), list) and len(verdict["refused"]) == 3:
             raise InputFileError(*(str(part) for part in verdict["refused"]))
-        break
-    return check_weights_fit(config, shapes, source)
+        # killed from outside, or an error of the child's own (this Python cannot import transformers): running the
+        # same build here would only fail or be killed again, in this process
+        said = err.decode(errors="replace").strip().splitlines()
+        why = printable(said[-1]) if said else f"exit status {child.returncode}"
+        return f"the check's process ended without a verdict ({short_repr(why, 200)})"
+    return "the check's process gave no verdict"  # not reached: a child that hides nothing never asks to retry
+
+
+#: The longest the check's child may take: it took 4.2 s on a 2-core machine and 16.5 s on a GPU host whose torch
+#: is slow to import; a config that makes transformers build for longer (a videomae with image_size 2000 and
+#: patch_size 1 took 20 s here, growing as its square) is left unchecked.
+CHECK_SECONDS = 120.0
+#: The most memory (resident) the check's child may use: about 930 MiB with a CUDA build of torch; num_labels of
+#: 3 million took 2.4 GiB, and memory grows with it.
+CHECK_BYTES = 4 << 30
+
+
+def _wait_bounded(
+    child: subprocess.Popen[bytes], request: bytes, stop: threading.Event | None
+) -> tuple[bytes, bytes, str]:
+    """Send ``request`` to the check's child and wait for it, killing it past :data:`CHECK_SECONDS` or
+    :data:`CHECK_BYTES` (then the third item says why), or when ``stop`` is set."""
+    import time
+
+    start, sent = time.monotonic(), False
+    while True:
+        try:
+            out, err = child.communicate(None if sent else request, timeout=0.2)
+            return out, err, ""
+        except subprocess.TimeoutExpired:
+            sent = True
+        over = ""
+        if time.monotonic() - start > CHECK_SECONDS:
+            over = f"transformers took longer than {CHECK_SECONDS:.0f} s to build the model it describes"
+        elif _resident_bytes(child.pid) > CHECK_BYTES:
+            over = f"transformers needed more than {CHECK_BYTES / 2**30:.3g} GiB to build the model it describes"
+        if over or (stop is not None and stop.is_set()):
+            child.kill()
+            child.communicate()
+            return b"", b"", over and f"{over} (stopped)"
+
+
+def _resident_bytes(pid: int) -> int:
+    """A process's resident memory, from ``/proc`` (0 where that cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _child() -> None:
     """The child of :func:`check_weights_fit_in_child`: stdin -> verdict on stdout (``{"unchecked": why}``,
     ``{"refused": [where, found, fix]}``, or ``{"retry": true}`` when hidden packages are needed)."""
     import json
+    import os
     import signal
     import sys
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C reaches the parent too: this process just ends
+    parent = os.getppid()
+    try:  # end with the parent, even one killed outright (SIGKILL): Linux's PR_SET_PDEATHSIG (1)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent:  # the parent ended before that took effect
+        os._exit(1)
     request = json.loads(sys.stdin.buffer.read())
     hide = request.get("hide") is True
     if hide:

@@ -231,7 +231,8 @@ def hides(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
     class Recorded(subprocess.Popen[bytes]):
         def communicate(self, input: Any = None, timeout: float | None = None) -> Any:
-            seen.append(json.loads(input)["hide"])
+            if input is not None:  # the first call sends the request; later ones only wait
+                seen.append(json.loads(input)["hide"])
             return super().communicate(input, timeout)
 
     monkeypatch.setattr(subprocess, "Popen", Recorded)
@@ -346,3 +347,83 @@ def test_a_stopped_check_kills_its_child_and_gives_no_verdict() -> None:
     assert time.monotonic() - start < 2
     assert len(children) == 1 and children[0].returncode is not None and children[0].returncode < 0
     assert len(outcome) == 1 and isinstance(outcome[0], CheckCancelled)
+
+
+@pytest.mark.parametrize(("limit", "value", "why"), [
+    ("CHECK_SECONDS", 0.5, "transformers took longer than 0 s to build the model it describes (stopped)"),
+    ("CHECK_BYTES", 1 << 20, "transformers needed more than 0.000977 GiB to build the model it describes (stopped)"),
+])  # fmt: skip
+def test_a_check_past_its_time_or_memory_is_stopped_and_left_unchecked(
+    monkeypatch: pytest.MonkeyPatch, limit: str, value: float, why: str
+) -> None:
+    """A config that makes transformers build for long or big (num_labels of 3 million: 21 s and 2.4 GiB; memory
+    grows with it) had no bound. Past either, the child is killed and the config left unchecked, saying why (not
+    checked again in this process, which took 27 s and 1.4 GiB of the merge's own memory after a killed child)."""
+    import fourier_convert.model_config as model_config
+
+    monkeypatch.setattr(model_config, limit, value)
+    assert model_config.check_weights_fit_in_child(_config(), _shapes(LLAMA), Path("c")) == why
+
+
+def test_a_child_that_ends_without_a_verdict_leaves_the_config_unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under python -OO transformers cannot import its modeling code (it parses docstrings): the merge, which needs
+    no transformers, ended in 'unexpected ValueError'. The child fails: the config is left unchecked, saying why."""
+    from fourier_convert.model_config import check_weights_fit_in_child
+
+    monkeypatch.setenv("PYTHONOPTIMIZE", "2")
+    why = check_weights_fit_in_child({**_config(), "vocab_size": 300}, _shapes(LLAMA), Path("c"))
+    assert why.startswith("the check's process ended without a verdict (") and "docstring" in why, why
+
+
+def _check_child_of(pid: int) -> int | None:
+    """The pid of the config check's child of process ``pid``, if running."""
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"_child()" in cmdline:
+            return int(entry.name)
+    return None
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGHUP"])
+def test_the_child_ends_with_its_parent(llama: tuple[Path, Path], tmp_path: Path, sig: str) -> None:
+    """A merge killed outright (SIGKILL) left its check's child running, 530 MB, under init; SIGHUP (the terminal
+    closed) had no handler, so the merge also left its .partial folder. The child ends with its parent now, and
+    SIGHUP cleans up as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base, adapter = llama
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fourier_convert", "merge", "--base", str(base), "--adapter", str(adapter)]
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, CACHE_ENV: ""})  # fmt: skip
+    deadline, child = time.monotonic() + 30, None
+    while child is None and time.monotonic() < deadline and proc.poll() is None:
+        child = _check_child_of(proc.pid)
+        time.sleep(0.02)
+    assert child is not None, "no check child seen"
+    time.sleep(0.3)  # past its PR_SET_PDEATHSIG
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while not _ended(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _ended(child)
+    assert not out.exists()
+    if sig == "SIGHUP":  # (SIGKILL leaves no chance to remove the .partial folder)
+        assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted: nothing was published")
+        assert not list(tmp_path.glob(".out.partial-*"))

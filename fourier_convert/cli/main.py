@@ -207,7 +207,7 @@ def _cuda_started() -> bool:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM takes the Ctrl-C path: clean up, publish nothing
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP take the Ctrl-C path: clean up, publish nothing
 
 
 def debug_first(args: list[str]) -> list[str]:
@@ -226,6 +226,8 @@ def main() -> None:
     """Console-script entry point."""
     _keep_freed_memory()
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
+        signal.signal(signal.SIGHUP, _terminate)  # the terminal closed: clean up as for Ctrl-C
     # Shells start background jobs with SIGINT ignored and Python then keeps it ignored; a merge must still
     # clean up on an interrupt, so take it explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
