@@ -221,6 +221,21 @@ def test_an_unusable_cache_only_means_the_check_runs(tmp_path: Path, monkeypatch
     assert not known_fit("b" * 64)
 
 
+def test_a_link_in_the_cache_is_neither_followed_nor_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dangling link planted under a key: remembering a pass created the file it points to."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    folder = cache_folder()
+    assert folder is not None
+    folder.mkdir(parents=True)
+    (folder / ("c" * 64)).symlink_to(tmp_path / "created")
+    remember_fit("c" * 64)
+    assert not (tmp_path / "created").exists() and not known_fit("c" * 64)
+    (tmp_path / "created").write_text("")  # a link to a file is not a remembered pass either
+    assert not known_fit("c" * 64)
+    remember_fit("d" * 64)
+    assert known_fit("d" * 64)
+
+
 # -- the child process --------------------------------------------------------------------------
 @pytest.fixture
 def hides(monkeypatch: pytest.MonkeyPatch) -> list[bool]:

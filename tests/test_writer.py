@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -285,3 +286,31 @@ def test_copy_sparse_keeps_the_bytes_and_the_holes(tmp_path: Path) -> None:
     small.write_bytes(b'{"a": 1}')
     copy_sparse(small, tmp_path / "config-copy.json")
     assert (tmp_path / "config-copy.json").read_bytes() == b'{"a": 1}'
+
+
+def test_a_second_interrupt_during_clean_up_does_not_cut_it_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two Ctrl-C presses: the second arrived while the writer removed its .partial folder, and left it behind
+    (while stderr said nothing was published). Interrupts wait for the clean-up, then count."""
+    import os
+    import shutil
+    import signal
+
+    import fourier_convert.io.writer as writer_module
+
+    real = shutil.rmtree
+
+    def interrupted_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler at the next bytecode: inside the clean-up
+        for _ in range(1000):
+            pass
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module.shutil, "rmtree", interrupted_rmtree)
+    layouts = layout_shards([[TensorSpec("w", "F32", (6,))]], names=["model.safetensors"])
+    with pytest.raises(KeyboardInterrupt), CheckpointWriter(tmp_path / "out") as w:
+        w.begin(layouts)
+        raise KeyboardInterrupt  # the first Ctrl-C
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -76,9 +77,9 @@ def known_fit(key: str) -> bool:
     folder = cache_folder()
     if folder is None:
         return False
-    try:
-        return (folder / key).is_file()
-    except OSError:  # a name too long, a folder that cannot be searched: not known, so the check runs
+    try:  # an entry of this cache's own making: a plain file (a link, even to a file, is not one)
+        return stat.S_ISREG(os.lstat(folder / key).st_mode)
+    except OSError:  # absent, a name too long, a folder that cannot be searched: not known, so the check runs
         return False
 
 
@@ -94,6 +95,7 @@ def remember_fit(key: str) -> None:
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / key).touch()
-    except OSError:
+        # a new empty file, never through a link (a dangling one planted under the key would create its target)
+        os.close(os.open(folder / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    except OSError:  # there already (a link is left as it is), or the folder cannot be written
         return

@@ -18,9 +18,10 @@ import json
 import os
 import queue
 import shutil
+import signal
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,33 @@ from fourier_convert.io.progress import ByteProgress
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, SafetensorsFile
 
 _COPY_CHUNK = 256 * 1024 * 1024
+
+
+_INTERRUPTS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM / SIGHUP until the block is done, then act on one that came (as KeyboardInterrupt,
+    unless the block is already raising). Only the main thread handles signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {}
+    for sig in _INTERRUPTS:
+        handler = signal.getsignal(sig)
+        if handler in (signal.SIG_IGN, None):
+            continue
+        previous[sig] = handler
+        signal.signal(sig, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if came:
+        raise KeyboardInterrupt
 
 
 @dataclass(frozen=True)
@@ -465,17 +493,18 @@ class CheckpointWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join()
-        self._close_fds()
-        if not self.committed and self.temp is not None and self.temp.exists():
-            shutil.rmtree(self.temp, ignore_errors=True)
-        if not self.committed:
-            for folder in self._created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only if still empty
+        with _interrupts_deferred():  # a second Ctrl-C must not cut the clean-up short (a .partial folder was left)
+            self._stop.set()
+            if self._thread is not None and self._thread.is_alive():
+                self._jobs.put(None)
+                self._thread.join()
+            self._close_fds()
+            if not self.committed and self.temp is not None and self.temp.exists():
+                shutil.rmtree(self.temp, ignore_errors=True)
+            if not self.committed:
+                for folder in self._created:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()  # only if still empty
 
     # -- internals --------------------------------------------------------------------------------
     def _run_copies(self) -> None:
