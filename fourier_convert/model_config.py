@@ -101,10 +101,14 @@ def reported(exc: BaseException) -> str:
     Example:
         >>> reported(ValueError("The hidden size (64) is not a multiple of the number of attention heads (3)."))
         'The hidden size (64) is not a multiple of the number of attention heads (3).'
+        >>> reported(KeyError("gelu_fast2"))
+        "it knows no value 'gelu_fast2'"
     """
     said = first_line(exc)
     if said.endswith(":") and exc.__cause__ is not None:
         return first_line(exc.__cause__)
+    if isinstance(exc, KeyError):  # a value looked up in one of transformers' tables ({"silu": ...}[hidden_act])
+        return f"it knows no value {said}"
     return said
 
 

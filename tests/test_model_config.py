@@ -80,6 +80,10 @@ REFUSED = {
         {"vocab_size": 300, "architectures": ["PreTrainedModel"]},
         "LlamaModel built from it has embed_tokens.weight of shape [300, 64], the weights hold [256, 64]",
     ),
+    "unknown_activation": (  # the message was only ('nope'): transformers' KeyError
+        {"hidden_act": "nope"},
+        "transformers cannot build LlamaForCausalLM from it (it knows no value 'nope')",
+    ),
     "other_model": (
         {"model_type": "bert", "architectures": ["BertModel"]},
         "BertModel built from it has none of the weights' 21 tensor names (first: 'model.embed_tokens.weight')",
