@@ -3,6 +3,7 @@ config that from_pretrained would refuse, or that would leave layers random), an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -240,6 +241,11 @@ def test_a_link_in_the_cache_is_neither_followed_nor_trusted(tmp_path: Path, mon
     assert known_fit("d" * 64)
 
 
+_WITHOUT_TIMM = pytest.mark.skipif(
+    importlib.util.find_spec("timm") is not None, reason="needs a Python without timm installed"
+)
+
+
 # -- the child process --------------------------------------------------------------------------
 @pytest.fixture
 def hides(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
@@ -317,6 +323,7 @@ def test_the_child_imports_nothing_from_the_working_folder(
     assert not marker.exists()
 
 
+@_WITHOUT_TIMM
 def test_a_model_that_needs_a_hidden_package_is_checked_again_without_hiding(hides: list[bool]) -> None:
     """The child hides optional packages from transformers; a model it then cannot build (DETR with a timm
     backbone needs timm, hidden or absent) gets a second child that hides nothing, whose verdict stands."""
@@ -327,6 +334,7 @@ def test_a_model_that_needs_a_hidden_package_is_checked_again_without_hiding(hid
     assert hides == [True, False]
 
 
+@_WITHOUT_TIMM
 def test_a_config_class_that_needs_a_missing_package_is_not_checked() -> None:
     why = check_weights_fit({"model_type": "timm_wrapper", "architecture": "resnet18"}, {}, Path("c.json"))
     assert why.startswith("transformers cannot build it here (TimmWrapperConfig requires the timm library"), why
