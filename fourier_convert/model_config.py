@@ -303,25 +303,7 @@ def check_weights_fit_in_child(
     children: list[subprocess.Popen[bytes]] | None = None,
     stop: threading.Event | None = None,
 ) -> str:
-    """:func:`check_weights_fit` in a child Python process: importing torch and transformers' modeling code takes
-    seconds of CPU, which a thread of this process would hold the GIL for (measured on a 2-core machine: a 1.1B
-    merge took 5.9 s with the check in a thread, 1.9 s beside a child importing them). Call it from a
-    background thread; it waits for the child.
-
-    The child reads the inputs as JSON on stdin and writes its verdict as JSON on stdout. It hides
-    :data:`OPTIONAL_PACKAGES` from transformers; where transformers then cannot build the config or the model
-    (the modeling code may need one of them), a second child that hides nothing checks again. The child ends
-    with this process (even one killed outright), and is stopped past :data:`CHECK_SECONDS` or
-    :data:`CHECK_BYTES`: the config is then left unchecked, and the result says why. So is it when the child
-    ends without a verdict (killed from outside, or a Python that cannot import transformers, as under ``-OO``);
-    only when no child can start does the check run in this process.
-
-    Args:
-        config: The content of ``config.json``.
-        shapes: Tensor name -> shape, of the weights published with it.
-        source: That file, for messages.
-        children: Each child is added here once started (so that the caller can kill it, see ``stop``).
-        stop: Set by the caller (who then kills the children) when the verdict is no longer wanted.
+    """:func:`check_weights_fit` in a child Python process (:func:`base_model_in_child` without a skeleton).
 
     Returns:
         As :func:`check_weights_fit`, or why the child gave no verdict.
@@ -334,6 +316,47 @@ def check_weights_fit_in_child(
         >>> check_weights_fit_in_child(config, shapes, Path("base/config.json"))  # doctest: +SKIP
         ''
     """
+    return base_model_in_child((config, shapes, source), None, children=children, stop=stop)[0]
+
+
+def base_model_in_child(
+    fit: tuple[Mapping[str, Any], Mapping[str, Sequence[int]], Path] | None,
+    build: tuple[Mapping[str, Any], list[str]] | None,
+    *,
+    children: list[subprocess.Popen[bytes]] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[str, dict[str, Any] | None, str]:
+    """:func:`check_weights_fit` and the model skeleton (``fourier_convert.skeleton.build_skeleton``) in a child
+    Python process: importing torch and transformers' modeling code takes seconds of CPU, which a thread of this
+    process would hold the GIL for (measured on a 2-core machine: a 1.1B merge took 5.9 s with the check in a
+    thread, 1.9 s beside a child importing them), and building a model can take any time and memory the config
+    asks for. Call it from a background thread; it waits for the child.
+
+    The child reads the inputs as JSON on stdin and writes its verdict as JSON on stdout. For a check alone it
+    hides :data:`OPTIONAL_PACKAGES` from transformers; where transformers then cannot build the config or the
+    model (the modeling code may need one of them), a second child that hides nothing checks again. The child ends
+    with this process (even one killed outright), and is stopped past :data:`CHECK_SECONDS` or
+    :data:`CHECK_BYTES`: the config is then left unchecked and the skeleton not built, and the result says why.
+    So is it when the child ends without a verdict (killed from outside, or a Python that cannot import
+    transformers, as under ``-OO``); only when no child can start does the work run in this process.
+
+    Args:
+        fit: ``(config, shapes, source)`` for :func:`check_weights_fit`, or None (no check).
+        build: ``(config, checkpoint keys)`` for the skeleton, or None (none wanted).
+        children: Each child is added here once started (so that the caller can kill it, see ``stop``).
+        stop: Set by the caller (who then kills the children) when the verdict is no longer wanted.
+
+    Returns:
+        ``(unchecked, skeleton, why)``: as :func:`check_weights_fit` (``""`` without ``fit``), or why the child gave
+        no verdict; the skeleton's fields (``fourier_convert.skeleton.skeleton_fields``) or None, and why not.
+
+    Raises:
+        InputFileError: As :func:`check_weights_fit`.
+        CheckCancelled: ``stop`` was set.
+
+    Example:
+        >>> unchecked, fields, why = base_model_in_child((config, shapes, path), (config, keys))  # doctest: +SKIP
+    """
     import json
     import sys
 
@@ -342,11 +365,12 @@ def check_weights_fit_in_child(
         f"import sys; sys.path.insert(0, {package_root!r}); from fourier_convert.model_config import _child; _child()"
     )
     request: dict[str, Any] = {
-        "config": config,
-        "shapes": {k: list(v) for k, v in shapes.items()},
-        "source": str(source),
-    }
-    for hide in (True, False):
+        "fit": None if fit is None else {
+            "config": fit[0], "shapes": {k: list(v) for k, v in fit[1].items()}, "source": str(fit[2])
+        },
+        "build": None if build is None else {"config": build[0], "keys": list(build[1])},
+    }  # fmt: skip
+    for hide in (True, False) if build is None else (False,):  # a skeleton is built as in this process
         request["hide"] = hide
         if stop is not None and stop.is_set():
             raise CheckCancelled()
@@ -357,8 +381,8 @@ def check_weights_fit_in_child(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
-        except OSError:
-            return check_weights_fit(config, shapes, source)  # no child can start: checked here
+        except OSError:  # no child can start: done here
+            return _base_model_here(fit, build)
         if children is not None:
             children.append(child)
         if stop is not None and stop.is_set():  # stopped while it started: the caller's kill may have missed it
@@ -366,24 +390,39 @@ def check_weights_fit_in_child(
         out, err, over = _wait_bounded(child, json.dumps(request).encode(), stop)
         if stop is not None and stop.is_set():
             raise CheckCancelled()
-        if over:
-            return over
-        try:
-            verdict = json.loads(out) if child.returncode == 0 else None
-        except ValueError:
-            verdict = None
-        if isinstance(verdict, dict) and verdict.get("retry") is True and hide:
-            continue  # the model needs a hidden package
-        if isinstance(verdict, dict) and isinstance(verdict.get("unchecked"), str):
-            return str(verdict["unchecked"])
-        if isinstance(verdict, dict) and isinstance(verdict.get("refused"), list) and len(verdict["refused"]) == 3:
-            raise InputFileError(*(str(part) for part in verdict["refused"]))
-        # killed from outside, or an error of the child's own (this Python cannot import transformers): running the
-        # same build here would only fail or be killed again, in this process
-        said = err.decode(errors="replace").strip().splitlines()
-        why = printable(said[-1]) if said else f"exit status {child.returncode}"
-        return f"the check's process ended without a verdict ({short_repr(why, 200)})"
-    return "the check's process gave no verdict"  # not reached: a child that hides nothing never asks to retry
+        if not over:
+            try:
+                verdict = json.loads(out) if child.returncode == 0 else None
+            except ValueError:
+                verdict = None
+            if isinstance(verdict, dict) and verdict.get("retry") is True and hide:
+                continue  # the model needs a hidden package
+            if isinstance(verdict, dict) and isinstance(verdict.get("refused"), list) and len(verdict["refused"]) == 3:
+                raise InputFileError(*(str(part) for part in verdict["refused"]))
+            if isinstance(verdict, dict) and isinstance(verdict.get("unchecked"), str):
+                fields = verdict.get("skeleton")
+                return str(verdict["unchecked"]), fields if isinstance(fields, dict) else None, str(verdict.get("why"))
+            # killed from outside, or an error of the child's own (this Python cannot import transformers): the
+            # same build here would only fail or be killed again, in this process
+            said = err.decode(errors="replace").strip().splitlines()
+            why = printable(said[-1]) if said else f"exit status {child.returncode}"
+            over = f"the check's process ended without a verdict ({short_repr(why, 200)})"
+        return (over if fit is not None else ""), None, over
+    return "the check's process gave no verdict", None, "the check's process gave no verdict"  # not reached
+
+
+def _base_model_here(
+    fit: tuple[Mapping[str, Any], Mapping[str, Sequence[int]], Path] | None,
+    build: tuple[Mapping[str, Any], list[str]] | None,
+) -> tuple[str, dict[str, Any] | None, str]:
+    """What :func:`base_model_in_child`'s child does, in this process."""
+    from fourier_convert.skeleton import build_skeleton, skeleton_fields
+
+    fields, why = None, ""
+    if build is not None:
+        skeleton, why = build_skeleton(dict(build[0]), build[1])
+        fields = None if skeleton is None else skeleton_fields(skeleton)
+    return ("" if fit is None else check_weights_fit(*fit)), fields, why
 
 
 #: The longest the check's child may take: it took 4.2 s on a 2-core machine and 16.5 s on a GPU host whose torch
@@ -432,8 +471,9 @@ def _resident_bytes(pid: int) -> int:
 
 
 def _child() -> None:
-    """The child of :func:`check_weights_fit_in_child`: stdin -> verdict on stdout (``{"unchecked": why}``,
-    ``{"refused": [where, found, fix]}``, or ``{"retry": true}`` when hidden packages are needed)."""
+    """The child of :func:`base_model_in_child`: stdin -> verdict on stdout (``{"unchecked": why, "skeleton":
+    fields or null, "why": why not built}``, ``{"refused": [where, found, fix]}``, or ``{"retry": true}`` when
+    hidden packages are needed)."""
     import json
     import os
     import signal
@@ -454,9 +494,14 @@ def _child() -> None:
     if hide:
         for name in OPTIONAL_PACKAGES:  # transformers asks importlib.util.find_spec, which then answers None
             sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    fit, build = request.get("fit"), request.get("build")
     try:
-        why = check_weights_fit(request["config"], request["shapes"], Path(request["source"]))
-        verdict: dict[str, Any] = {"retry": True} if hide and why.startswith(_NEEDS_PACKAGE) else {"unchecked": why}
+        why, fields, not_built = _base_model_here(
+            None if fit is None else (fit["config"], fit["shapes"], Path(fit["source"])),
+            None if build is None else (build["config"], build["keys"]),
+        )
+        needs = hide and why.startswith(_NEEDS_PACKAGE)
+        verdict: dict[str, Any] = {"retry": True} if needs else {"unchecked": why, "skeleton": fields, "why": not_built}
     except InputFileError as exc:
         # transformers failing to build the config or model may be for want of a hidden package: asked again
         built = exc.found.startswith("transformers cannot build")

@@ -19,6 +19,7 @@ of the sibling models it imports from) never names ``Conv1D`` and composes no su
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import subprocess
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fourier_convert.model_config import check_weights_fit, check_weights_fit_in_child
+from fourier_convert.model_config import base_model_in_child, check_weights_fit
 
 LINEAR = "linear"
 CONV1D = "conv1d"
@@ -193,6 +194,30 @@ def build_skeleton(config: dict[str, Any], checkpoint_keys: Iterable[str]) -> tu
     return skeleton, ""
 
 
+def skeleton_fields(skeleton: Skeleton) -> dict[str, Any]:
+    """A skeleton as JSON-ready fields (sets as sorted lists), as the config check's child sends it back.
+
+    Example:
+        >>> skeleton_from_fields(skeleton_fields(Skeleton("X", "model", {"q": LINEAR}))).module_type("q")
+        'linear'
+    """
+    fields = dataclasses.asdict(skeleton)
+    fields["fused_keys"] = sorted(skeleton.fused_keys)
+    fields["embedding_names"] = sorted(skeleton.embedding_names)
+    return fields
+
+
+def skeleton_from_fields(fields: Mapping[str, Any]) -> Skeleton:
+    """The skeleton :func:`skeleton_fields` describes."""
+    return Skeleton(
+        **{
+            **fields,
+            "fused_keys": set(fields.get("fused_keys", ())),
+            "embedding_names": frozenset(fields.get("embedding_names", ())),
+        }
+    )
+
+
 def _add_renaming(skeleton: Skeleton, model: Any, checkpoint_keys: Iterable[str]) -> None:
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -214,8 +239,9 @@ def _add_renaming(skeleton: Skeleton, model: Any, checkpoint_keys: Iterable[str]
 class BaseModelJob:
     """transformers' modeling code (seconds to import) run in a background thread while other work goes on: the
     model skeleton, when asked for, then the check that the ``config.json`` to be published fits the weights
-    published with it (:func:`~fourier_convert.model_config.check_weights_fit`; in a child process when this one
-    has not imported transformers and needs no skeleton). :meth:`result` waits for both.
+    published with it (:func:`~fourier_convert.model_config.check_weights_fit`). Both run in a child process,
+    bounded in time and memory (:func:`~fourier_convert.model_config.base_model_in_child`), unless this one has
+    imported transformers already. :meth:`result` waits for both.
 
     Args:
         config: The base's ``config.json`` (the skeleton is built from it).
@@ -253,16 +279,17 @@ class BaseModelJob:
 
     def _run(self) -> None:
         try:
-            skeleton, why = build_skeleton(self._config, self._keys) if self.build else (None, "")
-            unchecked = ""
-            if self._fit is not None:
-                # transformers not yet imported and no skeleton to build: a child process imports it, so that this
-                # process (the merge) keeps its GIL
-                in_child = not self.build and "transformers" not in sys.modules
-                if in_child:
-                    unchecked = check_weights_fit_in_child(*self._fit, children=self._children, stop=self._stop)
-                else:
-                    unchecked = check_weights_fit(*self._fit)
+            if "transformers" not in sys.modules:
+                # a child process imports it (so that this process, the merge, keeps its GIL) and builds the
+                # models, bounded in time and memory
+                build = (self._config, self._keys) if self.build else None
+                unchecked, fields, why = base_model_in_child(self._fit, build, children=self._children, stop=self._stop)
+                skeleton = None if fields is None else skeleton_from_fields(fields)
+                if self.build and skeleton is None and not why:
+                    why = "the skeleton was not built"
+            else:  # imported already (a Python session): no import to wait for
+                skeleton, why = build_skeleton(self._config, self._keys) if self.build else (None, "")
+                unchecked = check_weights_fit(*self._fit) if self._fit is not None else ""
             if self._fit is not None and not unchecked and self._on_fit is not None:
                 self._on_fit()
             self._result = (skeleton, why, unchecked)

@@ -454,3 +454,32 @@ def test_the_child_ends_with_its_parent(llama: tuple[Path, Path], tmp_path: Path
     if sig == "SIGHUP":  # (SIGKILL leaves no chance to remove the .partial folder)
         assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted: nothing was published")
         assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_the_child_builds_the_skeleton_too_within_the_same_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Conv1D model (gpt2) needs the model skeleton, which was built in the merge's own process with the check
+    beside it: num_labels of 6 million took 78 s and 4.4 GB there, unbounded. Both run in the child now."""
+    import fourier_convert.model_config as model_config
+    from fourier_convert.skeleton import CONV1D, skeleton_from_fields
+
+    gpt2 = FIXTURES / "gpt2" / "base"
+    config, shapes = _config(gpt2), _shapes(gpt2)
+    unchecked, fields, why = model_config.base_model_in_child((config, shapes, Path("c")), (config, list(shapes)))
+    assert (unchecked, why) == ("", "") and fields is not None
+    assert skeleton_from_fields(fields).module_type("transformer.h.0.attn.c_attn") == CONV1D
+    monkeypatch.setattr(model_config, "CHECK_BYTES", 1 << 20)
+    over = "transformers needed more than 0.000977 GiB to build the model it describes (stopped)"
+    assert model_config.base_model_in_child((config, shapes, Path("c")), (config, list(shapes))) == (over, None, over)
+    assert model_config.base_model_in_child(None, (config, list(shapes))) == ("", None, over)
+
+
+def test_a_merge_that_needs_the_skeleton_gets_it_from_the_child(fixture_copy: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    d = fixture_copy("gpt2")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fourier_convert", "merge", "--base", str(d / "base"), "--adapter", str(d / "adapter")]
+    res = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env={**os.environ, CACHE_ENV: ""})
+    assert (res.returncode, res.stderr) == (0, ""), res.stderr
+    assert "note: orientation (Linear / Conv1D) decided from the model skeleton" in res.stdout.splitlines()
