@@ -448,6 +448,9 @@ def _wait_bounded(
             return out, err, ""
         except subprocess.TimeoutExpired:
             sent = True
+        except BaseException:  # Ctrl-C in the waiting thread: the child's work is not wanted
+            child.kill()
+            raise
         over = ""
         if time.monotonic() - start > CHECK_SECONDS:
             over = f"transformers took longer than {CHECK_SECONDS:.0f} s to build the model it describes"

@@ -25,7 +25,7 @@ from fourier_convert.io.adapter import FourierFTAdapter, Spectrum, StoredTensor
 from fourier_convert.io.checkpoint import BaseCheckpoint
 from fourier_convert.io.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from fourier_convert.maths.indices import RANDPERM_THRESHOLD
-from fourier_convert.skeleton import CONV1D, LINEAR, Skeleton, build_skeleton, scan_linear_only
+from fourier_convert.skeleton import CONV1D, LINEAR, Skeleton, build_skeleton_bounded, scan_linear_only
 from fourier_convert.targets import first_unadaptable, is_targeted
 
 
@@ -604,7 +604,7 @@ def plan_with_orientation(
     if ckpt.config is not None:
         skeleton = None if missing else scan_linear_only(ckpt.config)
         if skeleton is None:
-            skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
+            skeleton, why = build_skeleton_bounded(ckpt.config, ckpt.tensors)
         if missing:
             names, missing = resolve_names(ckpt, adapters, skeleton)
     plan = build_plan(ckpt, adapters, names, weights=weights, out_dtype=out_dtype)

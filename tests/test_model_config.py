@@ -483,3 +483,9 @@ def test_a_merge_that_needs_the_skeleton_gets_it_from_the_child(fixture_copy: An
     res = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env={**os.environ, CACHE_ENV: ""})
     assert (res.returncode, res.stderr) == (0, ""), res.stderr
     assert "note: orientation (Linear / Conv1D) decided from the model skeleton" in res.stdout.splitlines()
+    # inspect / to-lora / from-lora plan through the same bounded child
+    cmd = [sys.executable, "-m", "fourier_convert", "inspect", str(d / "adapter"), "--base", str(d / "base")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, CACHE_ENV: ""})
+    assert (res.returncode, res.stderr) == (0, ""), res.stderr
+    row = next(line.split() for line in res.stdout.splitlines() if "transformer.h.0.attn.c_attn" in line)
+    assert row[3] == "yes"  # conv1d, from the skeleton the child built

@@ -52,7 +52,7 @@ from fourier_convert.merging.specs import (
 )
 from fourier_convert.plan import LayerPlan, MergePlan, build_plan, guess_orientation, resolve_names, set_orientation
 from fourier_convert.report import LayerReport, MergeReport
-from fourier_convert.skeleton import BaseModelJob, Skeleton, build_skeleton, scan_linear_only
+from fourier_convert.skeleton import BaseModelJob, Skeleton, build_skeleton_bounded, scan_linear_only
 
 if TYPE_CHECKING:  # torch is imported once the byte copies run (see merge)
     import torch
@@ -173,7 +173,7 @@ def merge(
     names, missing = resolve_names(ckpt, adapters)
     skeleton, why = None, "the base has no config.json"
     if ckpt.config is not None and missing:  # transformers' key renaming is needed to plan
-        skeleton, why = build_skeleton(ckpt.config, ckpt.tensors)
+        skeleton, why = build_skeleton_bounded(ckpt.config, ckpt.tensors)
         names, missing = resolve_names(ckpt, adapters, skeleton)
     plan = build_plan(ckpt, adapters, names, weights=[s.weight for s in specs], out_dtype=out_dtype)
     job: BaseModelJob | None = None
