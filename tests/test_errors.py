@@ -23,7 +23,7 @@ import fourier_convert as fc
 import fourier_convert.io.writer as writer_module
 from fourier_convert.cli.main import cli
 from fourier_convert.maths.closed_form import DeltaCheck, DeltaSample
-from tests.conftest import FIXTURES, replace_with_special_file
+from tests.conftest import FIXTURES, UNADAPTABLE_SELECTIONS, replace_with_special_file
 from tests.reference import load_model_tensors, peft_indices
 
 SPECTRUM = "base_model.model.model.layers.{i}.self_attn.{m}.fourierft_spectrum"
@@ -458,12 +458,8 @@ def test_missing_spectrum_is_an_error_not_a_skip(llama: tuple[Path, Path], tmp_p
 
 @pytest.mark.parametrize(
     ("targets", "found"),
-    [
-        (["q_proj", "v_proj", "input_layernorm"],
-         "'model.layers.0.input_layernorm' of the base, whose weight is 1-D (a norm or scale, not a linear layer)"),
-        (".*", "'model' of the base, a container of 20 tensor(s) in modules below it, with no weight of its own"),
-    ],
-)  # fmt: skip
+    UNADAPTABLE_SELECTIONS,
+)
 def test_a_selection_of_modules_fourierft_cannot_adapt(
     llama: tuple[Path, Path], tmp_path: Path, targets: Any, found: str
 ) -> None:

@@ -18,7 +18,7 @@ import fourier_convert as fc
 from fourier_convert.lora_to_fourierft import from_lora, parse_pattern
 from fourier_convert.maths.indices import spectral_indices
 from fourier_convert.maths.project import project_lowrank
-from tests.conftest import FIXTURES, replace_with_special_file
+from tests.conftest import FIXTURES, UNADAPTABLE_SELECTIONS, replace_with_special_file
 from tests.reference import peft_indices, reference_delta
 from tests.test_forward import _inputs, load_task_model
 
@@ -1078,12 +1078,8 @@ def test_cli_refuses_a_selected_module_without_factors_that_peft_initialises_ran
 
 @pytest.mark.parametrize(
     ("targets", "found"),
-    [
-        (["q_proj", "v_proj", "input_layernorm"],
-         "'model.layers.0.input_layernorm' of the base, whose weight is 1-D (a norm or scale, not a linear layer)"),
-        (".*", "'model' of the base, a container of 20 tensor(s) in modules below it, with no weight of its own"),
-    ],
-)  # fmt: skip
+    UNADAPTABLE_SELECTIONS,
+)
 def test_cli_refuses_a_selection_of_modules_lora_cannot_adapt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, targets: Any, found: str
 ) -> None:
