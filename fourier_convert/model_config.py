@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import subprocess
 import threading
@@ -466,8 +467,6 @@ def _resident_bytes(pid: int) -> int:
     """A process's resident memory, from ``/proc`` (0 where that cannot be read)."""
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
@@ -478,7 +477,6 @@ def _child() -> None:
     fields or null, "why": why not built}``, ``{"refused": [where, found, fix]}``, or ``{"retry": true}`` when
     hidden packages are needed)."""
     import json
-    import os
     import signal
     import sys
 
